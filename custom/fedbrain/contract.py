@@ -1,0 +1,96 @@
+"""The I/O contract: class names, label schemes and preprocessing, written once.
+
+Every checkpoint stores a :class:`Preprocessing` and the class list, so training, compression,
+the dashboard and ``fedbrain predict`` all read the same contract from the model file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+CLASSES: tuple[str, ...] = ("glioma", "meningioma", "pituitary", "no_tumor")
+NUM_CLASSES = len(CLASSES)
+NO_TUMOR = CLASSES.index("no_tumor")
+TUMOUR_CLASSES: tuple[int, ...] = tuple(i for i, c in enumerate(CLASSES) if c != "no_tumor")
+# Target index for "tumour, type unknown" (binary sites). Not a model output: the partial-label
+# loss maps it to p(glioma) + p(meningioma) + p(pituitary).
+TUMOUR_ANY = NUM_CLASSES
+
+SCHEMES: dict[str, tuple[str, ...]] = {
+    "multiclass": CLASSES,
+    "tumour_type": ("glioma", "meningioma", "pituitary"),
+    "binary": ("tumour", "no_tumor"),
+}
+# Granularity rank: a cluster is kept at the site with the richest labels only as a tie-break.
+GRANULARITY = {"binary": 0, "tumour_type": 1, "multiclass": 2}
+
+
+def target_index(label: str) -> int:
+    """Map a canonical label (a class name or ``tumour``) to a training target."""
+    if label == "tumour":
+        return TUMOUR_ANY
+    try:
+        return CLASSES.index(label)
+    except ValueError as exc:
+        raise ValueError(f"unknown label {label!r}; expected one of {CLASSES + ('tumour',)}") from exc
+
+
+def is_tumour(label: str) -> bool:
+    return label != "no_tumor"
+
+
+def supervised_granularity(schemes: set[str] | list[str]) -> str:
+    """What a model trained on these schemes may claim to know.
+
+    ``multiclass`` if any site gave all four classes, or tumour types plus no-tumour examples
+    came from different sites; ``binary`` if only tumour/no-tumour labels were seen.
+    """
+    s = set(schemes)
+    if "multiclass" in s or ("tumour_type" in s and "binary" in s):
+        return "multiclass"
+    if s == {"tumour_type"}:
+        return "tumour_type"
+    return "binary"
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a picture becomes a model input. Evaluation uses exactly this; augmentation is train-only."""
+
+    image_size: int = 128
+    channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.25,)
+    resize: str = "bilinear"  # PIL resample of the whole slice to image_size x image_size
+    source_mode: str = "L"  # slices are read as 8-bit greyscale, then replicated to `channels`
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        d = dict(d)
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Augmentation:
+    """Train-only augmentation settings (never applied in evaluation)."""
+
+    hflip: bool = True
+    max_rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.06
+    brightness: float = 0.15
+    contrast: float = 0.15
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

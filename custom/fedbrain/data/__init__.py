@@ -1,0 +1,1 @@
+"""Data layer: readers, near-duplicate control, leak-free splits, datasets."""

@@ -1,0 +1,101 @@
+"""PyTorch datasets over a site's records: decoded once, normalised by the contract, augmented in training only."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedbrain.contract import Augmentation, Preprocessing, target_index
+from fedbrain.data.cache import load_arrays
+from fedbrain.data.readers import Record
+
+
+def to_tensor(arrays: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` greyscale slices (already at the contract size) -> normalised ``(N, C, H, W)``."""
+    x = torch.from_numpy(np.ascontiguousarray(arrays)).float().div_(255.0).unsqueeze(1)
+    if pre.channels > 1:
+        x = x.expand(-1, pre.channels, -1, -1)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
+    """Random flip, rotation, scale, shift, brightness and contrast on a batch of [0, 1] images."""
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator) * (hi - lo) + lo
+
+    angle = uniform(-aug.max_rotate_deg, aug.max_rotate_deg) * torch.pi / 180
+    scale = uniform(*aug.scale)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if aug.hflip else torch.ones(n)
+    tx, ty = uniform(-aug.translate, aug.translate) * 2, uniform(-aug.translate, aug.translate) * 2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b = uniform(-aug.brightness, aug.brightness).view(-1, 1, 1, 1)
+    c = uniform(1 - aug.contrast, 1 + aug.contrast).view(-1, 1, 1, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean + b).clamp_(0, 1)
+
+
+class SliceDataset(Dataset):
+    """In-memory slices of one split. Targets: class index 0..3, or 4 for 'tumour, type unknown'."""
+
+    def __init__(self, records: Sequence[Record], pre: Preprocessing, cache_dir: Path | None = None,
+                 progress: bool = False):
+        self.records = list(records)
+        self.pre = pre
+        self.images = load_arrays([r.path for r in self.records], pre.image_size, cache_dir, progress)
+        self.targets = torch.tensor([target_index(r.label) for r in self.records], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(self.images[i]), self.targets[i]
+
+
+class BatchLoader:
+    """Fast in-memory batches: shuffle (seeded), augment (train only), normalise by the contract."""
+
+    def __init__(self, ds: SliceDataset, batch_size: int = 32, train: bool = False,
+                 augmentation: Augmentation | None = None, seed: int = 0):
+        self.ds, self.batch_size, self.train = ds, batch_size, train
+        self.augmentation = augmentation if train else None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return (len(self.ds) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        n = len(self.ds)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        pre = self.ds.pre
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            if self.train and len(idx) < 2 and n >= 2:  # BatchNorm cannot train on one sample
+                continue
+            raw = torch.from_numpy(self.ds.images[idx.numpy()]).float().div_(255.0).unsqueeze(1)
+            if self.augmentation is not None:
+                raw = augment_batch(raw, self.augmentation, self.generator)
+            x = raw.expand(-1, pre.channels, -1, -1) if pre.channels > 1 else raw
+            mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
+            std = torch.tensor(pre.std).view(1, -1, 1, 1)
+            yield (x - mean) / std, self.ds.targets[idx]
+
+
+def make_loader(records: Sequence[Record], pre: Preprocessing, batch_size: int = 32, train: bool = False,
+                augmentation: Augmentation | None = None, seed: int = 0, cache_dir: Path | None = None,
+                progress: bool = False) -> BatchLoader:
+    return BatchLoader(SliceDataset(records, pre, cache_dir, progress), batch_size, train,
+                       augmentation or Augmentation(), seed)
+
+
+__all__ = ["SliceDataset", "BatchLoader", "make_loader", "to_tensor", "augment_batch", "DataLoader"]

@@ -1,0 +1,615 @@
+"""Multi-site deployment on NVFlare 2.9: provision a project, run its startup kits, submit with ProdEnv.
+
+* :func:`provision` writes ``project.yml`` (one server, one client per hospital, one project admin) and
+  provisions it with NVFlare's own provisioner: mutual-TLS startup kits signed by a fresh project CA.
+* :func:`start_kit` starts a server or client kit headless (its ``startup/sub_start.sh --once``).
+* :func:`wait_for_clients` / :func:`shutdown_all` talk to the running system through the admin kit.
+* :func:`submit` builds the same recipe as ``fedbrain simulate`` and runs it with
+  ``ProdEnv(startup_kit_location=<admin kit>)``; each hospital's ``--split-file`` is a path on *its*
+  machine. It waits (bounded), downloads the job result and extracts the global model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_PROJECT = "fedbrain"
+DEFAULT_ORG = "fedbrain"
+DEFAULT_ADMIN = "admin@fedbrain.local"
+DEFAULT_FED_PORT = 8002
+DEFAULT_ADMIN_PORT = 8003
+# Names a client may not take: NVFlare job targets reserved for the server and for "every site".
+RESERVED_SITE_NAMES = {"server", "@all", "all"}
+# Python packages whose classes a fedbrain job asks the server and the sites to build.
+ALLOWED_PACKAGES = ("fedbrain.",)
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+
+
+class DeployError(Exception):
+    """A user-fixable deployment problem (bad name, nvflare missing, job failed, ...)."""
+
+
+# ---------------------------------------------------------------- names and project.yml
+
+
+def nvflare_version() -> str:
+    """The installed NVFlare version; a clear error when it is not installed."""
+    try:
+        import nvflare
+    except ImportError as exc:
+        raise DeployError(f"NVFlare is not installed in this Python environment ({sys.executable}); "
+                          "install it with: pip install 'nvflare==2.9.0'") from exc
+    return str(getattr(nvflare, "__version__", "unknown"))
+
+
+def _name_problem(name: str, kind: str) -> str | None:
+    from nvflare.apis.utils.format_check import name_check
+
+    bad, _reason = name_check(name, kind)
+    return "ill-formed" if bad else None
+
+
+def check_site_name(name: str) -> str:
+    """A hospital's NVFlare client name: letters, digits, '-' and '_' only (NVFlare's own rule)."""
+    nvflare_version()
+    if not name or _name_problem(name, "client") or name.lower() in RESERVED_SITE_NAMES:
+        raise DeployError(f"invalid site name {name!r}: NVFlare client names may use only letters, digits, "
+                          f"'-' and '_' (and not {sorted(RESERVED_SITE_NAMES)})")
+    return name
+
+
+def parse_sites(text: str | list[str]) -> list[str]:
+    """``"hospital-a,hospital-b"`` -> validated, unique site names."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    sites = [s.strip() for s in items if s.strip()]
+    if not sites:
+        raise DeployError("no site given: pass --sites hospital-a,hospital-b,...")
+    for s in sites:
+        check_site_name(s)
+    dupes = sorted({s for s in sites if sites.count(s) > 1})
+    if dupes:
+        raise DeployError(f"site names must be unique, repeated: {dupes}")
+    return sites
+
+
+@dataclass
+class ProjectSpec:
+    """What ``fedbrain provision`` asks NVFlare for: one server, one client per hospital, one admin."""
+
+    sites: list[str]
+    server_host: str = "localhost"
+    fed_port: int = DEFAULT_FED_PORT
+    admin_port: int = DEFAULT_ADMIN_PORT
+    admin: str = DEFAULT_ADMIN
+    project: str = DEFAULT_PROJECT
+    org: str = DEFAULT_ORG
+
+    def validate(self) -> ProjectSpec:
+        nvflare_version()
+        self.sites = parse_sites(self.sites)
+        if _name_problem(self.server_host, "server"):
+            raise DeployError(f"invalid --server-host {self.server_host!r}: it must be a host name or IPv4 "
+                              "address that every hospital can reach (NVFlare uses it as the server's name "
+                              "and TLS identity)")
+        if self.server_host in self.sites:
+            raise DeployError(f"the server host {self.server_host!r} cannot also be a site name")
+        if _name_problem(self.admin, "admin"):
+            raise DeployError(f"invalid --admin {self.admin!r}: NVFlare admin names are e-mail addresses "
+                              "(e.g. admin@fedbrain.local)")
+        if _name_problem(self.org, "org"):
+            raise DeployError(f"invalid org {self.org!r}: letters, digits and '_' only")
+        if not PROJECT_NAME.match(self.project or ""):
+            raise DeployError(f"invalid --project {self.project!r}: letters, digits, '-' and '_' "
+                              "(at most 63)")
+        for label, port in (("--fed-port", self.fed_port), ("--admin-port", self.admin_port)):
+            if not 1 <= int(port) <= 65535:
+                raise DeployError(f"{label} {port} is not a TCP port (1-65535)")
+        if int(self.fed_port) == int(self.admin_port):
+            raise DeployError("--fed-port and --admin-port must differ")
+        return self
+
+    def to_project_dict(self) -> dict:
+        """The NVFlare ``project.yml`` content (api_version 3, provisioned defaults: mutual TLS)."""
+        participants = [{"name": self.server_host, "type": "server", "org": self.org,
+                         "fed_learn_port": int(self.fed_port), "admin_port": int(self.admin_port)}]
+        participants += [{"name": s, "type": "client", "org": self.org} for s in self.sites]
+        participants.append({"name": self.admin, "type": "admin", "org": self.org, "role": "project_admin"})
+        return {
+            "api_version": 3,
+            "name": self.project,
+            "description": "fedbrain: federated brain-tumour MRI classification",
+            "participants": participants,
+            "builders": [
+                {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
+                 "args": {"template_file": ["master_template.yml"]}},
+                {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder",
+                 "args": {"config_folder": "config"}},
+                {"path": "nvflare.lighter.impl.cert.CertBuilder"},
+                {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
+            ],
+        }
+
+
+def write_project_yml(spec: ProjectSpec, out_dir: str | Path) -> Path:
+    import yaml
+
+    out = Path(out_dir) / "project.yml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# written by `fedbrain provision`; re-provision with `nvflare provision -p project.yml`\n"
+                   + yaml.safe_dump(spec.to_project_dict(), sort_keys=False))
+    return out
+
+
+# ---------------------------------------------------------------- startup kits
+
+
+@dataclass
+class Kits:
+    """The startup kits of one provisioning run (``<workspace>/<project>/prod_NN``)."""
+
+    root: Path
+    server: Path
+    clients: dict[str, Path] = field(default_factory=dict)
+    admins: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def admin(self) -> Path:
+        return next(iter(self.admins.values()))
+
+    @property
+    def admin_user(self) -> str:
+        return next(iter(self.admins))
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Kits:
+        """Kits of a ``prod_NN`` folder, or the newest one under a provisioning workspace / ``--out`` DIR."""
+        path = Path(path).resolve()
+        prods = [path] if path.name.startswith("prod_") else sorted(
+            (p for p in path.rglob("prod_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[-1]))
+        if not prods:
+            raise DeployError(f"no provisioned startup kits (prod_NN folder) under {str(path)!r}")
+        root = prods[-1]
+        server, clients, admins = None, {}, {}
+        for kit in sorted(p for p in root.iterdir() if (p / "startup").is_dir()):
+            startup = kit / "startup"
+            if (startup / "fed_server.json").is_file():
+                server = kit
+            elif (startup / "fed_client.json").is_file():
+                clients[kit.name] = kit
+            elif (startup / "fed_admin.json").is_file():
+                admins[kit.name] = kit
+        if server is None or not admins:
+            raise DeployError(f"{str(root)!r} lacks a server or an admin startup kit")
+        return cls(root, server, clients, admins)
+
+    def describe(self) -> str:
+        lines = [f"server kit:  {self.server}"]
+        lines += [f"site kit:    {kit}   ({name})" for name, kit in self.clients.items()]
+        lines += [f"admin kit:   {kit}   ({name})" for name, kit in self.admins.items()]
+        return "\n".join(lines)
+
+
+def provision(spec: ProjectSpec, out_dir: str | Path, server_storage: str | Path | None = None) -> Kits:
+    """Write ``out_dir/project.yml`` and provision it into ``out_dir/workspace`` (NVFlare's provisioner,
+    the same code as ``nvflare provision -p out_dir/project.yml -w out_dir/workspace``)."""
+    spec.validate()
+    from nvflare.lighter.constants import CtxKey, WorkDir
+    from nvflare.lighter.provision import prepare_builders, prepare_packager, prepare_project
+    from nvflare.lighter.provisioner import Provisioner
+
+    out_dir = Path(out_dir).resolve()
+    project_yml = write_project_yml(spec, out_dir)
+    project_dict = spec.to_project_dict()
+    project_dict["gen_scripts"] = False
+    try:
+        project = prepare_project(project_dict)
+    except ValueError as exc:
+        raise DeployError(f"NVFlare rejected the project: {exc}") from exc
+    provisioner = Provisioner(str(out_dir / "workspace"), prepare_builders(project_dict),
+                              prepare_packager(project_dict))
+    ctx = provisioner.provision(project)
+    if ctx.get(CtxKey.BUILD_ERROR):
+        raise DeployError("NVFlare provisioning failed: " + "; ".join(ctx.get(CtxKey.ERRORS, [])))
+    kits = Kits.from_dir(ctx.get(WorkDir.CURRENT_PROD_DIR) or out_dir / "workspace")
+    classes = recipe_component_classes()
+    allow_components(kits.server, classes["server"])
+    for kit in kits.clients.values():
+        allow_components(kit, classes["client"])
+    if server_storage:
+        set_server_storage(kits.server, server_storage)
+    (out_dir / "kits.json").write_text(json.dumps({
+        "project_yml": str(project_yml), "root": str(kits.root), "server": str(kits.server),
+        "clients": {k: str(v) for k, v in kits.clients.items()},
+        "admins": {k: str(v) for k, v in kits.admins.items()}}, indent=2))
+    return kits
+
+
+def _edit_resources(kit: str | Path, edit) -> Path:
+    """Apply ``edit(dict)`` to a kit's ``local/resources.json`` (created from ``resources.json.default``)."""
+    local = Path(kit) / "local"
+    path = local / "resources.json"
+    res = json.loads((path if path.is_file() else local / "resources.json.default").read_text())
+    edit(res)
+    path.write_text(json.dumps(res, indent=2))
+    return path
+
+
+def _component_paths(obj, out: set[str]) -> set[str]:
+    if isinstance(obj, dict):
+        for key in ("path", "class_path"):
+            v = obj.get(key)
+            if isinstance(v, str) and "." in v and "/" not in v:
+                out.add(v)
+        for v in obj.values():
+            _component_paths(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _component_paths(v, out)
+    return out
+
+
+def job_component_classes(job_dir: str | Path) -> dict[str, set[str]]:
+    """Classes an exported NVFlare job asks the server (``server``) and the sites (``client``) to build."""
+    out: dict[str, set[str]] = {"server": set(), "client": set()}
+    for cfg in Path(job_dir).rglob("config_fed_*.json"):
+        role = "server" if cfg.name == "config_fed_server.json" else "client"
+        _component_paths(json.loads(cfg.read_text()), out[role])
+    return out
+
+
+def recipe_component_classes() -> dict[str, set[str]]:
+    """Every class any fedbrain recipe (FedAvg, FedProx, SCAFFOLD; with and without cross-site evaluation)
+    asks the server and the sites to build: exported once here, so provisioning tracks the recipes."""
+    import tempfile
+
+    from fedbrain.fl.job import ALGORITHMS, JobSettings, build_recipe
+
+    out: dict[str, set[str]] = {"server": set(), "client": set()}
+    for algorithm in ALGORITHMS:
+        for cse in (True, False):
+            try:
+                recipe = build_recipe(JobSettings(algorithm=algorithm, cross_site_eval=cse),
+                                      ["site-a", "site-b"], {"site-a": "/a.csv", "site-b": "/b.csv"})
+            except ValueError:  # a combination the recipes do not offer (e.g. SCAFFOLD + cross-site eval)
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                recipe.export(job_dir=tmp)
+                for role, classes in job_component_classes(tmp).items():
+                    out[role] |= classes
+    return out
+
+
+def allow_components(kit: str | Path, classes: set[str] | list[str] = (),
+                     prefixes: tuple[str, ...] = ALLOWED_PACKAGES) -> Path:
+    """Add fedbrain's job components to the kit's ``class_allow_list``: NVFlare 2.9 builds only listed
+    classes, and its provisioned default lists neither fedbrain's classes nor, e.g., PTFileModelPersistor."""
+    extra = list(prefixes) + sorted(c for c in classes if not any(c.startswith(p) for p in prefixes))
+
+    def edit(res: dict) -> None:
+        allow = res.setdefault("class_allow_list", [])
+        allow += [c for c in extra if c not in allow]
+
+    return _edit_resources(kit, edit)
+
+
+def set_server_storage(server_kit: str | Path, storage: str | Path) -> Path:
+    """Keep the server's job store and snapshots in ``storage``, not NVFlare's default ``/tmp/nvflare``."""
+    storage = Path(storage).resolve()
+
+    def edit(res: dict) -> None:
+        for comp in res.get("components", []):
+            if comp.get("id") == "job_manager":
+                comp.setdefault("args", {})["uri_root"] = str(storage / "jobs-storage")
+        snap = res.get("snapshot_persistor", {}).get("args", {})
+        if "storage" in snap:
+            snap["storage"].setdefault("args", {})["root_dir"] = str(storage / "snapshot-storage")
+
+    return _edit_resources(server_kit, edit)
+
+
+def start_kit(kit: str | Path, log_file: str | Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a server or client kit headless in its own process group (no prompt, no restart daemon):
+    ``startup/sub_start.sh --once`` with this Python environment first on PATH."""
+    kit = Path(kit).resolve()
+    run_env = {**os.environ, **(env or {})}
+    run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
+    run_env.setdefault("PYTHONUNBUFFERED", "1")
+    log = open(log_file, "ab")  # the child keeps its own copy of the descriptor
+    try:
+        return subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=str(kit),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=run_env,
+                                start_new_session=True)
+    finally:
+        log.close()
+
+
+def processes_mentioning(path: str | Path) -> list[int]:
+    """PIDs of live processes whose command line mentions ``path``: a kit's NVFlare parent and the job
+    processes it spawns (NVFlare starts those in their own sessions, outside the kit's process group)."""
+    import psutil
+
+    needle = str(Path(path).resolve())
+    out = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(part == needle or needle + os.sep in part for part in proc.info["cmdline"] or []):
+                out.append(proc.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def stop_processes(procs: list[subprocess.Popen], roots: list[str | Path] = (),
+                   grace: float = 10.0) -> list[int]:
+    """Stop started kits and everything they spawned: SIGTERM to each live kit's process group and to
+    every descendant / process running from ``roots``, SIGKILL after ``grace`` s.
+
+    Returns the PIDs still alive (empty when everything is gone)."""
+    import psutil
+
+    targets: dict[int, psutil.Process] = {}  # psutil.Process guards against PID reuse
+
+    def add(pid: int) -> None:
+        try:
+            targets.setdefault(pid, psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+
+    for p in procs:
+        add(p.pid)
+        try:
+            for child in psutil.Process(p.pid).children(recursive=True):
+                targets.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            pass
+    for root in roots:
+        for pid in processes_mentioning(root):
+            add(pid)
+
+    def alive() -> list[int]:
+        for p in procs:
+            p.poll()  # reap our own children
+        left = []
+        for pid, proc in targets.items():
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    left.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return sorted(left)
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        left = alive()
+        if not left:
+            return []
+        for p in procs:
+            if p.poll() is None:  # the leader is alive, so its process group is still ours
+                try:
+                    os.killpg(p.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for pid in left:
+            try:
+                targets[pid].send_signal(sig)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        deadline = time.monotonic() + wait
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return alive()
+
+
+# ---------------------------------------------------------------- the running system (admin kit)
+
+
+def admin_username(admin_kit: str | Path) -> str:
+    cfg = json.loads((Path(admin_kit) / "startup" / "fed_admin.json").read_text())
+    return cfg["admin"]["username"]
+
+
+def admin_session(admin_kit: str | Path, username: str | None = None, timeout: float = 10.0):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    return new_secure_session(username=username or admin_username(admin_kit),
+                              startup_kit_location=str(Path(admin_kit).resolve()), timeout=timeout)
+
+
+def connected_clients(admin_kit: str | Path, username: str | None = None, timeout: float = 10.0) -> list[str]:
+    sess = admin_session(admin_kit, username, timeout)
+    try:
+        return sorted(c.name for c in sess.get_system_info().client_info)
+    finally:
+        sess.close()
+
+
+def wait_for_clients(admin_kit: str | Path, sites: list[str], timeout: float = 120.0,
+                     username: str | None = None, poll: float = 2.0) -> list[str]:
+    """Poll the server until every site in ``sites`` is connected; ``TimeoutError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    last_error = None
+    while True:
+        try:
+            left = max(1.0, deadline - time.monotonic())
+            seen = connected_clients(admin_kit, username, timeout=min(10.0, left))
+            if set(sites) <= set(seen):
+                return seen
+        except Exception as exc:  # server not up yet: keep polling until the deadline
+            last_error = exc
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"sites {sorted(set(sites) - set(seen))} not connected after {timeout:.0f} s "
+                               f"(connected: {seen}; last error: {last_error})")
+        time.sleep(poll)
+
+
+def shutdown_all(admin_kit: str | Path, username: str | None = None, wait: bool = True,
+                 timeout: float = 60.0) -> None:
+    """The admin console's ``shutdown all``: the server stops every client, then itself. With ``wait``,
+    returns once the server no longer answers (``TimeoutError`` after ``timeout`` s)."""
+    from nvflare.fuel.flare_api.api_spec import TargetType
+
+    sess = admin_session(admin_kit, username, timeout=min(10.0, timeout))
+    try:
+        sess.shutdown(TargetType.ALL, wait=wait, timeout=timeout)
+    finally:
+        try:
+            sess.close()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------- submitting a job (ProdEnv)
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["hospital-a=/data/a.csv", ...]`` -> ``{"hospital-a": "/data/a.csv"}``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        site, sep, value = item.partition("=")
+        site, value = site.strip(), value.strip()
+        if not sep or not site or not value:
+            raise DeployError(f"{flag} expects SITE=VALUE, got {item!r}")
+        check_site_name(site)
+        if site in out:
+            raise DeployError(f"{flag} given twice for site {site!r}")
+        out[site] = value
+    return out
+
+
+def site_split_files(sites: list[str], site_splits: dict[str, str] | None,
+                     site_dir: str | None) -> dict[str, str] | None:
+    """Each site's split file: given by ``site_splits``, else ``<site_dir>/splits/<site>.csv``.
+
+    These are paths on each hospital's own machine; nothing here checks they exist (they need not exist
+    on the machine that submits)."""
+    site_splits = dict(site_splits or {})
+    unknown = sorted(set(site_splits) - set(sites))
+    if unknown:
+        raise DeployError(f"--site-split for {unknown}, which are not among the job's sites {sites}")
+    missing = [s for s in sites if s not in site_splits]
+    if missing and not site_dir:
+        raise DeployError(f"no split file for {missing}: pass --site-split SITE=/path/on/that/site.csv for "
+                          "each site, or --site-dir DIR where every site keeps DIR/splits/<site>.csv")
+    if not site_splits:
+        return None  # every site reads <site_dir>/splits/<site>.csv itself
+    for s in missing:
+        site_splits[s] = str(Path(site_dir) / "splits" / f"{s}.csv")
+    return site_splits
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    status: str | None
+    seconds: float
+    result_dir: Path | None = None
+    global_model: Path | None = None
+    best_model: Path | None = None
+    checkpoint: Path | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.status == "FINISHED:COMPLETED" and self.global_model and not self.error)
+
+
+def check_finite(state: dict) -> list[str]:
+    """Names of floating-point tensors that hold NaN/Inf."""
+    import torch
+
+    return [k for k, v in state.items() if torch.is_floating_point(v) and not torch.isfinite(v).all()]
+
+
+def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[str, str] | None = None,
+           site_dir: str | None = None, cache_dir: str | None = None, timeout: float = 3600.0,
+           out_dir: str | Path | None = None, username: str | None = None, login_timeout: float = 10.0,
+           abort_on_timeout: bool = True, label_schemes: dict[str, str] | None = None) -> SubmitResult:
+    """Run the fedbrain recipe on a running provisioned deployment with ``ProdEnv`` and fetch its result.
+
+    ``site_splits`` / ``site_dir`` / ``cache_dir`` are paths on the hospitals' machines. ``site_dir``
+    is passed as the site script's ``--run-dir``: a site without ``--site-split`` reads
+    ``<site_dir>/splits/<site>.csv`` and every site logs its metrics to ``<site_dir>/sites/<site>/``.
+    """
+    from nvflare.recipe import ProdEnv
+
+    from fedbrain.fl.job import build_recipe, load_global_state
+
+    sites = parse_sites(sites)
+    admin_kit = Path(admin_kit).resolve()
+    if not (admin_kit / "startup" / "fed_admin.json").is_file():
+        raise DeployError(f"{str(admin_kit)!r} is not an admin startup kit (no startup/fed_admin.json)")
+    username = username or admin_username(admin_kit)
+    split_files = site_split_files(sites, site_splits, site_dir)
+    recipe = build_recipe(settings, sites, split_files, run_dir=site_dir, cache_dir=cache_dir)
+    env = ProdEnv(startup_kit_location=str(admin_kit), username=username, login_timeout=login_timeout)
+    t0 = time.perf_counter()
+    run = recipe.run(env)
+    job_id = run.get_job_id()
+    result = run.get_result(timeout=timeout)
+    status = run.get_status()
+    seconds = time.perf_counter() - t0
+    if result is None and abort_on_timeout and not (status or "").startswith("FINISHED"):
+        try:
+            env.abort_job(job_id)
+            deadline = time.monotonic() + 30  # bounded: report the aborted state when it comes
+            while not (status or "").startswith("FINISHED") and time.monotonic() < deadline:
+                time.sleep(2)
+                status = env.get_job_status(job_id) or status
+        except Exception:
+            pass
+    out = SubmitResult(job_id, status, seconds, Path(result) if result else None)
+    if out.result_dir is not None and out.result_dir.exists():
+        models = sorted(out.result_dir.rglob("FL_global_model.pt"))
+        best = sorted(out.result_dir.rglob("best_FL_global_model.pt"))
+        out.global_model = models[0] if models else None
+        out.best_model = best[0] if best else None
+    if out.global_model is not None:
+        bad = check_finite(load_global_state(out.global_model))
+        if bad:
+            out.error = f"the global model has non-finite weights in {bad[:5]}"
+    if out_dir:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if out.global_model is not None and not out.error:
+            out.checkpoint = save_global_checkpoint(load_global_state(out.global_model), settings,
+                                                    out_dir / "checkpoints" / "last.pt", label_schemes,
+                                                    job_id)
+            if out.best_model is not None:
+                save_global_checkpoint(load_global_state(out.best_model), settings,
+                                       out_dir / "checkpoints" / "best.pt", label_schemes, job_id)
+        (out_dir / "deploy_result.json").write_text(json.dumps({
+            "job_id": job_id, "status": status, "ok": out.ok, "error": out.error, "seconds": seconds,
+            "result_dir": str(out.result_dir) if out.result_dir else None,
+            "global_model": str(out.global_model) if out.global_model else None,
+            "checkpoint": str(out.checkpoint) if out.checkpoint else None,
+            "sites": sites, "job": settings.to_dict()}, indent=2))
+    return out
+
+
+def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
+                           job_id: str) -> Path:
+    """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``)."""
+    from fedbrain.checkpoint import save_checkpoint
+    from fedbrain.contract import supervised_granularity
+    from fedbrain.models import create_model, default_preprocessing
+
+    model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
+    model.load_state_dict(state)
+    # without the sites' label schemes, claim no more than tumour / no tumour
+    granularity = supervised_granularity(list((label_schemes or {}).values()) or ["binary"])
+    return save_checkpoint(path, model, model_name=settings.model,
+                           preprocessing=default_preprocessing(settings.model, settings.image_size),
+                           supervised_granularity=granularity, label_schemes=label_schemes,
+                           model_kwargs=settings.model_kwargs,
+                           training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
+                                     "job_id": job_id})

@@ -1,0 +1,223 @@
+"""Deployment sub-commands: ``provision``, ``submit`` and ``data split`` (see docs/deployment.md).
+
+* ``fedbrain provision``: NVFlare ``project.yml`` + mutual-TLS startup kits (server, hospitals, admin).
+* ``fedbrain submit``: the ``simulate`` recipe on a running deployment through ``ProdEnv`` + the admin kit.
+* ``fedbrain data split``: what a hospital runs on its own data to make the split file its kit trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedbrain.cli import UsageError, add_federation_args, load_federation
+
+
+def _deploy():
+    """``fedbrain.fl.deploy``, whose NVFlare imports are lazy: the CLI loads even without NVFlare."""
+    from fedbrain.fl import deploy
+
+    return deploy
+
+
+# ---------------------------------------------------------------- provision
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    d = _deploy()
+    try:
+        version = d.nvflare_version()
+        spec = d.ProjectSpec(sites=d.parse_sites(args.sites), server_host=args.server_host,
+                             fed_port=args.fed_port, admin_port=args.admin_port, admin=args.admin,
+                             project=args.project, org=args.org)
+        spec.validate()
+        out = Path(args.out).resolve()
+        print(f"provisioning project {spec.project!r} with NVFlare {version}: server {spec.server_host} "
+              f"(FL port {spec.fed_port}, admin port {spec.admin_port}), {len(spec.sites)} hospital(s), "
+              f"admin {spec.admin}", flush=True)
+        kits = d.provision(spec, out, server_storage=args.server_storage)
+    except d.DeployError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"\nproject.yml: {out / 'project.yml'}   (re-run: nvflare provision -p {out / 'project.yml'} "
+          f"-w {out / 'workspace'})")
+    print(f"startup kits ({kits.root}), mutual TLS, each signed by this project's own root CA:")
+    print(f"  server   {spec.server_host:<20} {kits.server}")
+    for name, kit in kits.clients.items():
+        print(f"  site     {name:<20} {kit}")
+    for name, kit in kits.admins.items():
+        print(f"  admin    {name:<20} {kit}")
+    first = spec.sites[0]
+    print(f"""
+next steps (details: docs/deployment.md)
+  1. Hand each participant ONLY its own kit folder, over a secure channel: it holds that participant's
+     private key. Every machine needs fedbrain installed (pip install fedbrain; same version everywhere).
+  2. Server machine ({spec.server_host}; ports {spec.fed_port}, {spec.admin_port} reachable from the sites):
+       {kits.server}/startup/start.sh
+  3. Each hospital, on its own machine, makes its split file from its own data, then starts its kit:
+       fedbrain data split --site-config my_site.toml --out /srv/fedbrain   # writes splits/{first}.csv
+       {kits.clients[first]}/startup/start.sh
+  4. The admin submits a job (waits for the hospitals, runs it, downloads the global model):
+       fedbrain submit --admin-kit {kits.admin} --sites {','.join(spec.sites)} \\
+         --site-split {first}=/srv/fedbrain/splits/{first}.csv ... --rounds 5
+  5. Stop everything: the admin console ({kits.admin}/startup/fl_admin.sh) -> `shutdown all`.""")
+    if not args.server_storage:
+        print("\nnote: the server keeps its job store under /tmp/nvflare (NVFlare's default); pass "
+              "--server-storage DIR (a folder on the server machine) to keep it elsewhere.")
+    return 0
+
+
+# ---------------------------------------------------------------- submit
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fedbrain.experiment import new_run_dir, write_config
+    from fedbrain.fl.cli import job_settings
+
+    d = _deploy()
+    try:
+        d.nvflare_version()
+        admin_kit = _admin_kit(d, args.admin_kit)
+        splits = d.parse_assignments(args.site_split, "--site-split")
+        schemes = d.parse_assignments(args.site_scheme, "--site-scheme")
+        sites = d.parse_sites(args.sites) if args.sites else list(splits)
+        if not sites:
+            raise d.DeployError("name the job's sites: --sites hospital-a,hospital-b "
+                                "(or give --site-split for each)")
+        d.site_split_files(sites, splits, args.site_dir)  # fail early on a missing split
+        settings = job_settings(args)
+        if args.wait_for_sites > 0:
+            print(f"waiting up to {args.wait_for_sites:.0f} s for {', '.join(sites)} to be connected ...",
+                  flush=True)
+            try:
+                d.wait_for_clients(admin_kit, sites, timeout=args.wait_for_sites, username=args.username)
+            except TimeoutError as exc:
+                raise d.DeployError(f"{exc}; is every hospital's kit running (startup/start.sh)?") from exc
+    except d.DeployError as exc:
+        raise UsageError(str(exc)) from exc
+    run_dir = new_run_dir(args.workspace, f"deploy-{settings.algorithm}-{settings.model}")
+    write_config(run_dir, kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
+                 model=settings.model, job=settings.to_dict(), sites=sites, admin_kit=str(admin_kit),
+                 site_splits=splits, site_dir=args.site_dir, argv=sys.argv[1:])
+    print(f"run: {run_dir}")
+    print(f"{settings.algorithm} on {len(sites)} sites ({', '.join(sites)}), {settings.rounds} rounds, model "
+          f"{settings.model}; submitting with ProdEnv (admin kit {admin_kit})", flush=True)
+    try:
+        res = d.submit(settings, sites, admin_kit, site_splits=splits or None, site_dir=args.site_dir,
+                       cache_dir=args.site_cache_dir, timeout=args.timeout, out_dir=run_dir,
+                       username=args.username, abort_on_timeout=not args.keep_running,
+                       label_schemes=schemes or None)
+    except d.DeployError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"\njob {res.job_id}: {res.status} after {res.seconds:.0f} s")
+    if res.result_dir:
+        print(f"job result (server workspace): {res.result_dir}")
+    if res.ok:
+        print(f"global model: {res.global_model}")
+        print(f"fedbrain checkpoint: {res.checkpoint}   (fedbrain evaluate {res.checkpoint} ...)")
+        return 0
+    if res.result_dir is None and not (res.status or "").startswith("FINISHED"):
+        print(f"fedbrain: error: job {res.job_id} did not finish within {args.timeout:.0f} s "
+              f"({'left running' if args.keep_running else 'aborted'})", file=sys.stderr)
+        return 4
+    why = res.error or "without a usable global model"
+    print(f"fedbrain: error: job {res.job_id} ended {res.status}: {why}; see the server and site logs "
+          "(log.txt in each kit's <job id> folder)", file=sys.stderr)
+    return 3
+
+
+def _admin_kit(d, path: str) -> Path:
+    p = Path(path).expanduser().resolve()
+    if (p / "startup" / "fed_admin.json").is_file():
+        return p
+    if p.is_dir():  # a `fedbrain provision --out` folder or an NVFlare workspace: its (only) admin kit
+        return d.Kits.from_dir(p).admin
+    raise d.DeployError(f"--admin-kit {path!r} does not exist")
+
+
+# ---------------------------------------------------------------- data split
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from fedbrain.data.federation import summary_table
+
+    fed = load_federation(args)
+    out = Path(args.out).resolve()
+    fed.write(out)
+    print(summary_table(fed.summary))
+    print(f"\nwrote {out / 'data_summary.json'}")
+    for name in fed.sites:
+        print(f"split file of {name}: {out / 'splits' / f'{name}.csv'}")
+    names = list(fed.sites)
+    example = out / "splits" / f"{names[0]}.csv"
+    print(f"\nThese files stay on this machine (they list local image paths). Tell the coordinator only the "
+          f"site name and the split file's path, e.g. --site-split {names[0]}={example}, or run the job with "
+          f"--site-dir {out}.")
+    return 0
+
+
+def _data_subparsers(sub) -> argparse._SubParsersAction | None:
+    data = sub.choices.get("data")
+    if data is None:
+        return None
+    return next((a for a in data._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register(sub) -> None:
+    p = sub.add_parser("provision",
+                       help="NVFlare project.yml + mutual-TLS startup kits (server, hospitals, admin)")
+    p.add_argument("--sites", required=True,
+                   help="comma-separated hospital names, e.g. hospital-a,hospital-b")
+    p.add_argument("--out", required=True, help="folder for project.yml and the provisioned workspace")
+    p.add_argument("--server-host", default="localhost",
+                   help="the server's host name as the hospitals reach it; also its TLS identity "
+                        "(default localhost)")
+    p.add_argument("--fed-port", type=int, default=8002,
+                   help="FL port the hospitals connect to (default 8002)")
+    p.add_argument("--admin-port", type=int, default=8003, help="admin port (default 8003)")
+    p.add_argument("--admin", default="admin@fedbrain.local", help="the project admin's e-mail-style name")
+    p.add_argument("--project", default="fedbrain")
+    p.add_argument("--org", default="fedbrain", help="organisation written into every certificate")
+    p.add_argument("--server-storage", default=None,
+                   help="folder on the server machine for its job store (default NVFlare's /tmp/nvflare)")
+    p.set_defaults(func=cmd_provision)
+
+    from fedbrain.fl.cli import add_job_args
+
+    p = sub.add_parser("submit", help="run the federated job on a provisioned deployment (NVFlare ProdEnv)")
+    g = p.add_argument_group("deployment")
+    g.add_argument("--admin-kit", required=True,
+                   help="the admin's startup kit folder (or the `fedbrain provision --out` folder)")
+    g.add_argument("--username", default=None, help="admin user name (default: the one in the admin kit)")
+    g.add_argument("--sites", default=None,
+                   help="comma-separated sites of the job (default: the --site-split ones)")
+    g.add_argument("--site-split", action="append", default=[], metavar="SITE=PATH",
+                   help="a site's split file, as a path ON THAT SITE's machine (repeatable)")
+    g.add_argument("--site-dir", default=None,
+                   help="a folder path valid at every site: sites without --site-split read "
+                        "DIR/splits/<site>.csv, and every site logs its metrics to DIR/sites/<site>/")
+    g.add_argument("--site-cache-dir", default=None, help="decoded-image cache path at the sites")
+    g.add_argument("--site-scheme", action="append", default=[], metavar="SITE=SCHEME",
+                   help="a site's label scheme (binary, tumour_type, multiclass), recorded in the checkpoint")
+    g.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
+    g.add_argument("--wait-for-sites", type=float, default=120.0,
+                   help="seconds to wait for every site to be connected before submitting (0: do not check)")
+    g.add_argument("--keep-running", action="store_true",
+                   help="on timeout leave the job running (default: abort it)")
+    p.add_argument("--seed", type=int, default=0)
+    add_job_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    data = _data_subparsers(sub)
+    if data is not None:
+        p = data.add_parser("split",
+                            help="a hospital's own leak-free split file + data summary (for its kit)")
+        add_federation_args(p)
+        p.add_argument("--out", required=True, help="writes OUT/splits/<site>.csv and OUT/data_summary.json")
+        p.set_defaults(func=cmd_data_split)
+
+
+__all__ = ["register"]

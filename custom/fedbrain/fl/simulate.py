@@ -1,0 +1,249 @@
+"""Run a federation in the NVFlare simulator and turn its outputs into a fedbrain run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from fedbrain.checkpoint import save_checkpoint
+from fedbrain.contract import supervised_granularity
+from fedbrain.data.federation import Federation
+from fedbrain.experiment import (
+    UNION,
+    MetricsLog,
+    SiteLoaders,
+    evaluate_everywhere,
+    flat_scalars,
+    pooled_site,
+    read_metrics,
+    write_config,
+)
+from fedbrain.fl.job import JobSettings, build_recipe, load_global_state
+from fedbrain.models import create_model, default_preprocessing
+from fedbrain.training import TrainConfig
+
+# What a failed site or server leaves in its simulator log.
+FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|EXECUTION_EXCEPTION|Exception in model controller run"
+                     r"|Aborting current RUN|Could not start")
+
+
+def _find(root: Path, name: str) -> list[Path]:
+    return sorted(root.rglob(name))
+
+
+def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
+    """The first failure in each site's (or the server's) simulator log; the simulator exits 0 even then."""
+    errors: dict[str, str] = {}
+    for name in names:
+        for log in _find(nv_root, "log.txt"):
+            if log.parent.name != name:
+                continue
+            lines = log.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                if FAILURE.search(line):
+                    block = [ln for ln in lines[i:i + 30] if ln.strip()]
+                    end = next((j for j, ln in enumerate(block) if re.match(r"^\w+(\.\w+)*(Error|Exception):", ln)),
+                               len(block) - 1)
+                    errors[name] = "\n".join(block[:2] + ["  ..."] + block[max(2, end - 3):end + 1])
+                    break
+    return errors
+
+
+class ProgressPrinter:
+    """Prints each site's round as its own log grows (the simulator itself runs in subprocesses)."""
+
+    def __init__(self, run_dir: Path, sites: list[str], rounds: int, interval: float = 2.0):
+        import threading
+
+        self.paths = {s: run_dir / "sites" / s / "metrics.jsonl" for s in sites}
+        self.seen = dict.fromkeys(sites, 0)
+        self.rounds, self.interval = rounds, interval
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _poll(self) -> None:
+        for site, path in self.paths.items():
+            rows = read_metrics(path)
+            for r in rows[self.seen[site]:]:
+                if r.get("split") == "val":
+                    v = r.get("macro_f1", r.get("tumour_auroc"))
+                    score = f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} global model val {score}", flush=True)
+                elif r.get("split") == "train":
+                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} trained {r.get('samples', 0)} images "
+                          f"in {r.get('seconds', 0):.0f} s, loss {r.get('loss', float('nan')):.3f}", flush=True)
+            self.seen[site] = len(rows)
+
+    def _loop(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self._poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(timeout=5)
+        self._poll()
+
+
+def _quiet_log_config(run_dir: Path) -> str:
+    """NVFlare's default logging with the console at WARNING: full logs stay in each site's log.txt."""
+    import copy
+
+    from nvflare.fuel.utils.log_utils import default_log_dict
+
+    cfg = copy.deepcopy(default_log_dict)
+    cfg["handlers"]["consoleHandler"]["level"] = "ERROR"
+    path = run_dir / "nvflare_log_config.json"
+    path.write_text(json.dumps(cfg, indent=2))
+    return str(path)
+
+
+def merge_site_metrics(run_dir: Path, sites: list[str]) -> list[dict]:
+    """Collect each site's own log into metrics.jsonl and add the weighted 'global' row per round."""
+    rows = []
+    for site in sites:
+        rows += read_metrics(run_dir / "sites" / site / "metrics.jsonl")
+    rows.sort(key=lambda r: (r.get("round", 0), r.get("site", ""), r.get("split", "")))
+    by_round: dict[int, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("split") == "val" and r.get("model") == "global":
+            by_round[r["round"]].append(r)
+    out = list(rows)
+    for rnd, rs in sorted(by_round.items()):
+        total = sum(r.get("n", 0) for r in rs)
+        if not total:
+            continue
+        agg = {"round": rnd, "site": "global", "split": "val", "model": "global", "n": total, "sites": len(rs)}
+        for key in ("macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "macro_auroc"):
+            have = [r for r in rs if isinstance(r.get(key), (int, float))]
+            weight = sum(r.get("n", 0) for r in have)
+            if have and weight:
+                agg[key] = sum(r[key] * r["n"] for r in have) / weight
+        out.append(agg)
+    with (run_dir / "metrics.jsonl").open("a") as fh:
+        for r in out:
+            fh.write(json.dumps(r) + "\n")
+    return out
+
+
+def cross_site_matrix(nv_root: Path) -> dict | None:
+    files = _find(nv_root, "cross_val_results.json")
+    if not files:
+        return None
+    raw = json.loads(files[0].read_text())
+    matrix: dict[str, dict[str, dict]] = defaultdict(dict)
+    for evaluator, per_model in raw.items():
+        for model_name, metrics in per_model.items():
+            matrix[model_name][evaluator] = metrics
+    return {"models": sorted(matrix), "sites": sorted(raw), "matrix": matrix, "source": str(files[0])}
+
+
+def round_table(rows: list[dict], sites: list[str]) -> str:
+    """Global model per round: each site's validation headline and the weighted global one."""
+    val = [r for r in rows if r.get("split") == "val" and r.get("model") == "global"]
+    rounds = sorted({r["round"] for r in val})
+    cols = sites + ["global"]
+    hdr = f"{'round':>5}  " + "".join(f"{c[:16]:>17}" for c in cols)
+    lines = ["global model on each site's validation split (macro-F1, or tumour AUROC for binary sites)",
+             hdr, "-" * len(hdr)]
+    for rnd in rounds:
+        cells = []
+        for c in cols:
+            r = next((x for x in val if x["round"] == rnd and x["site"] == c), None)
+            v = None if r is None else r.get("macro_f1", r.get("tumour_auroc"))
+            cells.append(f"{v:>17.4f}" if isinstance(v, (int, float)) else f"{'-':>17}")
+        lines.append(f"{rnd:>5}  " + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_dir: Path | None = None,
+                   quiet: bool = True) -> dict:
+    """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics."""
+    from nvflare.recipe import SimEnv
+
+    run_dir = Path(run_dir).resolve()
+    fed.write(run_dir)
+    sites = list(fed.sites)
+    split_files = {s: str(run_dir / "splits" / f"{s}.csv") for s in sites}
+    if settings.threads_per_site is None:
+        settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
+    write_config(run_dir, kind="federated", algorithm=settings.algorithm, model=settings.model,
+                 job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
+    recipe = build_recipe(settings, sites, split_files, run_dir=str(run_dir),
+                          cache_dir=str(cache_dir) if cache_dir else None)
+    nv_root = run_dir / "nvflare"
+    env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(nv_root),
+                 log_config=_quiet_log_config(run_dir) if quiet else None)
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    redirect = contextlib.redirect_stdout(buf) if quiet else contextlib.nullcontext()
+    level = logging.getLogger().level
+    sim_error = None
+    try:
+        with redirect, ProgressPrinter(run_dir, sites, settings.rounds):
+            recipe.execute(env)
+    except RuntimeError as exc:  # the simulator reports a failed run this way (server aborted)
+        sim_error = str(exc)
+    finally:
+        logging.getLogger().setLevel(level)
+    wall = time.perf_counter() - t0
+    (run_dir / "simulator_stdout.txt").write_text(buf.getvalue())
+    errors = site_errors(nv_root, sites + ["server"])
+    if sim_error and not errors:
+        errors = {"server": sim_error}
+    rows = merge_site_metrics(run_dir, sites)
+    summary = {"wall_seconds": wall, "failed_sites": errors, "sites": sites}
+
+    # the global model: the simulator's persistor files -> self-describing checkpoints
+    pre = default_preprocessing(settings.model, settings.image_size)
+    granularity = supervised_granularity([s.scheme for s in fed.sites.values()])
+    schemes = {n: s.scheme for n, s in fed.sites.items()}
+    ckpt_args = dict(model_name=settings.model, preprocessing=pre, supervised_granularity=granularity,
+                     label_schemes=schemes, model_kwargs=settings.model_kwargs,
+                     training={**settings.to_dict(), "mode": "federated"})
+    last = _find(nv_root, "FL_global_model.pt")
+    best = _find(nv_root, "best_FL_global_model.pt") or last
+    if not last:
+        summary["error"] = "the simulator produced no global model"
+        return summary
+    model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
+    model.load_state_dict(load_global_state(last[0]))
+    save_checkpoint(run_dir / "checkpoints" / "last.pt", model, **ckpt_args)
+    model.load_state_dict(load_global_state(best[0]))
+    cfg = TrainConfig(batch_size=64)
+    loaders = {n: SiteLoaders(s, pre, cfg, cache_dir=cache_dir) for n, s in fed.sites.items()}
+    loaders[UNION] = SiteLoaders(pooled_site(UNION, list(fed.sites.values())), pre, cfg, cache_dir=cache_dir)
+    results = evaluate_everywhere(model, loaders)
+    save_checkpoint(run_dir / "checkpoints" / "best.pt", model, metrics={"test": results}, **ckpt_args)
+    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard")
+    for r in rows:
+        if r.get("split") == "val" and r.get("model") == "global":
+            log.tb and log.tb.add_scalar(f"{r['site']}/val/headline",
+                                         r.get("macro_f1", r.get("tumour_auroc", 0.0)), r["round"])
+    for name, m in results.items():
+        log.log(settings.rounds, name, "test", m, checkpoint="best", model="global")
+    log.close()
+    cse = cross_site_matrix(nv_root)
+    if cse:
+        (run_dir / "cross_site.json").write_text(json.dumps(cse, indent=2))
+    train_seconds = defaultdict(float)
+    for r in rows:
+        if r.get("split") == "train":
+            train_seconds[r["site"]] += r.get("seconds", 0.0)
+    summary.update({"test": results, "train_seconds_per_site": dict(train_seconds),
+                    "rounds_table": round_table(rows, sites)})
+    out = {k: v for k, v in summary.items() if k != "rounds_table"}
+    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix") if kk in v}
+                   for k, v in results.items()}
+    (run_dir / "results.json").write_text(json.dumps(out, indent=2))
+    return summary

@@ -1,0 +1,183 @@
+"""The hospital-side training script (NVFlare Client API): init -> receive -> evaluate -> train -> send.
+
+One script for every site and every algorithm; per-site differences (data split file) come from
+per-site config. Only weights, sample counts and scalar metrics are sent to the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedbrain.data.federation import SiteData
+from fedbrain.experiment import SiteLoaders, flat_scalars
+from fedbrain.fl.privacy import DPConfig, privatize_update
+from fedbrain.models import create_model, default_preprocessing
+from fedbrain.training import TrainConfig, evaluate, headline, make_optimizer, seed_everything, train_epochs
+
+# Keys a site may put in FLModel.meta: counts and algorithm state, never data.
+NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="fedbrain site training (NVFlare Client API)")
+    p.add_argument("--split-file", help="this site's split CSV (default: <run-dir>/splits/<site>.csv)")
+    p.add_argument("--run-dir", help="simulation run folder (site logs go to <run-dir>/sites/<site>/)")
+    p.add_argument("--log-dir", help="where this site keeps its own metrics log (default: <run-dir>/sites/<site>)")
+    p.add_argument("--model", default="fedbrain_cnn")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra create_model argument (repeatable), e.g. width=1.25")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "scaffold"], default="fedavg")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--fedprox-mu", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of the update (0 = no DP)")
+    p.add_argument("--dp-noise", type=float, default=0.0, help="Gaussian noise multiplier on the clipped update")
+    p.add_argument("--fail-at-round", type=int, default=-1, help="testing: raise at this round (fault injection)")
+    p.add_argument("--fail-site", default="", help="testing: the site that fails")
+    p.add_argument("--corrupt-at-round", type=int, default=-1, help="testing: send NaN weights at this round")
+    p.add_argument("--corrupt-site", default="", help="testing: the site that sends NaN weights")
+    return p.parse_args(argv)
+
+
+def model_kwargs(pairs: list[str]) -> dict:
+    """``["width=1.25"]`` -> ``{"width": 1.25}`` (values parsed as Python literals where possible)."""
+    import ast
+
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
+    own = model.state_dict()
+    return {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype).reshape(own[k].shape) for k, v in params.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import nvflare.client as flare
+    from nvflare.app_common.app_constant import AlgorithmConstants
+
+    args = parse_args(argv)
+    # (1) initialise the Client API and this site's data
+    flare.init()
+    site = flare.get_site_name()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    split_file = Path(args.split_file or Path(args.run_dir) / "splits" / f"{site}.csv")
+    data = SiteData.read_split_file(site, split_file)
+    pre = default_preprocessing(args.model, args.image_size)
+    cfg = TrainConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+                      weight_decay=args.weight_decay, seed=args.seed,
+                      optimizer="sgd" if args.algorithm == "scaffold" else "adamw")
+    loaders = SiteLoaders(data, pre, cfg, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    kwargs = model_kwargs(args.model_arg)
+    model = create_model(args.model, pretrained=False, **kwargs)
+    optimizer = make_optimizer(model, cfg)  # persists across rounds (Adam moments stay local)
+    dp = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise, seed=args.seed)
+    log_dir = Path(args.log_dir) if args.log_dir else (Path(args.run_dir) / "sites" / site if args.run_dir else None)
+    if log_dir:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    scaffold = None
+    if args.algorithm == "scaffold":
+        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+        scaffold = PTScaffoldHelper()
+        scaffold.init(model)
+
+    def log(row: dict) -> None:
+        if log_dir:
+            with (log_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps({"site": site, **row}) + "\n")
+
+    while flare.is_running():
+        # (2) receive the global model
+        input_model = flare.receive()
+        if input_model is None:
+            break
+        rnd = int(input_model.current_round or 0)
+        if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
+            flare.send(flare.FLModel(params={k: v.cpu() for k, v in model.state_dict().items()}))
+            continue
+        model.load_state_dict(to_torch_state(input_model.params, model))
+
+        # (3) evaluate the global model on local data
+        if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
+            test = evaluate(model, loaders.eval("test")) if data.splits["test"] else {}
+            flare.send(flare.FLModel(metrics={"val_score": headline(test) if test else float("nan"),
+                                              **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
+            continue
+        val = evaluate(model, loaders.eval("val")) if data.splits["val"] else {}
+        if val:
+            log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val)})
+        if rnd == args.fail_at_round and site == args.fail_site:
+            raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
+
+        # (4) train locally, starting from the global weights
+        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        extra_loss, after_step = None, None
+        if args.algorithm == "fedprox":
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+            mu = float((input_model.meta or {}).get("fedprox_mu", args.fedprox_mu))
+            prox = PTFedProxLoss(mu=mu)
+            global_model = create_model(args.model, pretrained=False, **kwargs)
+            global_model.load_state_dict(global_state)
+
+            def extra_loss(m, _g=global_model, _p=prox):
+                return _p(m, _g)
+        elif scaffold is not None:
+            global_ctrl = (input_model.meta or {}).get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+            if global_ctrl:
+                scaffold.load_global_controls(global_ctrl)
+            c_global, c_local = scaffold.get_params()
+
+            def after_step(m, lr, _g=c_global, _l=c_local):
+                scaffold.model_update(m, lr, _g, _l)
+        t0 = time.perf_counter()
+        stats = train_epochs(model, loaders.train(seed=args.seed + rnd), cfg, optimizer=optimizer,
+                             extra_loss=extra_loss, after_step=after_step)
+        meta = {NUM_STEPS: stats["steps"]}
+        if scaffold is not None:
+            g = create_model(args.model, pretrained=False, **kwargs)
+            g.load_state_dict(global_state)
+            scaffold.terms_update(model, optimizer.param_groups[0]["lr"], c_global, c_local, g)
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.get_delta_controls()
+        log({"round": rnd, "split": "train", "model": "local", **stats,
+             "train_seconds": time.perf_counter() - t0})
+
+        # (5) send the update: weights, sample count and scalar metrics only
+        params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if dp.enabled:
+            params, dp_info = privatize_update(params, global_state, dp, rnd)
+            meta.update(dp_info)
+        if rnd == args.corrupt_at_round and site == args.corrupt_site:
+            params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                      for k, v in params.items()}
+        metrics = {"val_score": headline(val) if val else float("nan"), "train_loss": stats["loss"],
+                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}}
+        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main(sys.argv[1:])

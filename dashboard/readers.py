@@ -1,0 +1,387 @@
+"""Tolerant readers of the run-folder contract (``workspace/README.md``); no Streamlit here.
+
+Every reader returns an empty value for a missing or unreadable file instead of raising, so each
+dashboard page can show what exists and say which command creates what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+# What creates each output (shown by the pages when it is missing).
+CMD_SIMULATE = "fedbrain simulate"
+CMD_TRAIN = "fedbrain train"
+CMD_TRAIN_LOCAL = "fedbrain train --mode local --site NAME"
+CMD_COMPARE = "fedbrain compare"
+CMD_COMPRESS = "fedbrain compress <run>/checkpoints/best.pt"
+CMD_BENCH_MODELS = "fedbrain bench models"
+
+SPECIAL_SITES = ("global", "union")
+HEADLINE_METRICS = ("macro_f1", "accuracy", "tumour_auroc", "tumour_accuracy", "tumour_f1", "macro_auroc",
+                    "loss")
+ONNX_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder: ``<workspace>/<name>/config.json`` exists."""
+
+    path: Path
+    kind: str
+    config: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+
+def read_json(path: str | Path):
+    """Parsed JSON, or None when the file is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_runs(workspace: str | Path) -> list[Run]:
+    """Run folders of a workspace, newest first (a missing workspace has none)."""
+    ws = Path(workspace)
+    if not ws.is_dir():
+        return []
+    runs = []
+    for d in ws.iterdir():
+        cfg_path = d / "config.json"
+        if not (d.is_dir() and cfg_path.is_file()):
+            continue
+        cfg = read_json(cfg_path)
+        cfg = cfg if isinstance(cfg, dict) else {}
+        runs.append((cfg_path.stat().st_mtime, Run(d, str(cfg.get("kind") or "unknown"), cfg)))
+    runs.sort(key=lambda t: (t[0], t[1].name), reverse=True)
+    return [r for _, r in runs]
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """``metrics.jsonl`` as a frame; skips a half-written or corrupt line (a run still writing)."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in ("round", "site", "split"):
+        if col not in df.columns:
+            df[col] = pd.Series(dtype=object)
+    return df
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric metric columns present with data, headline metrics first."""
+    skip = {"round", "samples", "n", "n_typed", "steps", "seconds", "n_tumour_unknown_type", "sites"}
+    cols = [c for c in df.columns if c not in skip and c not in ("site", "split", "checkpoint")
+            and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
+    head = [m for m in HEADLINE_METRICS if m in cols]
+    return head + sorted(c for c in cols if c not in head)
+
+
+def is_pooled(site: str) -> bool:
+    return "+" in str(site)
+
+
+def global_curves(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Rows of the model being trained per round: ``global`` (federated) or the pooled training set.
+
+    Returns ``(rows, description)``; the final per-site test evaluation (``checkpoint`` column) is left out.
+    """
+    if df.empty:
+        return df, ""
+    per_round = df[df["checkpoint"].isna()] if "checkpoint" in df.columns else df
+    g = per_round[per_round["site"] == "global"]
+    if not g.empty:
+        return g.sort_values("round"), "global model"
+    pooled = per_round[per_round["site"].map(is_pooled)]
+    if not pooled.empty:
+        return pooled.sort_values("round"), f"pooled training set {pooled['site'].iloc[0]}"
+    # local-only run: the single training site
+    train_sites = per_round[per_round["split"] == "train"]["site"].unique()
+    if len(train_sites) == 1:
+        s = per_round[per_round["site"] == train_sites[0]]
+        return s.sort_values("round"), f"site {train_sites[0]}"
+    return per_round.iloc[0:0], ""
+
+
+def site_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Per-hospital rows (not ``global``, ``union`` or a pooled set), in round order."""
+    if df.empty:
+        return df
+    mask = ~df["site"].isin(SPECIAL_SITES) & ~df["site"].map(is_pooled)
+    return df[mask].sort_values(["site", "round"])
+
+
+def final_results(run: Run) -> dict[str, dict]:
+    """``results.json``'s test metrics per evaluated site, or {}."""
+    res = read_json(run.path / "results.json")
+    if not isinstance(res, dict):
+        return {}
+    test = res.get("test", res)
+    return {k: v for k, v in test.items() if isinstance(v, dict)} if isinstance(test, dict) else {}
+
+
+def _rows_of(obj) -> list[dict]:
+    if isinstance(obj, dict):
+        for key in ("rows", "variants", "models", "results"):
+            if isinstance(obj.get(key), list):
+                obj = obj[key]
+                break
+    return [r for r in obj if isinstance(r, dict)] if isinstance(obj, list) else []
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    try:
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    out = []
+    for r in rows:
+        conv = {}
+        for k, v in r.items():
+            try:
+                conv[k] = float(v) if v not in ("", None) else None
+            except (TypeError, ValueError):
+                conv[k] = v
+        out.append(conv)
+    return out
+
+
+def read_table(json_path: Path, csv_path: Path | None = None) -> pd.DataFrame:
+    """Rows from a JSON list (or ``{"rows": [...]}``), else from the CSV twin; empty frame if neither."""
+    rows = _rows_of(read_json(json_path))
+    if not rows and csv_path is not None:
+        rows = _read_csv_rows(csv_path)
+    return pd.DataFrame(rows)
+
+
+def compare_rows(run: Run) -> pd.DataFrame:
+    """A ``compare`` run's rows: mode, site, macro_f1, accuracy, tumour_auroc, budget."""
+    return read_table(run.path / "compare.json", run.path / "compare.csv")
+
+
+def mode_of(run: Run) -> str:
+    if run.kind == "local":
+        site = run.config.get("site") or ""
+        return f"local ({site})" if site else "local"
+    return run.kind
+
+
+def comparison_from_runs(runs: list[Run]) -> pd.DataFrame:
+    """Federated vs centralised vs local-only from the newest run of each mode's ``results.json``."""
+    rows, seen = [], set()
+    for run in runs:  # newest first
+        if run.kind not in ("federated", "centralized", "local"):
+            continue
+        mode = mode_of(run)
+        if mode in seen:
+            continue
+        res = final_results(run)
+        if not res:
+            continue
+        seen.add(mode)
+        for site, m in res.items():
+            rows.append({"mode": mode, "site": site, "run": run.name,
+                         **{k: m.get(k) for k in ("macro_f1", "accuracy", "tumour_auroc", "n")}})
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def model_label(name: str) -> str:
+    """NVFlare's global-model file names as words; site models keep their site name."""
+    n = str(name)
+    if "global" in n.lower() and n != "global":
+        return "global (best)" if "best" in n.lower() else "global (last)"
+    return n
+
+
+def _cell(cell) -> dict:
+    """A cross-site cell's scalar metrics, ``test_`` prefixes dropped (``test_macro_f1`` -> ``macro_f1``)."""
+    if isinstance(cell, (int, float)):
+        return {"value": cell}
+    if not isinstance(cell, dict):
+        return {}
+    return {(k[5:] if k.startswith("test_") else k): v for k, v in cell.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def cross_site(run: Run) -> dict:
+    """``cross_site.json`` as ``{"models", "sites", "matrix"}`` (model labels made readable), or {}."""
+    cs = read_json(run.path / "cross_site.json")
+    if not isinstance(cs, dict) or not isinstance(cs.get("matrix"), dict):
+        return {}
+    raw = {m: row for m, row in cs["matrix"].items() if isinstance(row, dict)}
+    order = [m for m in cs.get("models") or list(raw) if m in raw]
+    order = sorted(order, key=lambda m: not model_label(m).startswith("global"))  # global model(s) first
+    matrix = {model_label(m): {s: _cell(c) for s, c in raw[m].items()} for m in order}
+    sites = list(cs.get("sites") or sorted({s for row in raw.values() for s in row}))
+    return {"models": list(matrix), "sites": sites, "matrix": matrix}
+
+
+def cross_site_metrics(cs: dict) -> list[str]:
+    """The metrics present in a cross-site matrix, headline metrics first, counts left out."""
+    found = {k for row in cs.get("matrix", {}).values() for cell in row.values() for k in cell
+             if k not in ("n", "n_typed", "n_tumour_unknown_type")}
+    head = [m for m in HEADLINE_METRICS if m in found]
+    return head + sorted(found - set(head))
+
+
+def cross_site_grid(cs: dict, metric: str) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """(models, sites, values) of one metric, None where a cell is missing or not finite."""
+    grid = []
+    for m in cs["models"]:
+        row = []
+        for s in cs["sites"]:
+            v = cs["matrix"].get(m, {}).get(s, {}).get(metric)
+            row.append(float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
+        grid.append(row)
+    return cs["models"], cs["sites"], grid
+
+
+def data_summary(run: Run) -> pd.DataFrame:
+    """Per-hospital data summary: images, distinct pictures, dropped duplicates, conflicts, split sizes."""
+    summ = read_json(run.path / "data_summary.json")
+    if not isinstance(summ, dict) or not isinstance(summ.get("sites"), dict):
+        return pd.DataFrame()
+    rows = []
+    for name, s in summ["sites"].items():
+        if not isinstance(s, dict):
+            continue
+        classes = s.get("classes") or {}
+        row = {
+            "site": name,
+            "scheme": s.get("scheme"),
+            "files": s.get("files"),
+            "unusable": sum((s.get("unusable") or {}).values()),
+            "distinct pictures": s.get("distinct_pictures"),
+            "dropped cross-site duplicates": s.get("dropped_cross_site_duplicates"),
+            "dropped in-site duplicates": s.get("dropped_in_site_duplicates"),
+            "dropped label conflicts": s.get("dropped_label_conflicts"),
+        }
+        for split in ("train", "val", "test"):
+            row[split] = sum((classes.get(split) or {}).values())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.dropna(axis=1, how="all") if not df.empty else df
+
+
+def label_schemes(run: Run) -> set[str]:
+    """The hospitals' label schemes (``multiclass``, ``tumour_type``, ``binary``), from data_summary.json."""
+    summ = read_json(run.path / "data_summary.json")
+    sites = summ.get("sites") if isinstance(summ, dict) else None
+    return {str(s.get("scheme")) for s in sites.values() if isinstance(s, dict) and s.get("scheme")} \
+        if isinstance(sites, dict) else set()
+
+
+def default_metric_order(metrics: list[str], schemes: set[str]) -> list[str]:
+    """Tumour AUROC first when every hospital labels only tumour / no tumour (macro-F1 is then undefined)."""
+    if schemes == {"binary"} and "tumour_auroc" in metrics:
+        return ["tumour_auroc"] + [m for m in metrics if m != "tumour_auroc"]
+    return metrics
+
+
+def class_counts(run: Run) -> pd.DataFrame:
+    """Long frame site, split, label, count from ``data_summary.json``."""
+    summ = read_json(run.path / "data_summary.json")
+    rows = []
+    if isinstance(summ, dict) and isinstance(summ.get("sites"), dict):
+        for name, s in summ["sites"].items():
+            for split, counts in ((s or {}).get("classes") or {}).items():
+                for label, n in (counts or {}).items():
+                    rows.append({"site": name, "split": split, "label": label, "count": n})
+    return pd.DataFrame(rows)
+
+
+def source_summary(run: Run) -> dict:
+    """Federation-level data facts (the simulated source's dropped duplicates, clusters)."""
+    summ = read_json(run.path / "data_summary.json")
+    if not isinstance(summ, dict):
+        return {}
+    out = {k: summ[k] for k in ("usable_images", "duplicate_clusters", "groups_spanning_sites",
+                                "label_conflict_clusters") if k in summ}
+    src = summ.get("source")
+    if isinstance(src, dict):
+        out.update({f"source {k}": src[k] for k in ("source", "files", "dropped_in_site_duplicates",
+                                                    "dropped_label_conflicts") if k in src})
+    return out
+
+
+# ---------------------------------------------------------------- compression
+
+
+def compression_report(run_or_dir: Run | Path) -> pd.DataFrame:
+    """``compression/report.json`` (or ``.csv``) with the ratios vs fp32 filled in when absent."""
+    d = run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)
+    df = read_table(d / "compression" / "report.json", d / "compression" / "report.csv")
+    if df.empty or "variant" not in df.columns:
+        return pd.DataFrame()
+    nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (dict, list))).any()]
+    return with_ratios(df.drop(columns=nested))
+
+
+def with_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """Add size/latency/MACs ratios and the macro-F1 delta vs the fp32 row where the report lacks them."""
+    df = df.copy()
+    fp32 = df[df["variant"].astype(str) == "fp32"]
+    if fp32.empty:
+        return df
+    base = fp32.iloc[0]
+    pairs = {"size_ratio": "file_bytes", "latency_ratio_1t": "latency_ms_p50_1t", "macs_ratio": "macs"}
+    for ratio, col in pairs.items():
+        if ratio not in df.columns and col in df.columns:
+            b = pd.to_numeric(pd.Series([base[col]]), errors="coerce").iloc[0]
+            df[ratio] = pd.to_numeric(df[col], errors="coerce") / b if b and b == b else None
+    for m in ("macro_f1", "tumour_auroc"):
+        if f"{m}_delta" not in df.columns and m in df.columns:
+            b = pd.to_numeric(pd.Series([base[m]]), errors="coerce").iloc[0]
+            df[f"{m}_delta"] = pd.to_numeric(df[m], errors="coerce") - b
+    return df
+
+
+def model_files(run: Run) -> dict[str, Path]:
+    """The model variants of a run that exist on disk: label -> path (torch checkpoints first)."""
+    out = {}
+    for name in ("best", "last"):
+        p = run.path / "checkpoints" / f"{name}.pt"
+        if p.is_file():
+            out[f"{name}.pt (torch)"] = p
+    comp = run.path / "compression"
+    p = comp / "pruned.pt"
+    if p.is_file():
+        out["pruned.pt (torch)"] = p
+    for v in ONNX_VARIANTS:
+        p = comp / f"{v}.onnx"
+        if p.is_file():
+            out[f"{v}.onnx (ONNX Runtime)"] = p
+    return out
+
+
+def bench_models(workspace: str | Path) -> pd.DataFrame:
+    """``<workspace>/bench_models.json`` rows (written by ``fedbrain bench models``), or empty."""
+    return read_table(Path(workspace) / "bench_models.json", Path(workspace) / "bench_models.csv")
+
+
+def first_column(df: pd.DataFrame, *names: str) -> str | None:
+    return next((n for n in names if n in df.columns and df[n].notna().any()), None)

@@ -1,0 +1,539 @@
+"""The dashboard's pages, one function each; ``app.py`` routes between them with ``st.navigation``.
+
+Pages only read run folders (``workspace/README.md``); nothing here trains or writes. Uploaded scans
+stay in memory: they are decoded from ``UploadedFile.getvalue()`` bytes, never written, cached or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+from fedbrain.dashboard import MAX_UPLOAD_MB
+from fedbrain.dashboard import readers as R
+
+MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
+DISPLAY_MAX = 512  # uploaded slices are shown at most this many pixels on a side
+RESEARCH_NOTICE = ("**Research use only.** Not a medical device and not validated for diagnosis: do not use "
+                   "these outputs for clinical decisions.")
+CLASS_LABELS = {"glioma": "Glioma", "meningioma": "Meningioma", "pituitary": "Pituitary",
+                "no_tumor": "No tumour", "tumour": "Tumour"}
+_GRADCAM_LOCK = threading.Lock()  # hooks go on a model shared by every session
+
+
+def workspace() -> Path:
+    """The workspace read: ``$FEDBRAIN_WORKSPACE`` (set by ``fedbrain dashboard``), else ./workspace."""
+    return Path(os.environ.get("FEDBRAIN_WORKSPACE") or "workspace").expanduser().resolve()
+
+
+# ---------------------------------------------------------------- cached file readers
+
+
+def _stamp(*paths: Path) -> tuple:
+    """Modification stamps of files and of the files directly inside folders (the cache key)."""
+    out = []
+    for p in paths:
+        try:
+            if p.is_dir():
+                out.extend((e.name, e.stat().st_mtime_ns, e.stat().st_size)
+                           for e in os.scandir(p) if e.is_file())
+            elif p.exists():
+                out.append((p.name, p.stat().st_mtime_ns, p.stat().st_size))
+        except OSError:
+            continue
+    return tuple(sorted(out))
+
+
+@st.cache_data(show_spinner=False, ttl=3, max_entries=16)
+def _runs(ws: str) -> list[R.Run]:
+    return R.list_runs(ws)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def _run_read(reader: str, run_path: str, kind: str, stamp: tuple):
+    """One reader of ``readers`` over a run folder, re-read when a file in it changes."""
+    cfg = R.read_json(Path(run_path) / "config.json")
+    return getattr(R, reader)(R.Run(Path(run_path), kind, cfg if isinstance(cfg, dict) else {}))
+
+
+def run_read(reader: str, run: R.Run):
+    return _run_read(reader, str(run.path), run.kind, _stamp(run.path, run.path / "compression"))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _metrics(path: str, stamp: tuple) -> pd.DataFrame:
+    return R.read_metrics(path)
+
+
+def metrics_of(run: R.Run) -> pd.DataFrame:
+    p = run.path / "metrics.jsonl"
+    return _metrics(str(p), _stamp(p))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _comparison(ws: str, stamp: tuple) -> pd.DataFrame:
+    return R.comparison_from_runs(R.list_runs(ws))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _bench_models(ws: str, stamp: tuple) -> pd.DataFrame:
+    return R.bench_models(ws)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=8)
+def _predictor(path: str, stamp: tuple):
+    from fedbrain.predict import load_predictor
+
+    predictor = load_predictor(path)
+    predictor.predict(np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1)))  # warm-up: latency is steady-state
+    return predictor
+
+
+# ---------------------------------------------------------------- shared widgets
+
+
+def _commands(*lines: tuple[str, str]) -> str:
+    return "\n".join(f"- `{cmd}` — {what}" for cmd, what in lines)
+
+
+EMPTY_RUNS = (
+    ("fedbrain simulate", "a federated run: global metrics per round, per-site curves, cross-site results"),
+    ("fedbrain train", "a centralised baseline (`--mode local --site NAME` for a local-only one)"),
+    ("fedbrain compare", "federated vs centralised vs local-only on the same hospitals"),
+)
+
+
+def _no_runs(ws: Path, *lines: tuple[str, str]) -> None:
+    where = f"`{ws}`" + ("" if ws.is_dir() else " (the folder does not exist yet)")
+    st.info(f"No runs in {where}. These commands create what this page shows:\n\n" + _commands(*lines))
+
+
+def _pick_run(runs: list[R.Run], key: str, prefer: tuple[str, ...] = ()) -> R.Run:
+    names = [r.name for r in runs]
+    by_name = {r.name: r for r in runs}
+    default = next((i for k in prefer for i, r in enumerate(runs) if r.kind == k), 0)
+    name = st.selectbox("Run", names, index=default, key=key, format_func=lambda n: by_name[n].label)
+    run = by_name.get(name, runs[0])
+    st.caption(f"`{run.path}`")
+    return run
+
+
+def _metric_picker(options: list[str], key: str) -> str | None:
+    if not options:
+        return None
+    return st.selectbox("Metric", options, key=key)
+
+
+def _chart(fig, height: int | None = None) -> None:
+    fig.update_layout(margin=dict(l=10, r=10, t=40, b=10), **({"height": height} if height else {}))
+    st.plotly_chart(fig, width="stretch")
+
+
+def _rounds_axis(fig, rounds: pd.Series):
+    """Whole-number ticks for rounds / epochs (one per round when there are few)."""
+    top = pd.to_numeric(rounds, errors="coerce").max()
+    fig.update_xaxes(tickformat="d", dtick=1 if top == top and top <= 20 else None)
+    return fig
+
+
+def _sidebar(ws: Path) -> None:
+    with st.sidebar:
+        st.caption(f"Workspace: `{ws}`")
+        if st.button("Reload files", key="reload"):
+            st.cache_data.clear()
+
+
+# ---------------------------------------------------------------- Federation
+
+
+def federation_page() -> None:
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Federation")
+    runs = _runs(str(ws))
+    if not runs:
+        _no_runs(ws, *EMPTY_RUNS)
+        return
+    pick_col, metric_col = st.columns(2)
+    with pick_col:
+        run = _pick_run(runs, "fed_run", prefer=("federated",))
+    df = metrics_of(run)
+    schemes = run_read("label_schemes", run)
+    options = R.default_metric_order(R.metric_columns(df), schemes) or ["macro_f1"]
+    with metric_col:
+        metric = _metric_picker(options, "fed_metric")
+        if schemes == {"binary"}:
+            st.caption("Every hospital here labels only tumour / no tumour: tumour AUROC is the headline.")
+
+    global_col, sites_col = st.columns(2)
+    with global_col:
+        st.subheader("Global model per round" if run.kind == "federated" else "Training curve per epoch")
+        curves, what = R.global_curves(df)
+        if metric in curves.columns and curves[metric].notna().any():
+            fig = px.line(curves.dropna(subset=[metric]), x="round", y=metric, color="split", markers=True,
+                          title=f"{metric} of the {what}")
+            _chart(_rounds_axis(fig, curves["round"]), height=380)
+        else:
+            st.info(f"No per-round metrics in this run (`metrics.jsonl`). `{R.CMD_SIMULATE}` writes the "
+                    f"global model's metrics per round; `{R.CMD_TRAIN}` writes per-epoch metrics.")
+    with sites_col:
+        st.subheader("Per-site curves")
+        sites = R.site_curves(df)
+        per_round = sites[sites["checkpoint"].isna()] if "checkpoint" in sites.columns else sites
+        if metric in per_round.columns and per_round[metric].notna().any():
+            data = per_round.dropna(subset=[metric])
+            fig = px.line(data, x="round", y=metric, color="site", line_dash="split", markers=True,
+                          title=f"{metric} per hospital")
+            _chart(_rounds_axis(fig, data["round"]), height=380)
+        elif metric in sites.columns and sites[metric].notna().any():
+            data = sites.dropna(subset=[metric])
+            _chart(px.bar(data, x="site", y=metric, color="split", barmode="group",
+                          title=f"{metric} per hospital (best checkpoint)"), height=380)
+            st.caption(f"This {run.kind} run evaluated each hospital once, with its best checkpoint; "
+                       f"`{R.CMD_SIMULATE}` writes per-round curves for every hospital.")
+        else:
+            st.info(f"No per-site metrics in this run. `{R.CMD_SIMULATE}` writes them for every hospital.")
+
+    _comparison_section(ws, runs, run, metric)
+    _cross_site_section(run, metric)
+    _data_section(run)
+
+    st.subheader("Run config")
+    cfg = run.config
+    if cfg:
+        st.json(cfg, expanded=False)
+    else:
+        st.info("`config.json` is unreadable.")
+
+
+def _comparison_section(ws: Path, runs: list[R.Run], run: R.Run, metric: str | None) -> None:
+    st.subheader("Federated vs centralised vs local-only")
+    compare_run = run if run.kind == "compare" else next((r for r in runs if r.kind == "compare"), None)
+    table = run_read("compare_rows", compare_run) if compare_run else pd.DataFrame()
+    if not table.empty:
+        st.caption(f"From `{compare_run.name}/compare.json` (`{R.CMD_COMPARE}`).")
+    else:
+        stamp = tuple(_stamp(r.path / "results.json") for r in runs)
+        table = _comparison(str(ws), stamp)
+        if not table.empty:
+            st.caption(f"Assembled from the newest run of each mode (`results.json`); `{R.CMD_COMPARE}` "
+                       "runs all modes on the same hospitals and budget.")
+    if table.empty or "mode" not in table.columns:
+        st.info("Nothing to compare yet:\n\n" + _commands(
+            (R.CMD_COMPARE, "all three modes on the same hospitals and budget"),
+            (R.CMD_SIMULATE, "a federated run"), (R.CMD_TRAIN, "a centralised run"),
+            (R.CMD_TRAIN_LOCAL, "a local-only run")))
+        return
+    st.dataframe(table, hide_index=True, width="stretch")
+    modes = {str(m).split(" ")[0] for m in table["mode"].dropna()}
+    missing = [(c, w) for k, c, w in (("federated", R.CMD_SIMULATE, "adds the federated model"),
+                                      ("centralized", R.CMD_TRAIN, "adds the centralised baseline"),
+                                      ("local", R.CMD_TRAIN_LOCAL, "adds a local-only baseline"))
+               if k not in modes]
+    if missing:
+        st.caption("Missing modes:\n\n" + _commands(*missing))
+    col = metric if metric in table.columns and table[metric].notna().any() else R.first_column(
+        table, "macro_f1", "accuracy", "tumour_auroc")
+    if col:
+        data = table.dropna(subset=[col])
+        _chart(px.bar(data, x="site", y=col, color="mode", barmode="group", title=f"{col} by mode and site"))
+
+
+def _cross_site_section(run: R.Run, metric: str | None) -> None:
+    st.subheader("Cross-site evaluation")
+    cs = run_read("cross_site", run)
+    if not cs:
+        st.info(f"No `cross_site.json` in this run: `{R.CMD_SIMULATE}` evaluates each hospital's model and "
+                "the global model on every hospital's test split.")
+        return
+    metrics = R.cross_site_metrics(cs)
+    options = ([metric] if metric in metrics else []) + [m for m in metrics if m != metric]
+    m = st.selectbox("Cross-site metric", options or ["value"], key="cs_metric")
+    models, sites, grid = R.cross_site_grid(cs, m)
+    fig = px.imshow(np.array(grid, dtype=float), x=sites, y=models, text_auto=".2f", aspect="auto",
+                    color_continuous_scale="Viridis", zmin=0, zmax=1 if m != "loss" else None,
+                    labels=dict(x="evaluated on (test split)", y="model", color=m),
+                    title=f"{m}: model (row) on hospital (column)")
+    _chart(fig)
+
+
+def _data_section(run: R.Run) -> None:
+    st.subheader("Per-hospital data")
+    summary = run_read("data_summary", run)
+    if summary.empty:
+        st.info(f"No `data_summary.json` in this run: every training command (`{R.CMD_SIMULATE}`, "
+                f"`{R.CMD_TRAIN}`) writes it.")
+        return
+    st.dataframe(summary, hide_index=True, width="stretch")
+    src = run_read("source_summary", run)
+    if src:
+        st.caption(" · ".join(f"{k.replace('_', ' ')}: {v}" for k, v in src.items()))
+    counts = run_read("class_counts", run)
+    if not counts.empty:
+        _chart(px.bar(counts, x="site", y="count", color="label", facet_col="split",
+                      title="Labels per hospital and split"))
+
+
+# ---------------------------------------------------------------- Compression
+
+
+def compression_page() -> None:
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Compression")
+    runs = _runs(str(ws))
+    if not runs:
+        _no_runs(ws, ("fedbrain simulate", "train a federated model"), ("fedbrain train", "train a baseline"),
+                 (R.CMD_COMPRESS, "then prune, quantise and export it (`<run>/compression/report.json`)"))
+        return
+    with_report = [r for r in runs if (r.path / "compression" / "report.json").is_file()
+                   or (r.path / "compression" / "report.csv").is_file()]
+    if not with_report:
+        best = next((r for r in runs if (r.path / "checkpoints" / "best.pt").is_file()), None)
+        cmd = f"fedbrain compress {best.path / 'checkpoints' / 'best.pt'}" if best else R.CMD_COMPRESS
+        st.info(f"No compression report in `{ws}` yet. `{cmd}` writes the pruned, int8 and ONNX variants "
+                "with `compression/report.json` (size, MACs, macro-F1, latency per variant).")
+        return
+    run = _pick_run(with_report, "comp_run")
+    report = run_read("compression_report", run)
+    if report.empty:
+        st.error(f"`{run.name}/compression/report.json` has no variant rows; rerun `{R.CMD_COMPRESS}`.")
+        return
+    x = R.first_column(report, "latency_ms_p50_1t", "latency_ms_p50_2t")
+    y = R.first_column(report, "macro_f1", "accuracy", "tumour_auroc")
+    size = R.first_column(report, "file_bytes", "params")
+    st.subheader("Size vs macro-F1 vs latency")
+    if x and y:
+        data = report.dropna(subset=[x, y]).copy()
+        if size:
+            data["size (MB)" if size == "file_bytes" else size] = (
+                data[size] / 1e6 if size == "file_bytes" else data[size])
+        size_col = ("size (MB)" if size == "file_bytes" else size) if size else None
+        hover = [c for c in ("params", "macs", "latency_ms_p95_1t", "latency_ms_p50_2t", "tumour_auroc")
+                 if c in data.columns]
+        fig = px.scatter(data, x=x, y=y, size=size_col, color="variant", text="variant", hover_data=hover,
+                         size_max=45, title=f"{y} vs {x} (marker area: {size_col or 'n/a'})")
+        fig.update_traces(textposition="top center")
+        _chart(fig)
+    else:
+        st.info("The report lacks latency or accuracy columns to plot.")
+    st.subheader("Report")
+    st.dataframe(report.dropna(axis=1, how="all"), hide_index=True, width="stretch")
+    st.subheader("Ratios vs fp32")
+    ratios = [c for c in ("size_ratio", "macs_ratio", "latency_ratio_1t", "latency_ratio_2t")
+              if c in report.columns and report[c].notna().any()]
+    if not ratios:
+        st.info("No fp32 row to compare against in this report.")
+        return
+    long = report.melt(id_vars="variant", value_vars=ratios, var_name="ratio", value_name="vs fp32")
+    _chart(px.bar(long, x="variant", y="vs fp32", color="ratio", barmode="group",
+                  title="Ratio vs fp32 (lower is smaller / faster)"))
+    cols = ["variant", *ratios, *[c for c in ("macro_f1_delta", "tumour_auroc_delta", "agreement_vs_fp32")
+                                  if c in report.columns and report[c].notna().any()]]
+    st.dataframe(report[cols], hide_index=True, width="stretch")
+
+
+# ---------------------------------------------------------------- Predict
+
+
+def _display(arr: np.ndarray) -> np.ndarray:
+    """The slice shrunk for display (at most DISPLAY_MAX on a side)."""
+    from PIL import Image
+
+    h, w = arr.shape
+    s = DISPLAY_MAX / max(h, w)
+    if s >= 1:
+        return arr
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR))
+
+
+def _image_error_message(reason: str) -> str:
+    hints = {
+        "empty file": "the file is empty.",
+        "not an image": "this is not a JPEG, PNG or DICOM image (was another file renamed?).",
+        "truncated or corrupt image": "the image is truncated or corrupt; export it again.",
+        "image too large": "the image has too many pixels (a possible decompression bomb); export a single "
+                           "slice at its native resolution.",
+        "image too small": "the image is too small to be an MRI slice.",
+        "multi-frame image": "the file holds several frames or slices; export one slice.",
+        "DICOM without pixel data": "this DICOM file holds no pixel data (e.g. a structured report); "
+                                    "export an image slice.",
+        "unreadable DICOM": "the DICOM file could not be parsed.",
+        "unreadable DICOM pixel data": "the DICOM pixel data could not be decoded (compressed transfer "
+                                       "syntax?); export it uncompressed.",
+        "blank image": "the image has constant pixel values.",
+    }
+    return f"This file cannot be used: {hints.get(reason, reason + '.')}"
+
+
+def _conversion_message(note: str) -> str:
+    if note.startswith("DICOM"):
+        return ("DICOM pixel data windowed to 8-bit greyscale (the file's window centre/width, else the "
+                "0.5th–99.5th percentile).")
+    if note.startswith(("I;16", "I->", "F->")):
+        return "16-bit / high-dynamic-range image windowed to 8-bit greyscale (0.5th–99.5th percentile)."
+    if "alpha" in note:
+        return "Image with transparency: composited on black, then converted to greyscale."
+    if note.startswith("CMYK"):
+        return "CMYK image converted to greyscale."
+    return f"Converted to greyscale ({note})."
+
+
+def _model_choices(runs: list[R.Run]) -> dict[str, dict[str, Path]]:
+    out = {}
+    for r in runs:
+        files = R.model_files(r)
+        if files:
+            out[r.name] = files
+    return out
+
+
+def predict_page() -> None:
+    from fedbrain.contract import NO_TUMOR, TUMOUR_CLASSES
+    from fedbrain.data.images import ImageError, decode_grayscale
+
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Predict")
+    st.warning(RESEARCH_NOTICE, icon="⚠️")
+    runs = _runs(str(ws))
+    choices = _model_choices(runs)
+    if not choices:
+        train = (("fedbrain simulate", "trains a federated model (`<run>/checkpoints/best.pt`)"),
+                 ("fedbrain train", "trains a centralised or local-only model"),
+                 (R.CMD_COMPRESS, "adds pruned, int8 and ONNX variants of a model"))
+        if runs:
+            st.info(f"No model checkpoint in `{ws}` yet. These commands create one:\n\n" + _commands(*train))
+        else:
+            _no_runs(ws, *train)
+        return
+    model_runs = [r for r in runs if r.name in choices]
+    c1, c2 = st.columns(2)
+    with c1:
+        run = _pick_run(model_runs, "pred_run", prefer=("federated",))
+    with c2:
+        files = choices[run.name]
+        variant = st.selectbox("Model variant", list(files), key="pred_variant")
+    path = files.get(variant) or next(iter(files.values()))
+    try:
+        predictor = _predictor(str(path), _stamp(path))
+    except Exception as exc:  # a broken or foreign model file: say so, keep the app alive
+        st.error(f"Cannot load `{path.name}`: {exc}")
+        return
+    meta = predictor.meta or {}
+    granularity = meta.get("supervised_granularity", "multiclass")
+    binary = granularity == "binary"
+    if binary:
+        st.info("This model never saw tumour-type labels (trained on tumour / no-tumour only), so it shows "
+                "**tumour vs no tumour** only.")
+    elif granularity == "tumour_type":
+        st.info("This model was trained on tumour-type labels only and never saw a no-tumour scan: its "
+                "tumour vs no-tumour output is not supervised.")
+
+    upload = st.file_uploader(
+        "MRI slice: JPEG, PNG or DICOM", key="scan", max_upload_size=MAX_UPLOAD_MB,
+        help=f"One 2-D slice, at most {MAX_UPLOAD_MB} MB. The file stays in memory: it is not saved or "
+             "logged.")
+    if upload is None:
+        st.caption("Upload a slice to see the model's prediction.")
+        return
+    data = upload.getvalue()
+    if len(data) > MAX_UPLOAD_BYTES:
+        st.error(f"This file cannot be used: it is larger than {MAX_UPLOAD_MB} MB.")
+        return
+    try:
+        arr, note = decode_grayscale(data, upload.name)
+    except ImageError as exc:
+        st.error(_image_error_message(exc.reason))
+        return
+    except Exception:  # anything the decoder did not anticipate: no details that could echo the file
+        st.error("This file cannot be used: it could not be decoded as an image.")
+        return
+    if note:
+        st.info(_conversion_message(note))
+    try:
+        pred = predictor.predict(arr)
+    except Exception as exc:
+        st.error(f"The model could not run on this image ({type(exc).__name__}).")
+        return
+
+    probs = {k: float(v) for k, v in pred.probabilities.items()}
+    tumour = float(pred.tumour_probability)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Prediction", CLASS_LABELS.get(pred.predicted, pred.predicted))
+    m2.metric("Tumour probability", f"{tumour:.1%}")
+    m3.metric("Latency", f"{pred.latency_ms:.1f} ms")
+
+    img_col, cam_col, prob_col = st.columns(3)
+    shown = _display(arr)
+    with img_col:
+        st.image(shown, caption=f"Slice ({arr.shape[1]}×{arr.shape[0]} px)", width="stretch", clamp=True)
+    with cam_col:
+        model = getattr(predictor, "torch_model", None)
+        if getattr(predictor, "kind", "") == "torch" and model is not None:
+            if binary:
+                target, what = ((list(TUMOUR_CLASSES), "tumour") if tumour >= 0.5
+                                else ([NO_TUMOR], "no tumour"))
+            else:
+                classes = list(meta.get("classes") or probs)
+                top = max(probs, key=probs.get)
+                target, what = classes.index(top), CLASS_LABELS.get(top, top)
+            try:
+                import torch
+                from fedbrain.dashboard.gradcam import gradcam, overlay
+
+                with _GRADCAM_LOCK:
+                    x = torch.from_numpy(np.ascontiguousarray(predictor.preprocess(arr)))
+                    cam = gradcam(model, x, target)
+                caption = (f"Grad-CAM: regions behind “{what}”" if cam.max() > 0
+                           else f"Grad-CAM: no region raises the “{what}” score")
+                st.image(overlay(shown, cam), caption=caption, width="stretch")
+            except Exception as exc:
+                st.caption(f"Grad-CAM unavailable for this model ({type(exc).__name__}).")
+        else:
+            st.caption("Grad-CAM is shown for torch variants (`best.pt`, `pruned.pt`); this is an ONNX "
+                       "variant.")
+    with prob_col:
+        if binary:
+            bars = pd.DataFrame({"class": ["Tumour", "No tumour"], "probability": [tumour, 1 - tumour]})
+        else:
+            bars = pd.DataFrame({"class": [CLASS_LABELS.get(c, c) for c in probs],
+                                 "probability": list(probs.values())})
+        fig = px.bar(bars, x="probability", y="class", orientation="h", range_x=[0, 1], text_auto=".1%",
+                     title="Tumour vs no tumour" if binary else "Class probabilities")
+        fig.update_layout(height=300, yaxis_title=None)
+        _chart(fig)
+        if not binary:
+            st.caption(f"Tumour vs no tumour: {tumour:.1%} tumour, {1 - tumour:.1%} no tumour.")
+    arch = meta.get("model")
+    arch = arch.get("name") if isinstance(arch, dict) else arch
+    st.caption(f"Model: `{run.name}` / {variant} ({arch or 'unknown architecture'}).")
+
+
+# ---------------------------------------------------------------- Models (benchmark placeholder)
+
+
+def models_page() -> None:
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Models")
+    p = ws / "bench_models.json"
+    table = _bench_models(str(ws), _stamp(p, ws / "bench_models.csv"))
+    if table.empty:
+        st.info(f"No model benchmark in `{ws}` yet: `{R.CMD_BENCH_MODELS}` writes `bench_models.json` "
+                "(macro-F1, latency and size per model).")
+        return
+    st.dataframe(table, hide_index=True, width="stretch")
+    x = R.first_column(table, "latency_ms_p50_1t", "latency_ms", "latency_ms_p50")
+    y = R.first_column(table, "macro_f1", "accuracy")
+    size = R.first_column(table, "file_bytes", "params", "size_bytes")
+    name = R.first_column(table, "model", "name", "variant")
+    if x and y:
+        _chart(px.scatter(table.dropna(subset=[x, y]), x=x, y=y, size=size, color=name, text=name,
+                          size_max=45, title=f"{y} vs {x} (marker area: {size or 'n/a'})"))

@@ -1,0 +1,172 @@
+"""The dashboard in a real browser: ``fedbrain dashboard`` on 127.0.0.1, Playwright driving Debian chromium.
+
+Opens every page, uploads a scan on the Predict page (from memory), waits for the prediction and saves a
+screenshot of each page under the test's tmp dir. ``FEDBRAIN_SCREENSHOTS=docs/screenshots`` also copies the
+screenshots there (the README's); ``FEDBRAIN_SCREENSHOTS_WORKSPACE=DIR`` points the server at another
+workspace (e.g. after ``make demo``) instead of the small fixture run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-dev-shm-usage", "--no-proxy-server"]
+VIEWPORT = {"width": 1280, "height": 900}
+PAGES = ("Federation", "Compression", "Predict", "Models")
+START_TIMEOUT_S = 60
+STEP_TIMEOUT_MS = 30_000
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def browser_ready():
+    """Skip, with the reason, when playwright or chromium is missing."""
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"playwright (python) is not installed: {exc}; pip install -e '.[dev]'")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Debian chromium is not installed at {CHROMIUM}: "
+                    "apt-get install -y chromium (.ci/run does)")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
+    try:
+        with opener.open(f"{url}/_stcore/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def dashboard_server(browser_ready, workspace_dir, tmp_path):
+    """``fedbrain dashboard`` as a subprocess with its own TMPDIR and cwd; always stopped afterwards."""
+    ws = Path(os.environ.get("FEDBRAIN_SCREENSHOTS_WORKSPACE") or workspace_dir)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_tmp, server_cwd = tmp_path / "server_tmp", tmp_path / "server_cwd"
+    server_tmp.mkdir()
+    server_cwd.mkdir()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "TMPDIR": str(server_tmp), "FEDBRAIN_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "fedbrain.cli", "dashboard", "--workspace", str(ws), "--port", str(port)]
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=server_cwd, env=env)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _healthy(url):
+            if proc.poll() is not None:
+                pytest.fail(f"fedbrain dashboard exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"fedbrain dashboard not healthy after {START_TIMEOUT_S} s:\n"
+                            f"{log.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield SimpleNamespace(url=url, ws=ws, log=log, tmp=server_tmp, cwd=server_cwd)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _settle(page) -> None:
+    """Wait until the script run finished and every Plotly chart has drawn."""
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]')
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')]"
+        ".every(c => c.querySelector('.main-svg'))", timeout=STEP_TIMEOUT_MS)
+    page.wait_for_timeout(600)
+
+
+def _open(page, title: str) -> None:
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title).click()
+    page.get_by_role("heading", name=title, level=1).wait_for(timeout=STEP_TIMEOUT_MS)
+    _settle(page)
+
+
+def _scan_png() -> bytes:
+    """A real Br35H tumour slice re-encoded as PNG, in memory."""
+    from fedbrain.data.readers import embedded_br35h_root
+
+    buf = io.BytesIO()
+    Image.open(embedded_br35h_root() / "yes" / "y1.jpg").convert("L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_dashboard_in_a_real_browser(dashboard_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    srv = dashboard_server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    before = _tree(srv.ws)
+    name = f"patient-{uuid.uuid4().hex[:12]}.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.goto(srv.url)
+            for title in PAGES:
+                _open(page, title)
+                assert page.get_by_test_id("stException").count() == 0, f"{title}: exception on the page"
+                if title != "Predict":
+                    page.screenshot(path=str(shots / f"{title.lower()}.png"))
+            _open(page, "Predict")
+            page.get_by_text("Research use only").wait_for()
+            page.locator('input[type="file"]').set_input_files(
+                files=[{"name": name, "mimeType": "image/png", "buffer": _scan_png()}])
+            page.get_by_text("Tumour probability").wait_for()
+            _settle(page)
+            assert page.get_by_test_id("stAlertContentError").count() == 0
+            assert page.get_by_text("Grad-CAM").count() >= 1
+            # the notice at the top of the view, the result below it
+            box = page.get_by_test_id("stAlert").first.bounding_box()
+            page.mouse.move(VIEWPORT["width"] * 0.6, VIEWPORT["height"] / 2)
+            page.mouse.wheel(0, max(0.0, box["y"] - 70))  # the notice just below Streamlit's header
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shots / "predict.png"))
+        finally:
+            browser.close()
+
+    assert sorted(p.name for p in shots.iterdir()) == sorted(f"{t.lower()}.png" for t in PAGES)
+    # the upload stayed in memory: nothing new on disk, and its name is not in the server's log
+    assert not any(srv.tmp.rglob("*")), list(srv.tmp.rglob("*"))
+    assert not any(srv.cwd.rglob("*")), list(srv.cwd.rglob("*"))
+    assert _tree(srv.ws) == before, "the workspace changed"
+    assert name not in srv.log.read_text(errors="replace")
+
+    target = os.environ.get("FEDBRAIN_SCREENSHOTS")
+    if target:
+        out = Path(target) if Path(target).is_absolute() else REPO / target
+        out.mkdir(parents=True, exist_ok=True)
+        for f in shots.iterdir():  # 256-colour PNGs keep the README's images small
+            Image.open(f).convert("RGB").quantize(256).save(out / f.name, optimize=True)

@@ -1,0 +1,170 @@
+"""`fedbrain.predict`: one inference API over torch checkpoints and ONNX variants, and `fedbrain predict`.
+
+Reuses the synthetic run and its compression output from test_compression.py (built once per process).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedbrain.checkpoint import CheckpointError, save_checkpoint
+from fedbrain.cli import main
+from fedbrain.contract import CLASSES, Preprocessing
+from fedbrain.data.images import ImageError, load_grayscale
+from fedbrain.predict import Prediction, Predictor, load_predictor
+from PIL import Image
+
+os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
+
+from test_compression import compressed_run, synthetic_run  # noqa: E402  (same tests/ folder)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def comp() -> Path:
+    return compressed_run()
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, str]:
+    """One test image path per class."""
+    from fedbrain.data.federation import SiteData
+
+    run = synthetic_run()
+    recs = SiteData.read_split_file("site-a", run / "splits" / "site-a.csv").splits["test"]
+    return {c: next(r.path for r in recs if r.label == c) for c in CLASSES}
+
+
+def test_every_variant_loads_with_its_contract(comp):
+    for f, variant, kind in (("fp32.pt", "fp32", "torch"), ("pruned.pt", "pruned", "torch"),
+                             ("fp32.onnx", "fp32", "onnx"), ("pruned.onnx", "pruned", "onnx"),
+                             ("int8.onnx", "int8", "onnx"), ("pruned_int8.onnx", "pruned+int8", "onnx")):
+        p = load_predictor(comp / f)
+        assert isinstance(p, Predictor) and p.kind == kind
+        assert p.meta["variant"] == variant
+        assert p.meta["classes"] == list(CLASSES)
+        assert isinstance(p.meta["preprocessing"], Preprocessing)
+        assert p.meta["preprocessing"].image_size == 128
+        assert p.meta["supervised_granularity"] == "multiclass"
+        assert p.meta["model"]["name"] == "fedbrain_cnn"
+        assert (p.torch_model is None) == (kind == "onnx")
+    plain = load_predictor(synthetic_run() / "checkpoints" / "best.pt")
+    assert plain.meta["variant"] == "torch"
+
+
+def test_prediction_fields_and_torch_onnx_agree(comp, images):
+    pt, ox = load_predictor(comp / "fp32.pt"), load_predictor(comp / "fp32.onnx", threads=1)
+    for label, path in images.items():
+        a, b = pt.predict(path), ox.predict(path)
+        assert isinstance(a, Prediction) and list(a.probabilities) == list(CLASSES)
+        assert sum(a.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert a.tumour_probability == pytest.approx(1 - a.probabilities["no_tumor"])
+        assert a.predicted == max(a.probabilities, key=a.probabilities.get) == label  # the task is learnt
+        assert a.latency_ms > 0 and a.variant == "fp32"
+        for c in CLASSES:
+            assert b.probabilities[c] == pytest.approx(a.probabilities[c], abs=1e-4)
+
+
+def test_path_bytes_and_array_inputs_give_the_same_result(comp, images):
+    p = load_predictor(comp / "int8.onnx")
+    path = images["glioma"]
+    arr, _ = load_grayscale(path)
+    results = [p.predict(path), p.predict(Path(path).read_bytes()), p.predict(arr),
+               p.predict(np.stack([arr] * 3, axis=-1))]
+    for r in results[1:]:
+        assert r.probabilities == pytest.approx(results[0].probabilities, abs=1e-6)
+    x = p.preprocess(arr)
+    assert x.shape == (1, 1, 128, 128) and x.dtype == np.float32
+    from fedbrain.data.dataset import to_tensor
+    from fedbrain.data.images import resize
+
+    np.testing.assert_array_equal(x, to_tensor(np.array(resize(arr, 128))[None], p.preprocessing).numpy())
+
+
+def test_unreadable_images_raise_a_clear_image_error(comp, tmp_path):
+    p = load_predictor(comp / "int8.onnx")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        p.predict(junk)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(buf.getvalue()[:80])
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        p.predict(truncated)
+    with pytest.raises(ImageError, match="empty file"):
+        p.predict(b"")
+    with pytest.raises(ImageError, match="unreadable file"):
+        p.predict(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="HxW uint8"):
+        p.predict(np.zeros((64, 64), np.float32))
+
+
+def test_predict_cli_prints_probabilities(comp, images, capsys):
+    rc = main(["predict", images["meningioma"], "--model", str(comp / "int8.onnx")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "tumour probability" in out and "int8" in out
+    for c in CLASSES:
+        assert c in out
+    assert main(["predict", images["no_tumor"], "-m", str(comp / "pruned.pt"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res[0]["variant"] == "pruned" and set(res[0]["probabilities"]) == set(CLASSES)
+
+
+def test_predict_cli_on_a_corrupt_image_fails_clearly(comp, images, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    rc = main(["predict", str(bad), images["glioma"], "--model", str(comp / "fp32.onnx")])
+    cap = capsys.readouterr()
+    assert rc == 2
+    assert "cannot use image" in cap.err and "bad.jpg" in cap.err
+    assert images["glioma"] in cap.out  # the good image is still classified
+
+
+def test_binary_only_checkpoint_predicts_tumour_or_no_tumor(comp, images, tmp_path):
+    from fedbrain.compression.onnx_export import export_onnx
+    from fedbrain.compression.prune import load_model
+
+    model, meta = load_model(comp / "fp32.pt")
+    binary = save_checkpoint(tmp_path / "binary.pt", model, "fedbrain_cnn", meta["preprocessing"], "binary")
+    meta_b = {**meta, "supervised_granularity": "binary"}
+    onnx_b = export_onnx(model, meta_b, tmp_path / "binary.onnx", "fp32")
+    for path in (binary, onnx_b):
+        p = load_predictor(path)
+        assert p.meta["supervised_granularity"] == "binary"
+        preds = {label: p.predict(img) for label, img in images.items()}
+        assert {r.predicted for r in preds.values()} <= {"tumour", "no_tumor"}
+        assert preds["no_tumor"].predicted == "no_tumor" and preds["glioma"].predicted == "tumour"
+        assert all(len(r.probabilities) == 4 for r in preds.values())
+
+
+def test_models_without_a_contract_are_refused(tmp_path, comp):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_predictor(tmp_path / "nope.onnx")
+    plain = tmp_path / "plain.onnx"
+    model = load_predictor(comp / "fp32.pt").torch_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 1, 128, 128),), str(plain), dynamo=False)
+    with pytest.raises(CheckpointError, match="no fedbrain contract"):
+        load_predictor(plain)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="not a loadable ONNX"):
+        load_predictor(junk)
