@@ -7,6 +7,7 @@ starts Streamlit headless on 127.0.0.1 without telemetry).
 from __future__ import annotations
 
 import streamlit as st
+
 from fedbrain.dashboard import views
 
 PAGES = (

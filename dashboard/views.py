@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.express as px
 import streamlit as st
+
 from fedbrain.dashboard import MAX_UPLOAD_MB
 from fedbrain.dashboard import readers as R
 
@@ -486,6 +487,7 @@ def predict_page() -> None:
                 target, what = classes.index(top), CLASS_LABELS.get(top, top)
             try:
                 import torch
+
                 from fedbrain.dashboard.gradcam import gradcam, overlay
 
                 with _GRADCAM_LOCK:

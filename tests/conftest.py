@@ -12,7 +12,7 @@ import pytest
 
 # ---------------------------------------------------------------- dashboard (issue 5): a small real run
 # `workspace_dir` / `small_run`: one real centralised run on the embedded Br35H set (40 images per site,
-# 2 epochs), made by the real `fedbrain train`, plus `fedbrain compress` of its best checkpoint when the
+# 1 epoch), made by the real `fedbrain train`, plus `fedbrain compress` of its best checkpoint when the
 # compression command exists. The simulator fixture will replace this with a federated run.
 
 _DASH_COMPRESS_TIMEOUT_S = 240
@@ -47,7 +47,7 @@ def workspace_dir(tmp_path_factory) -> Path:
     from fedbrain.cli import main
 
     ws = tmp_path_factory.mktemp("dashboard_ws")
-    rc = main(["train", "--max-images-per-site", "40", "--epochs", "2", "--batch-size", "32",
+    rc = main(["train", "--max-images-per-site", "40", "--epochs", "1", "--batch-size", "32",
                "--workspace", str(ws)])
     assert rc == 0, "fedbrain train failed while building the dashboard fixture"
     runs = [d for d in ws.iterdir() if (d / "config.json").is_file()]

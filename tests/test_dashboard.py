@@ -20,12 +20,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fedbrain.dashboard import MAX_UPLOAD_MB
-from fedbrain.dashboard import readers as R
-from fedbrain.dashboard.gradcam import gradcam, last_conv, overlay
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 from torch import nn
+
+from fedbrain.dashboard import MAX_UPLOAD_MB
+from fedbrain.dashboard import readers as R
+from fedbrain.dashboard.gradcam import gradcam, last_conv, overlay
 
 APP = Path(__file__).resolve().parents[1] / "dashboard" / "app.py"
 TIMEOUT = 60

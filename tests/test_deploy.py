@@ -125,7 +125,7 @@ def test_site_split_resolution():
     assert d.site_split_files(["hospital-a"], splits, None) == splits
     assert d.site_split_files(["hospital-a", "hospital-b"], splits, "/srv/fb") == {
         "hospital-a": "/data/a.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
-    assert d.site_split_files(["hospital-a"], {}, "/srv/fb") is None  # each site finds its own
+    assert d.site_split_files(["hospital-a"], {}, "/srv/fb") == {"hospital-a": "/srv/fb/splits/hospital-a.csv"}
     with pytest.raises(d.DeployError, match="no split file for .'hospital-b'."):
         d.site_split_files(["hospital-a", "hospital-b"], splits, None)
     with pytest.raises(d.DeployError, match="not among the job's sites"):
@@ -133,6 +133,31 @@ def test_site_split_resolution():
     assert d.parse_assignments(["hospital-a=/x/a.csv"], "--site-split") == {"hospital-a": "/x/a.csv"}
     with pytest.raises(d.DeployError, match="SITE=VALUE"):
         d.parse_assignments(["hospital-a"], "--site-split")
+
+
+def test_prod_job_inputs_keep_site_paths_off_the_server():
+    from fedbrain.fl.job import JobSettings, build_recipe
+
+    sites = ["hospital-a", "hospital-b"]
+    settings, splits, run_dir = d.prod_job_inputs(JobSettings(), sites, {"hospital-a": "/data/a b.csv"},
+                                                  site_dir="/srv/fb")
+    assert run_dir is None  # build_recipe also gives run_dir to the server's aggregator
+    assert splits == {"hospital-a": "/data/a b.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
+    assert settings.extra_site_args == "--log-dir /srv/fb/logs"
+    settings, _, _ = d.prod_job_inputs(JobSettings(extra_site_args="--x 1"), sites, site_dir="/srv/fb",
+                                       site_log_dir="/var/log/fb dir")
+    assert settings.extra_site_args == "--x 1 --log-dir '/var/log/fb dir'"
+    # the recipe sends each site its own split file (quoted) and log dir
+    settings, splits, run_dir = d.prod_job_inputs(JobSettings(cross_site_eval=False), sites,
+                                                  {"hospital-a": "/data/a b.csv"}, site_dir="/srv/fb")
+    build_recipe(settings, sites, splits, run_dir=run_dir)  # accepted by the recipe
+    # SCAFFOLD has no per-site apps: its sites need the shared --site-dir layout
+    _, splits, run_dir = d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites, site_dir="/srv/fb")
+    assert splits is None and run_dir == "/srv/fb"
+    with pytest.raises(d.DeployError, match="SCAFFOLD"):
+        d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites, {"hospital-a": "/a.csv"}, "/srv/fb")
+    with pytest.raises(d.DeployError, match="SCAFFOLD needs --site-dir"):
+        d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites)
 
 
 def test_provision_cli_writes_mutual_tls_kits(tmp_path, capsys):
@@ -261,6 +286,7 @@ def _log_text(*paths: Path) -> str:
 def test_deployment_end_to_end(tmp_path, launcher):
     import psutil
     import torch
+
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.federation import build_federation, embedded_spec
     from fedbrain.fl.job import load_global_state
@@ -321,9 +347,9 @@ def test_deployment_end_to_end(tmp_path, launcher):
     for name, site in fed.sites.items():
         splits[name] = str(tmp_path / f"{name}-data" / "split.csv")
         site.write_split_file(Path(splits[name]))
-    site_work = tmp_path / "site-work"
+    site_logs = tmp_path / "site-logs"
     argv = ["submit", "--admin-kit", str(kits.admin), "--sites", ",".join(SITES),
-            *[f"--site-split={site}={path}" for site, path in splits.items()], "--site-dir", str(site_work),
+            *[f"--site-split={site}={path}" for site, path in splits.items()], "--site-log-dir", str(site_logs),
             "--rounds", "2", "--batch-size", "16", "--no-cross-site-eval", "--threads-per-site", "1",
             "--timeout", "180", "--wait-for-sites", "60", "--workspace", str(tmp_path / "runs")]
     rc = run_cli(argv)  # `fedbrain submit`: the simulate recipe, ProdEnv, bounded wait, result download
@@ -343,12 +369,13 @@ def test_deployment_end_to_end(tmp_path, launcher):
     _model, meta = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert meta["training"]["job_id"] == res["job_id"] and meta["training"]["rounds"] == 2
 
-    # each site logged its own metrics (its --run-dir/sites/<site>), both rounds
+    # each site logged its own metrics to its --log-dir (one folder here: both "machines" are this one)
+    rows = [json.loads(x) for x in (site_logs / "metrics.jsonl").read_text().splitlines()]
     for site in SITES:
-        log = site_work / "sites" / site / "metrics.jsonl"
-        rows = [json.loads(x) for x in log.read_text().splitlines()]
-        assert {r["round"] for r in rows if r["split"] == "train"} == {0, 1}, rows
-        assert all(r["site"] == site for r in rows)
+        mine = [r for r in rows if r["site"] == site]
+        assert {r["round"] for r in mine if r["split"] == "train"} == {0, 1}, rows
+        assert {r["round"] for r in mine if r["split"] == "val" and r["model"] == "global"} == {0, 1}, rows
+    assert not list(tmp_path.glob("**/server_audit.jsonl"))  # nothing server-side was aimed at site paths
 
     # what reached the server: no image path of any site appears in the downloaded server workspace
     image_paths = [r.path.encode() for s in fed.sites.values() for recs in s.splits.values() for r in recs]

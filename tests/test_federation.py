@@ -77,3 +77,40 @@ def test_dp_clips_noises_and_accounts():
     assert torch.linalg.norm(out["w"] - 1.0 / math.sqrt(1000)).item() == pytest.approx(math.sqrt(1000), rel=0.1)
     e1, e5 = epsilon_after(1, 1.0, 1e-5), epsilon_after(5, 1.0, 1e-5)
     assert 0 < e1 < e5 < float("inf") and info["dp_epsilon"] == pytest.approx(e1)
+
+
+@pytest.mark.slow
+def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path):
+    """hospital-3 crashes in round 1; hospital-2 sends NaN weights in round 0; min_clients=2 of 3."""
+    from fedbrain.data.federation import build_federation, embedded_spec
+    from fedbrain.fl.job import JobSettings
+    from fedbrain.fl.simulate import run_simulation
+
+    fed = build_federation(embedded_spec(max_images_per_site=30))
+    settings = JobSettings(rounds=3, min_clients=2, wait_after_min_s=5, cross_site_eval=False,
+                           extra_site_args="--fail-site hospital-3 --fail-at-round 1 "
+                                           "--corrupt-site hospital-2 --corrupt-at-round 0")
+    out = run_simulation(fed, settings, tmp_path / "run")
+    assert set(out["failed_sites"]) == {"hospital-3"}, out["failed_sites"]
+    assert "fault injection" in out["failed_sites"]["hospital-3"]
+    audit = [json.loads(line) for line in (tmp_path / "run" / "server_audit.jsonl").read_text().splitlines()]
+    rejected = [(a["site"], a["round"]) for a in audit if a["rejected"]]
+    assert rejected == [("hospital-2", 0)]
+    accepted_rounds = {a["round"] for a in audit if not a["rejected"]}
+    assert accepted_rounds == {0, 1, 2}  # every round completed with the remaining sites
+    assert {a["site"] for a in audit if a["round"] == 2} == {"hospital-1", "hospital-2"}
+    assert "test" in out  # a global model exists and was evaluated
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_next_round(sim_run, tmp_path):
+    from fedbrain.cli import main
+
+    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "1", "--no-cross-site-eval",
+               "--resume", str(sim_run), "--workspace", str(tmp_path)])
+    assert rc == 0
+    run = next(tmp_path.iterdir())
+    rounds = {r["round"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
+    assert rounds == {2}  # the fixture ran rounds 0 and 1
+    _, meta = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert meta["training"]["start_round"] == 2

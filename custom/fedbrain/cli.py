@@ -26,6 +26,7 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-root", help="benchmark federation: folder holding figshare_cheng/, sartaj/, navoneel/")
     g.add_argument("--site-config", help="TOML file declaring the hospitals (see jobs/sites.example.toml)")
     g.add_argument("--num-sites", type=int, default=3, help="simulated hospitals for the embedded set (default 3)")
+    g.add_argument("--sites", help="comma-separated subset of the declared hospitals to use")
     g.add_argument("--alpha", type=float, default=1.0,
                    help="Dirichlet label-skew of the simulated hospitals; smaller = more skew (default 1.0)")
     g.add_argument("--max-images-per-site", type=int, default=None, help="subsample each site (quick runs)")
@@ -42,10 +43,19 @@ def federation_spec(args: argparse.Namespace):
         spec.seed = args.seed
         if args.max_images_per_site:
             spec.max_images_per_site = args.max_images_per_site
-        return spec
-    if args.data_root:
-        return benchmark_spec(args.data_root, seed=args.seed, **extra)
-    return embedded_spec(sites=args.num_sites, alpha=args.alpha, seed=args.seed, **extra)
+    elif args.data_root:
+        spec = benchmark_spec(args.data_root, seed=args.seed, **extra)
+    else:
+        spec = embedded_spec(sites=args.num_sites, alpha=args.alpha, seed=args.seed, **extra)
+    if getattr(args, "sites", None):
+        wanted = [s.strip() for s in args.sites.split(",") if s.strip()]
+        if spec.partition:
+            raise UsageError("--sites selects declared hospitals; the embedded set takes --num-sites instead")
+        unknown = set(wanted) - {s.name for s in spec.sites}
+        if unknown:
+            raise UsageError(f"unknown --sites {sorted(unknown)}; declared: {[s.name for s in spec.sites]}")
+        spec.sites = [s for s in spec.sites if s.name in wanted]
+    return spec
 
 
 def load_federation(args: argparse.Namespace, progress: bool = True):

@@ -184,7 +184,8 @@ def train_pooled(
     train_seconds = time.perf_counter() - t0
     ckpt_args = dict(model_name=model_name, preprocessing=pre, supervised_granularity=granularity,
                      label_schemes=schemes, model_kwargs=model_kwargs,
-                     training={**cfg.to_dict(), "mode": "pooled", "sites": names})
+                     training={**cfg.to_dict(), "mode": "pooled", "sites": names,
+                               "augmentation": pool.augmentation.to_dict()})
     save_checkpoint(run_dir / "checkpoints" / "last.pt", model, **ckpt_args)
     if best is not None:
         model.load_state_dict(best)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from fedbrain.cli import DEFAULT_WORKSPACE, add_federation_args, load_federation
 
 
-def add_job_args(p: argparse.ArgumentParser, rounds: int = 5) -> None:
+def add_job_args(p: argparse.ArgumentParser, rounds: int = 20) -> None:
     from fedbrain.fl.job import ALGORITHMS
     from fedbrain.models import list_models
 
@@ -78,11 +79,86 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedbrain.experiment import new_run_dir
+    from fedbrain.fl.compare import compare_table, run_compare
+
+    fed = load_federation(args)
+    settings = job_settings(args)
+    settings.cross_site_eval = False
+    run_dir = new_run_dir(args.workspace, f"compare-{settings.model}")
+    print(f"run: {run_dir}\nbudget: {settings.rounds * settings.local_epochs} epochs per mode "
+          f"({settings.rounds} rounds x {settings.local_epochs} local epochs for federated modes)", flush=True)
+    dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
+    t0 = time.perf_counter()
+    rows = run_compare(fed, settings, run_dir, args.algorithms, dp=dp,
+                       cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    print("\n" + compare_table(rows, list(fed.sites)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results: {run_dir / 'compare.csv'}")
+    return 0
+
+
+def cmd_bench_federation(args: argparse.Namespace) -> int:
+    """Simulator wall time vs. the same local epochs trained without NVFlare (one process, site by site)."""
+    import torch
+
+    from fedbrain.experiment import SiteLoaders, new_run_dir
+    from fedbrain.fl.simulate import run_simulation
+    from fedbrain.models import create_model, default_preprocessing
+    from fedbrain.training import TrainConfig, evaluate, make_optimizer, train_epochs
+
+    fed = load_federation(args)
+    settings = job_settings(args)
+    settings.cross_site_eval = False
+    run_dir = new_run_dir(args.workspace, f"bench-federation-{settings.model}")
+    summary = run_simulation(fed, settings, run_dir, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    if summary.get("failed_sites"):
+        print(f"fedbrain: error: sites failed: {list(summary['failed_sites'])}", file=sys.stderr)
+        return 3
+    pre = default_preprocessing(settings.model, settings.image_size)
+    cfg = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr)
+    torch.set_num_threads(torch.get_num_threads())
+    t0 = time.perf_counter()
+    for site in fed.sites.values():  # the same work the sites did: rounds x (eval val + local epochs)
+        loaders = SiteLoaders(site, pre, cfg)
+        model = create_model(settings.model, pretrained=False)
+        opt = make_optimizer(model, cfg)
+        for rnd in range(settings.rounds):
+            if site.splits["val"]:
+                evaluate(model, loaders.eval("val"))
+            train_epochs(model, loaders.train(seed=rnd), cfg, optimizer=opt)
+    local = time.perf_counter() - t0
+    wall = summary["wall_seconds"]
+    print(f"benchmark: {len(fed.sites)} sites, {settings.rounds} rounds x {settings.local_epochs} local epoch(s), "
+          f"model {settings.model}")
+    print(f"  NVFlare simulator wall time          {wall:8.1f} s  (sites in parallel processes)")
+    print(f"  same epochs, plain PyTorch, in turn  {local:8.1f} s")
+    print(f"  overhead ratio (simulator / plain)   {wall / local:8.2f}")
+    (run_dir / "bench_federation.json").write_text(json.dumps(
+        {"simulator_wall_s": wall, "plain_local_s": local, "ratio": wall / local,
+         "rounds": settings.rounds, "local_epochs": settings.local_epochs, "sites": list(fed.sites)}, indent=2))
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="the main job: a federated run in the NVFlare simulator")
     add_federation_args(p)
     add_job_args(p)
     p.set_defaults(func=cmd_simulate)
 
+    p = sub.add_parser("compare", help="federated vs centralised vs local-only at the same budget")
+    add_federation_args(p)
+    add_job_args(p, rounds=20)
+    p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "scaffold"],
+                   choices=["fedavg", "fedprox", "scaffold"])
+    p.set_defaults(func=cmd_compare)
 
-__all__ = ["register", "add_job_args", "job_settings", "json"]
+    bench = sub.choices["bench"]
+    bench_sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    p = bench_sub.add_parser("federation", help="NVFlare simulator wall time vs plain local training")
+    add_federation_args(p)
+    add_job_args(p, rounds=3)
+    p.set_defaults(func=cmd_bench_federation)
+
+
+__all__ = ["register", "add_job_args", "job_settings"]

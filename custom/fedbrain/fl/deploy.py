@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -487,7 +488,7 @@ def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def site_split_files(sites: list[str], site_splits: dict[str, str] | None,
-                     site_dir: str | None) -> dict[str, str] | None:
+                     site_dir: str | None) -> dict[str, str]:
     """Each site's split file: given by ``site_splits``, else ``<site_dir>/splits/<site>.csv``.
 
     These are paths on each hospital's own machine; nothing here checks they exist (they need not exist
@@ -500,11 +501,36 @@ def site_split_files(sites: list[str], site_splits: dict[str, str] | None,
     if missing and not site_dir:
         raise DeployError(f"no split file for {missing}: pass --site-split SITE=/path/on/that/site.csv for "
                           "each site, or --site-dir DIR where every site keeps DIR/splits/<site>.csv")
-    if not site_splits:
-        return None  # every site reads <site_dir>/splits/<site>.csv itself
     for s in missing:
         site_splits[s] = str(Path(site_dir) / "splits" / f"{s}.csv")
     return site_splits
+
+
+def prod_job_inputs(settings, sites: list[str], site_splits: dict[str, str] | None = None,
+                    site_dir: str | None = None, site_log_dir: str | None = None):
+    """``(settings, split_files, run_dir)`` for :func:`fedbrain.fl.job.build_recipe` in a deployment.
+
+    Every path is on the hospitals' machines. ``run_dir`` stays ``None`` for FedAvg/FedProx (the recipe
+    also hands ``run_dir`` to the server's aggregator, and the server has no such folder): their sites
+    get an explicit ``--split-file`` each. SCAFFOLD's recipe has no per-site apps, so its sites read
+    ``<site_dir>/splits/<site>.csv`` (``run_dir=site_dir``). The sites' own metrics log goes to
+    ``--log-dir site_log_dir`` (default ``<site_dir>/logs``), the same path at every site."""
+    import dataclasses
+
+    if settings.algorithm == "scaffold":
+        if site_splits:
+            raise DeployError("SCAFFOLD has no per-site configuration in its recipe: drop --site-split and "
+                              "keep each site's split at <site-dir>/splits/<site>.csv (--site-dir)")
+        if not site_dir:
+            raise DeployError("SCAFFOLD needs --site-dir DIR, where every site keeps DIR/splits/<site>.csv")
+        split_files, run_dir = None, site_dir
+    else:
+        split_files, run_dir = site_split_files(sites, site_splits, site_dir), None
+    log_dir = site_log_dir or (str(Path(site_dir) / "logs") if site_dir else None)
+    if log_dir:
+        extra = " ".join(x for x in (settings.extra_site_args, shlex.join(["--log-dir", log_dir])) if x)
+        settings = dataclasses.replace(settings, extra_site_args=extra)
+    return settings, split_files, run_dir
 
 
 @dataclass
@@ -531,14 +557,16 @@ def check_finite(state: dict) -> list[str]:
 
 
 def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[str, str] | None = None,
-           site_dir: str | None = None, cache_dir: str | None = None, timeout: float = 3600.0,
+           site_dir: str | None = None, site_log_dir: str | None = None, cache_dir: str | None = None,
+           timeout: float = 3600.0,
            out_dir: str | Path | None = None, username: str | None = None, login_timeout: float = 10.0,
            abort_on_timeout: bool = True, label_schemes: dict[str, str] | None = None) -> SubmitResult:
     """Run the fedbrain recipe on a running provisioned deployment with ``ProdEnv`` and fetch its result.
 
-    ``site_splits`` / ``site_dir`` / ``cache_dir`` are paths on the hospitals' machines. ``site_dir``
-    is passed as the site script's ``--run-dir``: a site without ``--site-split`` reads
-    ``<site_dir>/splits/<site>.csv`` and every site logs its metrics to ``<site_dir>/sites/<site>/``.
+    ``site_splits`` / ``site_dir`` / ``site_log_dir`` / ``cache_dir`` are paths on the hospitals'
+    machines (see :func:`prod_job_inputs`). Waits at most ``timeout`` s; then aborts the job unless
+    ``abort_on_timeout`` is false. The result's ``global_model`` is the downloaded ``FL_global_model.pt``;
+    with ``out_dir``, it is also saved as ``out_dir/checkpoints/last.pt`` (a fedbrain checkpoint).
     """
     from nvflare.recipe import ProdEnv
 
@@ -549,8 +577,8 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
     if not (admin_kit / "startup" / "fed_admin.json").is_file():
         raise DeployError(f"{str(admin_kit)!r} is not an admin startup kit (no startup/fed_admin.json)")
     username = username or admin_username(admin_kit)
-    split_files = site_split_files(sites, site_splits, site_dir)
-    recipe = build_recipe(settings, sites, split_files, run_dir=site_dir, cache_dir=cache_dir)
+    settings, split_files, run_dir = prod_job_inputs(settings, sites, site_splits, site_dir, site_log_dir)
+    recipe = build_recipe(settings, sites, split_files, run_dir=run_dir, cache_dir=cache_dir)
     env = ProdEnv(startup_kit_location=str(admin_kit), username=username, login_timeout=login_timeout)
     t0 = time.perf_counter()
     run = recipe.run(env)

@@ -84,8 +84,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if not sites:
             raise d.DeployError("name the job's sites: --sites hospital-a,hospital-b "
                                 "(or give --site-split for each)")
-        d.site_split_files(sites, splits, args.site_dir)  # fail early on a missing split
         settings = job_settings(args)
+        d.prod_job_inputs(settings, sites, splits, args.site_dir, args.site_log_dir)  # fail early
         if args.wait_for_sites > 0:
             print(f"waiting up to {args.wait_for_sites:.0f} s for {', '.join(sites)} to be connected ...",
                   flush=True)
@@ -98,14 +98,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(args.workspace, f"deploy-{settings.algorithm}-{settings.model}")
     write_config(run_dir, kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
                  model=settings.model, job=settings.to_dict(), sites=sites, admin_kit=str(admin_kit),
-                 site_splits=splits, site_dir=args.site_dir, argv=sys.argv[1:])
+                 site_splits=splits, site_dir=args.site_dir, site_log_dir=args.site_log_dir,
+                 argv=sys.argv[1:])
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} on {len(sites)} sites ({', '.join(sites)}), {settings.rounds} rounds, model "
           f"{settings.model}; submitting with ProdEnv (admin kit {admin_kit})", flush=True)
     try:
         res = d.submit(settings, sites, admin_kit, site_splits=splits or None, site_dir=args.site_dir,
-                       cache_dir=args.site_cache_dir, timeout=args.timeout, out_dir=run_dir,
-                       username=args.username, abort_on_timeout=not args.keep_running,
+                       site_log_dir=args.site_log_dir, cache_dir=args.site_cache_dir, timeout=args.timeout,
+                       out_dir=run_dir, username=args.username, abort_on_timeout=not args.keep_running,
                        label_schemes=schemes or None)
     except d.DeployError as exc:
         raise UsageError(str(exc)) from exc
@@ -198,7 +199,10 @@ def register(sub) -> None:
                    help="a site's split file, as a path ON THAT SITE's machine (repeatable)")
     g.add_argument("--site-dir", default=None,
                    help="a folder path valid at every site: sites without --site-split read "
-                        "DIR/splits/<site>.csv, and every site logs its metrics to DIR/sites/<site>/")
+                        "DIR/splits/<site>.csv (SCAFFOLD: every site), and log to DIR/logs")
+    g.add_argument("--site-log-dir", default=None,
+                   help="where each site appends its own per-round metrics (DIR/metrics.jsonl on that "
+                        "site's machine; default <site-dir>/logs)")
     g.add_argument("--site-cache-dir", default=None, help="decoded-image cache path at the sites")
     g.add_argument("--site-scheme", action="append", default=[], metavar="SITE=SCHEME",
                    help="a site's label scheme (binary, tumour_type, multiclass), recorded in the checkpoint")

@@ -40,12 +40,14 @@ class JobSettings:
     weight_decay: float = 1e-4
     fedprox_mu: float = 0.01
     seed: int = 0
-    min_clients: int | None = None  # default: all sites
+    min_clients: int | None = None  # sites that must answer each round (default: all)
+    wait_after_min_s: int = 60  # with min_clients < sites: how long a round waits for the others
     threads_per_site: int | None = None
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     cross_site_eval: bool = True
-    initial_checkpoint: str | None = None
+    initial_checkpoint: str | None = None  # a plain {"model": state_dict} file (see simulate.resume)
+    start_round: int = 0  # resume: round numbering continues from here
     extra_site_args: str = ""  # appended to every site's args (fault injection in tests)
 
     def to_dict(self) -> dict:
@@ -90,15 +92,17 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
                   train_args=site_args(s, None, run_dir, cache_dir))
     if s.initial_checkpoint:
         common["initial_ckpt"] = str(Path(s.initial_checkpoint).resolve())
-    if s.algorithm == "fedavg":
+    if s.algorithm in ("fedavg", "fedprox"):
         from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-
-        recipe = FedAvgRecipe(**common, key_metric="val_score", aggregator=_safe_aggregator(run_dir))
-    elif s.algorithm == "fedprox":
         from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
 
-        recipe = FedProxRecipe(**common, key_metric="val_score", fedprox_mu=s.fedprox_mu,
-                               aggregator=_safe_aggregator(run_dir))
+        base = FedAvgRecipe if s.algorithm == "fedavg" else FedProxRecipe
+        extra = {"fedprox_mu": s.fedprox_mu} if s.algorithm == "fedprox" else {}
+        if min_clients < len(sites) or s.start_round:
+            base = _custom_controller(base, min_clients if min_clients < len(sites) else 0, s.wait_after_min_s,
+                                      s.start_round)
+            common["min_clients"] = len(sites)
+        recipe = base(**common, **extra, key_metric="val_score", aggregator=_safe_aggregator(run_dir))
     else:
         from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
 
@@ -113,9 +117,26 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     # fedbrain is installed at every site (pip install fedbrain): NVFlare must not copy its modules
     # into the job's custom/ folder, where a partial copy would shadow the installed package.
     recipe._job.set_app_packages(["fedbrain"])
-    if s.cross_site_eval:
+    # NVFlare 2.9's ScaffoldRecipe exposes no persistor id, which add_cross_site_evaluation needs
+    if s.cross_site_eval and s.algorithm != "scaffold":
         add_cross_site_evaluation(recipe)
     return recipe
+
+
+def _custom_controller(recipe_class, min_responses: int, wait_after_min_s: int, start_round: int):
+    """The recipe with its FedAvg controller made fault tolerant (min_responses > 0) and/or resumed."""
+    from fedbrain.fl.controller import FaultTolerantFedAvg
+
+    class CustomRecipe(recipe_class):
+        def _create_controller(self, persistor_id, model_params, model_aggregator):
+            ctrl = super()._create_controller(persistor_id, model_params, model_aggregator)
+            if min_responses:
+                ctrl.__class__ = FaultTolerantFedAvg  # same state, plus the two settings below
+                ctrl.min_responses, ctrl.wait_after_min_s = min_responses, wait_after_min_s
+            ctrl.start_round = start_round
+            return ctrl
+
+    return CustomRecipe
 
 
 def _safe_aggregator(run_dir: str | None):
@@ -129,3 +150,53 @@ def load_global_state(path: str | Path) -> dict[str, torch.Tensor]:
     obj = torch.load(path, map_location="cpu", weights_only=False)
     sd = obj.get("model", obj) if isinstance(obj, dict) else obj
     return {k: torch.as_tensor(v) for k, v in sd.items()}
+
+
+def job_main(algorithm: str, argv: list[str] | None = None) -> int:
+    """``jobs/<algorithm>/job.py``: build the recipe from flags; run it in SimEnv/PocEnv/ProdEnv or export it."""
+    import argparse
+
+    from fedbrain.cli import add_federation_args, load_federation
+    from fedbrain.fl.cli import add_job_args, job_settings
+
+    p = argparse.ArgumentParser(description=f"fedbrain {algorithm} job (NVFlare recipe)")
+    add_federation_args(p)
+    add_job_args(p)
+    p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
+    p.add_argument("--startup-kit", help="admin startup kit folder (prod)")
+    p.add_argument("--export-to", help="write the NVFlare job folder here instead of running it")
+    p.add_argument("--run-dir", default=None, help="where splits and site logs go (default: a new workspace run)")
+    args = p.parse_args(argv)
+    args.algorithm = algorithm
+    settings = job_settings(args)
+    fed = load_federation(args, progress=False)
+    if args.env == "sim" and not args.export_to:
+        from fedbrain.experiment import new_run_dir
+        from fedbrain.fl.simulate import run_simulation
+
+        run_dir = Path(args.run_dir) if args.run_dir else new_run_dir(args.workspace, f"{algorithm}-{settings.model}")
+        summary = run_simulation(fed, settings, run_dir)
+        print(summary.get("rounds_table", ""))
+        print(f"run folder: {run_dir}")
+        return 3 if summary.get("failed_sites") else 0
+    run_dir = Path(args.run_dir or Path(args.workspace) / f"{algorithm}-job").resolve()
+    fed.write(run_dir)
+    splits = {s: str(run_dir / "splits" / f"{s}.csv") for s in fed.sites}
+    recipe = build_recipe(settings, list(fed.sites), splits, run_dir=str(run_dir))
+    if args.export_to:
+        recipe.export(args.export_to)
+        print(f"exported NVFlare job to {args.export_to}")
+        return 0
+    if args.env == "poc":
+        from nvflare.recipe import PocEnv
+
+        env = PocEnv(clients=list(fed.sites))
+    else:
+        from nvflare.recipe import ProdEnv
+
+        if not args.startup_kit:
+            raise SystemExit("--env prod needs --startup-kit (the admin's startup kit folder)")
+        env = ProdEnv(startup_kit_location=args.startup_kit)
+    run = recipe.execute(env)
+    print(f"submitted job {run.get_job_id()}; status {run.get_status()}")
+    return 0

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -13,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedbrain.checkpoint import save_checkpoint
-from fedbrain.contract import supervised_granularity
+from fedbrain.contract import Augmentation, supervised_granularity
 from fedbrain.data.federation import Federation
 from fedbrain.experiment import (
     UNION,
@@ -29,9 +30,9 @@ from fedbrain.fl.job import JobSettings, build_recipe, load_global_state
 from fedbrain.models import create_model, default_preprocessing
 from fedbrain.training import TrainConfig
 
-# What a failed site or server leaves in its simulator log.
-FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|EXECUTION_EXCEPTION|Exception in model controller run"
-                     r"|Aborting current RUN|Could not start")
+# What a failed site or the failed server leaves in its simulator log.
+SITE_FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|Could not start")
+SERVER_FAILURE = re.compile(r"Exception in model controller run|Aborting current RUN|Could not start")
 
 
 def _find(root: Path, name: str) -> list[Path]:
@@ -47,7 +48,7 @@ def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
                 continue
             lines = log.read_text(errors="replace").splitlines()
             for i, line in enumerate(lines):
-                if FAILURE.search(line):
+                if (SERVER_FAILURE if name == "server" else SITE_FAILURE).search(line):
                     block = [ln for ln in lines[i:i + 30] if ln.strip()]
                     end = next((j for j, ln in enumerate(block) if re.match(r"^\w+(\.\w+)*(Error|Exception):", ln)),
                                len(block) - 1)
@@ -60,8 +61,10 @@ class ProgressPrinter:
     """Prints each site's round as its own log grows (the simulator itself runs in subprocesses)."""
 
     def __init__(self, run_dir: Path, sites: list[str], rounds: int, interval: float = 2.0):
+        import sys
         import threading
 
+        self.out = sys.stdout  # the terminal, even while the simulator's own output is captured
         self.paths = {s: run_dir / "sites" / s / "metrics.jsonl" for s in sites}
         self.seen = dict.fromkeys(sites, 0)
         self.rounds, self.interval = rounds, interval
@@ -75,10 +78,12 @@ class ProgressPrinter:
                 if r.get("split") == "val":
                     v = r.get("macro_f1", r.get("tumour_auroc"))
                     score = f"{v:.3f}" if isinstance(v, (int, float)) else "-"
-                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} global model val {score}", flush=True)
+                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} global model val {score}",
+                          file=self.out, flush=True)
                 elif r.get("split") == "train":
                     print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} trained {r.get('samples', 0)} images "
-                          f"in {r.get('seconds', 0):.0f} s, loss {r.get('loss', float('nan')):.3f}", flush=True)
+                          f"in {r.get('seconds', 0):.0f} s, loss {r.get('loss', float('nan')):.3f}",
+                          file=self.out, flush=True)
             self.seen[site] = len(rows)
 
     def _loop(self) -> None:
@@ -166,6 +171,23 @@ def round_table(rows: list[dict], sites: list[str]) -> str:
     return "\n".join(lines)
 
 
+def prepare_resume(settings: JobSettings, run_dir: Path) -> None:
+    """Turn ``settings.initial_checkpoint`` (a fedbrain checkpoint) into NVFlare's initial model and set the
+    round numbering to continue after the rounds that checkpoint has already seen."""
+    import torch
+
+    from fedbrain.checkpoint import read_checkpoint
+
+    payload = read_checkpoint(settings.initial_checkpoint)
+    if payload["model"]["name"] != settings.model:
+        raise ValueError(f"--resume checkpoint holds {payload['model']['name']}, not {settings.model}")
+    init = run_dir / "initial_model.pt"
+    torch.save({"model": payload["state_dict"]}, init)
+    previous = payload.get("training", {})
+    settings.start_round = int(previous.get("start_round", 0)) + int(previous.get("rounds", 0))
+    settings.initial_checkpoint = str(init)
+
+
 def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_dir: Path | None = None,
                    quiet: bool = True) -> dict:
     """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics."""
@@ -173,6 +195,8 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
 
     run_dir = Path(run_dir).resolve()
     fed.write(run_dir)
+    if settings.initial_checkpoint and settings.start_round == 0:
+        prepare_resume(settings, run_dir)
     sites = list(fed.sites)
     split_files = {s: str(run_dir / "splits" / f"{s}.csv") for s in sites}
     if settings.threads_per_site is None:
@@ -190,7 +214,7 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
     level = logging.getLogger().level
     sim_error = None
     try:
-        with redirect, ProgressPrinter(run_dir, sites, settings.rounds):
+        with ProgressPrinter(run_dir, sites, settings.start_round + settings.rounds), redirect:
             recipe.execute(env)
     except RuntimeError as exc:  # the simulator reports a failed run this way (server aborted)
         sim_error = str(exc)
@@ -210,7 +234,7 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
     schemes = {n: s.scheme for n, s in fed.sites.items()}
     ckpt_args = dict(model_name=settings.model, preprocessing=pre, supervised_granularity=granularity,
                      label_schemes=schemes, model_kwargs=settings.model_kwargs,
-                     training={**settings.to_dict(), "mode": "federated"})
+                     training={**settings.to_dict(), "mode": "federated", "augmentation": Augmentation().to_dict()})
     last = _find(nv_root, "FL_global_model.pt")
     best = _find(nv_root, "best_FL_global_model.pt") or last
     if not last:
@@ -226,12 +250,13 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
     results = evaluate_everywhere(model, loaders)
     save_checkpoint(run_dir / "checkpoints" / "best.pt", model, metrics={"test": results}, **ckpt_args)
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard")
-    for r in rows:
-        if r.get("split") == "val" and r.get("model") == "global":
-            log.tb and log.tb.add_scalar(f"{r['site']}/val/headline",
-                                         r.get("macro_f1", r.get("tumour_auroc", 0.0)), r["round"])
+    if log.tb is not None:  # the per-round site and global rows, as TensorBoard scalars too
+        for r in rows:
+            for k, v in flat_scalars(r).items():
+                if k != "round" and math.isfinite(v):
+                    log.tb.add_scalar(f"{r['site']}/{r['split']}/{k}", v, r["round"])
     for name, m in results.items():
-        log.log(settings.rounds, name, "test", m, checkpoint="best", model="global")
+        log.log(settings.start_round + settings.rounds - 1, name, "test", m, checkpoint="best", model="global")
     log.close()
     cse = cross_site_matrix(nv_root)
     if cse:
