@@ -46,9 +46,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     base = next(r for r in rows if r["variant"] == "fp32")
     for r in rows:
         r["size_ratio"] = _ratio(r["file_bytes"], base["file_bytes"])
-        r["latency_ratio_1t"] = _ratio(r["latency_ms_p50_1t"], base["latency_ms_p50_1t"])
-        r["latency_ratio_2t"] = _ratio(r["latency_ms_p50_2t"], base["latency_ms_p50_2t"])
-        r["speedup_1t"] = _ratio(base["latency_ms_p50_1t"], r["latency_ms_p50_1t"])
+        r["latency_ratio_1t"] = _ratio(r.get("latency_ms_p50_1t"), base.get("latency_ms_p50_1t"))
+        r["latency_ratio_2t"] = _ratio(r.get("latency_ms_p50_2t"), base.get("latency_ms_p50_2t"))
+        r["speedup_1t"] = _ratio(base.get("latency_ms_p50_1t"), r.get("latency_ms_p50_1t"))
         r["macs_ratio"] = _ratio(r["macs"], base["macs"])
         r["params_ratio"] = _ratio(r["params"], base["params"])
         f, f0 = r.get("macro_f1"), base.get("macro_f1")

@@ -378,6 +378,20 @@ def test_federation_page_federated_schema(tmp_path, small_run, use_ws):
     assert "fedbrain simulate" in texts(at, "info")
 
 
+@pytest.mark.slow
+def test_federation_page_over_the_real_simulator_run(sim_run, use_ws):
+    """The page over the run made by the real NVFlare simulator fixture (``sim_run``)."""
+    use_ws(sim_run.parent)
+    at = page_app("federation_page").run()
+    assert_ok(at)
+    assert at.selectbox(key="fed_run").value == sim_run.name
+    specs = charts(at)
+    assert any('"heatmap"' in s for s in specs), "cross-site heatmap missing"
+    assert "cross_site.json" not in texts(at, "info")  # the simulator wrote it
+    summary = at.dataframe[1].value
+    assert list(summary["site"]) == ["hospital-1", "hospital-2", "hospital-3"]
+
+
 # ---------------------------------------------------------------- Compression
 
 

@@ -223,3 +223,19 @@ def test_split_files_round_trip_and_site_config(sets, tmp_path):
     back = SiteData.read_split_file("h1", tmp_path / "run" / "splits" / "h1.csv")
     assert {k: len(v) for k, v in back.splits.items()} == {k: len(v) for k, v in fed.sites["h1"].splits.items()}
     assert back.scheme == "binary"
+
+
+def test_a_split_whose_files_moved_fails_clearly(sets, tmp_path):
+    from fedbrain.data.cache import load_arrays
+
+    fed = build_federation(spec_of(sets), cache_dir=tmp_path / "c")
+    paths = [r.path for r in fed.sites["figshare"].splits["train"]]
+    Path(paths[0]).unlink()
+    with pytest.raises(DataLayoutError, match="can no longer be read"):
+        load_arrays(paths, 64, cache_dir=tmp_path / "c")
+
+
+def test_relative_data_root_gives_absolute_split_paths(sets, monkeypatch):
+    monkeypatch.chdir(sets["root"])
+    res = read_yesno(Path("yesno"))
+    assert all(Path(r.path).is_absolute() for r in res.records)

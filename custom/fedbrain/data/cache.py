@@ -100,6 +100,7 @@ def load_arrays(paths: Sequence[str], size: int, cache_dir: Path | None = None,
     if cache.is_file():
         return np.load(cache)
     out = np.zeros((len(paths), size, size), np.uint8)
+    failed: list[str] = []
     with ThreadPoolExecutor(_workers()) as pool:
         results = pool.map(_load_resized, [(p, size) for p in paths])
         if progress:
@@ -107,8 +108,15 @@ def load_arrays(paths: Sequence[str], size: int, cache_dir: Path | None = None,
 
             results = tqdm(results, total=len(paths), desc=f"decoding {size}px", unit="img", disable=None)
         for i, a in enumerate(results):
-            if a is not None:
+            if a is None:
+                failed.append(paths[i])
+            else:
                 out[i] = a
+    if failed:  # the split was made from readable files: the data moved or the paths are wrong
+        from fedbrain.data.readers import DataLayoutError
+
+        raise DataLayoutError(f"{len(failed)} of {len(paths)} images of this split can no longer be read, "
+                              f"e.g. {failed[0]!r}; re-create the split (fedbrain data split) or fix the data path")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp.npy")
     np.save(tmp, out)

@@ -88,7 +88,7 @@ def _read_class_folders(root: Path, mapping: Callable[[str], str | None], split:
 
 
 def _require_dir(root: Path, fmt: str) -> Path:
-    root = Path(root).expanduser()
+    root = Path(root).expanduser().resolve()  # absolute: split files are read by site processes elsewhere
     if not root.is_dir():
         raise DataLayoutError(f"{fmt}: folder {str(root)!r} does not exist (fix the site's 'path' or --data-root)")
     return root
@@ -148,7 +148,7 @@ def read_yesno(root: Path) -> ReadResult:
 
 def read_csv(path: Path) -> ReadResult:
     """CSV manifest with columns ``path,label[,patient_id][,split]``; paths relative to the CSV."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DataLayoutError(f"csv: manifest {str(path)!r} does not exist")
     result = ReadResult([])

@@ -86,6 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     fed = load_federation(args)
     settings = job_settings(args)
     settings.cross_site_eval = False
+    settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row
     run_dir = new_run_dir(args.workspace, f"compare-{settings.model}")
     print(f"run: {run_dir}\nbudget: {settings.rounds * settings.local_epochs} epochs per mode "
           f"({settings.rounds} rounds x {settings.local_epochs} local epochs for federated modes)", flush=True)

@@ -162,14 +162,14 @@ def main(argv: list[str] | None = None) -> None:
             g.load_state_dict(global_state)
             scaffold.terms_update(model, optimizer.param_groups[0]["lr"], c_global, c_local, g)
             meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.get_delta_controls()
-        log({"round": rnd, "split": "train", "model": "local", **stats,
-             "train_seconds": time.perf_counter() - t0})
-
         # (5) send the update: weights, sample count and scalar metrics only
         params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        dp_info = {}
         if dp.enabled:
             params, dp_info = privatize_update(params, global_state, dp, rnd)
             meta.update(dp_info)
+        log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info,
+             "train_seconds": time.perf_counter() - t0})
         if rnd == args.corrupt_at_round and site == args.corrupt_site:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
