@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedbrain.compression import report as rep
 from fedbrain.compression.data import LocalData, arrays, evenly, normalise
 from fedbrain.compression.latency import interleaved, timed, torch_threads
@@ -95,6 +96,7 @@ def bench_infer(comp_dir: str | Path, data: LocalData, images: int = 200, warmup
                 include_torch: bool = False) -> dict:
     """Accuracy, size and batch-1 latency of every variant in ``comp_dir`` and of the peer."""
     import torch
+
     from fedbrain.predict import load_predictor
     from fedbrain.training import compute_metrics
 

@@ -160,9 +160,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="prune until MACs <= this fraction of fp32 (default 0.55, i.e. >= 45%% fewer)")
     g.add_argument("--round-to", type=int, default=16,
                    help="keep pruned channel counts multiples of this (default 16; 0 = no rounding)")
-    g.add_argument("--finetune-epochs", type=int, default=2,
-                   help="fine-tune epochs after pruning (default 2)")
-    g.add_argument("--finetune-lr", type=float, default=5e-4)
+    g.add_argument("--finetune-epochs", type=int, default=3,
+                   help="fine-tune epochs after pruning; the best by val is kept (default 3)")
+    g.add_argument("--finetune-lr", type=float, default=1e-3)
     g.add_argument("--calib-images", type=int, default=256,
                    help="train images for int8 calibration (default 256)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")

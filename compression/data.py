@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedbrain.contract import Preprocessing, target_index
 from fedbrain.data.federation import SiteData
 from fedbrain.data.readers import Record

@@ -13,8 +13,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from fedbrain.contract import Preprocessing
 from torch import nn
+
+from fedbrain.contract import Preprocessing
 
 ONNX_FORMAT = "fedbrain-onnx/1"
 INPUT_NAME = "input"

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from fedbrain.checkpoint import save_checkpoint
 from fedbrain.compression import report as rep
 from fedbrain.compression.data import LocalData, arrays, evenly, normalise, sample
@@ -31,8 +32,8 @@ from fedbrain.models import count_macs, count_parameters
 class CompressConfig:
     target_macs_ratio: float = 0.55  # pruned MACs <= 55% of fp32 (>= 45% fewer; the goal is >= 40%)
     round_to: int | None = 16  # pruned channel counts are multiples of this (SIMD blocks)
-    finetune_epochs: int = 2
-    finetune_lr: float = 5e-4
+    finetune_epochs: int = 3
+    finetune_lr: float = 1e-3
     finetune_batch_size: int = 32
     calib_images: int = 256  # train-split images for int8 calibration
     calib_method: str = "minmax"
@@ -103,7 +104,10 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
         ds = SliceDataset(train_recs, pre, cache, progress=progress)
         loader = BatchLoader(ds, cfg.finetune_batch_size, train=True, augmentation=Augmentation(),
                              seed=cfg.seed)
-        ft = finetune(pruned, loader, cfg.finetune_epochs, cfg.finetune_lr, seed=cfg.seed, progress=progress)
+        val_recs = data.records("val")
+        val = BatchLoader(SliceDataset(val_recs, pre, cache), 64, train=False) if val_recs else None
+        ft = finetune(pruned, loader, cfg.finetune_epochs, cfg.finetune_lr, seed=cfg.seed, val_loader=val,
+                      progress=progress)
     lap("finetune_s", t0)
     save_pruned_checkpoint(out / "pruned.pt", pruned, meta, {**info, "finetune": ft},
                            extra={"source_checkpoint": str(checkpoint)})

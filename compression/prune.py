@@ -18,10 +18,11 @@ import copy
 from pathlib import Path
 
 import torch
-from fedbrain.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from fedbrain.contract import Preprocessing
-from fedbrain.models import count_macs, count_parameters, create_model
 from torch import nn
+
+from fedbrain.checkpoint import CheckpointError, save_checkpoint
+from fedbrain.contract import Preprocessing
+from fedbrain.models import count_macs, count_parameters
 
 PRUNED_KEY = "pruned"
 
@@ -136,19 +137,33 @@ def magnitude_sparsify(model: nn.Module, amount: float = 0.5) -> dict:
 # ---------------------------------------------------------------- fine-tune
 
 
-def finetune(model: nn.Module, loader, epochs: int = 2, lr: float = 5e-4, weight_decay: float = 1e-4,
-             seed: int = 0, progress: bool = False) -> dict:
-    """A short cosine-schedule fine-tune (AdamW, class-weighted partial-label loss) on local data."""
-    from fedbrain.training import TrainConfig, cosine_schedule, train_epochs
+def finetune(model: nn.Module, loader, epochs: int = 2, lr: float = 1e-3, weight_decay: float = 1e-4,
+             seed: int = 0, val_loader=None, progress: bool = False) -> dict:
+    """A short fine-tune on local data: AdamW, one cosine schedule over all epochs, the class-weighted
+    partial-label loss of training. With ``val_loader`` the epoch with the best validation headline
+    (macro-F1, else tumour AUROC) is kept, as in training; the model ends in eval mode."""
+    from fedbrain.training import TrainConfig, cosine_schedule, evaluate, headline, make_optimizer, train_epochs
 
     if epochs <= 0:
         return {"epochs": 0}
     torch.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    stats = train_epochs(model, loader, cfg, epochs=epochs, lr_schedule=cosine_schedule(),
-                         progress="fine-tune" if progress else None)
+    optimizer = make_optimizer(model, cfg)
+    schedule, per_epoch = cosine_schedule(), max(1, len(loader))
+    best, best_score, history = None, -float("inf"), []
+    for e in range(epochs):
+        stats = train_epochs(model, loader, cfg, epochs=1, optimizer=optimizer,
+                             lr_schedule=lambda step, _n, e=e: schedule(e * per_epoch + step, epochs * per_epoch),
+                             progress=f"fine-tune {e + 1}/{epochs}" if progress else None)
+        score = headline(evaluate(model, val_loader)) if val_loader is not None else -stats["loss"]
+        history.append({"epoch": e + 1, "loss": stats["loss"], "val_score": score, "seconds": stats["seconds"]})
+        if score > best_score:
+            best_score = score
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best)
     model.eval()
-    return {"epochs": epochs, "lr": lr, **{k: stats[k] for k in ("loss", "samples", "steps", "seconds")}}
+    return {"epochs": epochs, "lr": lr, "selected_by": "val headline" if val_loader is not None else "train loss",
+            "best_epoch": max(history, key=lambda h: h["val_score"])["epoch"], "history": history}
 
 
 # ---------------------------------------------------------------- storage
@@ -204,23 +219,7 @@ def save_pruned_checkpoint(path: str | Path, model: nn.Module, meta: dict, prune
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Load any fedbrain checkpoint, pruned or not: ``(model in eval mode, metadata without weights)``."""
-    from fedbrain.contract import Preprocessing as _Pre
+    """Load any fedbrain checkpoint, pruned or not (see :func:`fedbrain.checkpoint.load_checkpoint`)."""
+    from fedbrain.checkpoint import load_checkpoint
 
-    payload = read_checkpoint(path)
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    pruned = (meta.get("extra") or {}).get(PRUNED_KEY)
-    try:
-        model = create_model(meta["model"]["name"], num_classes=len(meta["classes"]), pretrained=False,
-                             **meta["model"].get("kwargs", {}))
-        if pruned:
-            shrink_to(model, pruned["layers"])
-        model.load_state_dict(payload["state_dict"])
-    except CheckpointError:
-        raise
-    except (RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{str(path)!r}: weights do not fit the recorded architecture: "
-                              f"{str(exc).splitlines()[0]}") from exc
-    model.eval()
-    meta["preprocessing"] = _Pre.from_dict(meta["preprocessing"])
-    return model, meta
+    return load_checkpoint(path)

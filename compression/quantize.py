@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
 from fedbrain.compression.onnx_export import INPUT_NAME, set_metadata
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fedbrain.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from fedbrain.cli import main
 from fedbrain.contract import CLASSES
 from fedbrain.models import count_macs, count_parameters, create_model, default_preprocessing
-from PIL import Image
 
 os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
 

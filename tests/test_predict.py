@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from fedbrain.checkpoint import CheckpointError, save_checkpoint
 from fedbrain.cli import main
 from fedbrain.contract import CLASSES, Preprocessing
 from fedbrain.data.images import ImageError, load_grayscale
 from fedbrain.predict import Prediction, Predictor, load_predictor
-from PIL import Image
 
 os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
 

@@ -66,12 +66,25 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from its checkpoint; returns ``(model in eval mode, metadata without weights)``."""
+    """Rebuild the model from its checkpoint, pruned or not; returns ``(model in eval mode, metadata)``.
+
+    A pruned checkpoint (``fedbrain compress``) records its layer sizes in ``extra["pruned"]``; the
+    registry model is shrunk to them before the weights are loaded.
+    """
     payload = read_checkpoint(path)
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    model = create_model(meta["model"]["name"], num_classes=len(meta["classes"]), pretrained=False,
-                         **meta["model"]["kwargs"])
-    model.load_state_dict(payload["state_dict"])
+    pruned = (meta.get("extra") or {}).get("pruned")
+    try:
+        model = create_model(meta["model"]["name"], num_classes=len(meta["classes"]), pretrained=False,
+                             **meta["model"].get("kwargs", {}))
+        if pruned:
+            from fedbrain.compression.prune import shrink_to
+
+            shrink_to(model, pruned["layers"])
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{str(path)!r}: weights do not fit the recorded architecture: "
+                              f"{str(exc).splitlines()[0]}") from exc
     model.eval()
     meta["preprocessing"] = Preprocessing.from_dict(meta["preprocessing"])
     return model, meta

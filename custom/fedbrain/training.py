@@ -176,6 +176,11 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     out: dict = {"n": int(len(targets))}
     if len(targets) == 0:
         return out
+    bad = ~np.isfinite(probs).all(axis=1)
+    if bad.any():  # a diverged model: its non-finite outputs count as uninformative (uniform) predictions
+        probs = probs.copy()
+        probs[bad] = 1.0 / probs.shape[1]
+        out["non_finite_outputs"] = int(bad.sum())
     pred = probs.argmax(1)
     known = targets < NUM_CLASSES
     # 4-class metrics need tumour types: a tumour/no-tumour set only has 'no_tumor' as a typed label

@@ -44,23 +44,6 @@ def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithm
             w.writeheader()
             w.writerows(rows)
 
-    plan = [(alg, replace(settings, algorithm=alg, lr=0.05 if alg == "scaffold" else settings.lr))
-            for alg in algorithms]
-    if dp:
-        plan.append(("fedavg+dp", replace(settings, algorithm="fedavg", dp_clip=dp[0], dp_noise=dp[1])))
-    for mode, s in plan:
-        if progress:
-            print(f"\n== {mode}: {s.rounds} rounds x {s.local_epochs} local epoch(s)", flush=True)
-        summary = run_simulation(fed, s, run_dir / mode, cache_dir=cache_dir)
-        if summary.get("failed_sites") or "test" not in summary:
-            raise RuntimeError(f"{mode} failed: {summary.get('failed_sites') or summary.get('error')}")
-        eps = None
-        if dp and mode == "fedavg+dp":
-            from fedbrain.fl.privacy import epsilon_after
-
-            eps = epsilon_after(s.rounds, dp[1], 1e-5)
-        rows += _rows(mode, summary["test"], budget, summary["wall_seconds"], eps)
-        save()
     cfg = TrainConfig(epochs=budget, batch_size=settings.batch_size, lr=settings.lr,
                       weight_decay=settings.weight_decay, seed=settings.seed)
     solo = [("centralized", None)] + [(f"local:{name}", [name]) for name in fed.sites]
@@ -72,6 +55,32 @@ def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithm
                            image_size=settings.image_size, pretrained=False, model_kwargs=settings.model_kwargs,
                            cache_dir=cache_dir, progress=progress)
         rows += _rows(mode, res["test"], budget, time.perf_counter() - t0)
+        save()
+    plan = [(alg, replace(settings, algorithm=alg, lr=0.05 if alg == "scaffold" else settings.lr))
+            for alg in algorithms]
+    if dp:
+        plan.append(("fedavg+dp", replace(settings, algorithm="fedavg", dp_clip=dp[0], dp_noise=dp[1])))
+    for mode, s in plan:
+        if progress:
+            print(f"\n== {mode}: {s.rounds} rounds x {s.local_epochs} local epoch(s)", flush=True)
+        try:
+            summary = run_simulation(fed, s, run_dir / mode, cache_dir=cache_dir)
+        except Exception as exc:  # one broken mode must not cost the others
+            summary = {"error": f"{type(exc).__name__}: {exc}", "wall_seconds": 0.0}
+        if summary.get("failed_sites") or "test" not in summary:
+            reason = summary.get("failed_sites") or summary.get("error")
+            print(f"   {mode} FAILED: {reason}", flush=True)
+            rows.append({"mode": mode, "site": "error", "n": None, "budget_epochs": budget,
+                         "seconds": round(summary.get("wall_seconds", 0.0), 1), "dp_epsilon": None,
+                         "macro_f1": None, "accuracy": None, "tumour_accuracy": None, "tumour_auroc": None})
+            save()
+            continue
+        eps = None
+        if dp and mode == "fedavg+dp":
+            from fedbrain.fl.privacy import epsilon_after
+
+            eps = epsilon_after(s.rounds, dp[1], 1e-5)
+        rows += _rows(mode, summary["test"], budget, summary["wall_seconds"], eps)
         save()
     return rows
 
