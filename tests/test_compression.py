@@ -8,18 +8,14 @@ output are built once per process (see `synthetic_run` / `compressed_run`; test_
 
 from __future__ import annotations
 
-import atexit
 import csv
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fedbrain.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from fedbrain.cli import main
@@ -28,113 +24,22 @@ from fedbrain.models import count_macs, count_parameters, create_model, default_
 
 os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
 
-LEVELS = (200, 140, 90, 35)  # mean brightness per class: learnable in a few steps
 INT8_AGREEMENT_BAR = 0.90  # int8 argmax == fp32 argmax on >= 90% of the test images
-_STATE: dict = {}
-
-
-def _draw(c: int, rng: np.random.Generator, size: int = 48) -> np.ndarray:
-    img = rng.normal(LEVELS[c], 12, (size, size))
-    yy, xx = np.mgrid[:size, :size]
-    cy, cx = rng.integers(12, size - 12, 2)
-    img[np.hypot(yy - cy, xx - cx) < 6] += 40
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _recalibrate_bn(model: torch.nn.Module, x: torch.Tensor) -> None:
-    """Exact BatchNorm statistics of the training images (a 30-step model's running stats lag)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.1
-    model.eval()
-
-
-def synthetic_run() -> Path:
-    """``<tmp>/run`` with ``splits/site-a.csv`` (multiclass) and ``checkpoints/best.pt`` (built once)."""
-    if "run" in _STATE:
-        return _STATE["run"]
-    from fedbrain.data.dataset import to_tensor
-    from fedbrain.data.images import resize
-    from fedbrain.training import TrainConfig, train_epochs
-
-    root = Path(tempfile.mkdtemp(prefix="fedbrain-compress-test-"))
-    atexit.register(shutil.rmtree, root, True)
-    rng = np.random.default_rng(0)
-    run = root / "run"
-    (run / "splits").mkdir(parents=True)
-    rows, train_x, train_y = [], [], []
-    for split, n in (("train", 12), ("val", 2), ("test", 8)):
-        for i in range(n):
-            for c, name in enumerate(CLASSES):
-                arr = _draw(c, rng)
-                path = root / "images" / split / f"{name}_{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(path)
-                rows.append([str(path), name, split, "multiclass"])
-                if split == "train":
-                    train_x.append(resize(arr, 128))
-                    train_y.append(c)
-    with (run / "splits" / "site-a.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "split", "scheme"])
-        w.writerows(rows)
-    pre = default_preprocessing("fedbrain_cnn")
-    x, y = to_tensor(np.stack(train_x), pre), torch.tensor(train_y)
-    torch.manual_seed(0)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on a busy 2-core box are ~10x slower
-    model = create_model("fedbrain_cnn")
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
-    train_epochs(model, batches, TrainConfig(lr=3e-3, class_weighting=False), epochs=10)
-    _recalibrate_bn(model, x)
-    torch.set_num_threads(old)
-    save_checkpoint(run / "checkpoints" / "best.pt", model, "fedbrain_cnn", pre, "multiclass",
-                    label_schemes={"site-a": "multiclass"})
-    _STATE["run"] = run
-    return run
-
-
-def compressed_run() -> Path:
-    """``fedbrain compress`` of the synthetic run's best checkpoint (CLI, once): ``<run>/compression``."""
-    if "compression" in _STATE:
-        return _STATE["compression"]
-    run = synthetic_run()
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rc = main(["compress", str(run / "checkpoints" / "best.pt"), "--finetune-epochs", "1",
-                   "--warmup", "2", "--repeats", "10", "--calib-images", "32",
-                   "--cache-dir", str(run / "cache")])
-    finally:
-        torch.set_num_threads(old)
-    assert rc == 0
-    _STATE["compression"] = run / "compression"
-    return _STATE["compression"]
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
-def run_dir() -> Path:
-    return synthetic_run()
+def run_dir(compression_synthetic_run) -> Path:
+    return compression_synthetic_run
 
 
 @pytest.fixture(scope="module")
-def comp(run_dir) -> Path:
-    return compressed_run()
+def comp(compression_output) -> Path:
+    return compression_output
 
 
 @pytest.fixture(scope="module")

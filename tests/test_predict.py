@@ -24,33 +24,29 @@ from fedbrain.predict import Prediction, Predictor, load_predictor
 
 os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
 
-from test_compression import compressed_run, synthetic_run  # noqa: E402  (same tests/ folder)
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
-def comp() -> Path:
-    return compressed_run()
+def comp(compression_output) -> Path:
+    return compression_output
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, str]:
+def images(compression_synthetic_run) -> dict[str, str]:
     """One test image path per class."""
     from fedbrain.data.federation import SiteData
 
-    run = synthetic_run()
+    run = compression_synthetic_run
     recs = SiteData.read_split_file("site-a", run / "splits" / "site-a.csv").splits["test"]
     return {c: next(r.path for r in recs if r.label == c) for c in CLASSES}
 
 
-def test_every_variant_loads_with_its_contract(comp):
+def test_every_variant_loads_with_its_contract(comp, compression_synthetic_run):
     for f, variant, kind in (("fp32.pt", "fp32", "torch"), ("pruned.pt", "pruned", "torch"),
                              ("fp32.onnx", "fp32", "onnx"), ("pruned.onnx", "pruned", "onnx"),
                              ("int8.onnx", "int8", "onnx"), ("pruned_int8.onnx", "pruned+int8", "onnx")):
@@ -63,7 +59,7 @@ def test_every_variant_loads_with_its_contract(comp):
         assert p.meta["supervised_granularity"] == "multiclass"
         assert p.meta["model"]["name"] == "fedbrain_cnn"
         assert (p.torch_model is None) == (kind == "onnx")
-    plain = load_predictor(synthetic_run() / "checkpoints" / "best.pt")
+    plain = load_predictor(compression_synthetic_run / "checkpoints" / "best.pt")
     assert plain.meta["variant"] == "torch"
 
 

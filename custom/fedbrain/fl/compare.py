@@ -44,18 +44,6 @@ def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithm
             w.writeheader()
             w.writerows(rows)
 
-    cfg = TrainConfig(epochs=budget, batch_size=settings.batch_size, lr=settings.lr,
-                      weight_decay=settings.weight_decay, seed=settings.seed)
-    solo = [("centralized", None)] + [(f"local:{name}", [name]) for name in fed.sites]
-    for mode, sites in solo:
-        if progress:
-            print(f"\n== {mode}: {budget} epochs", flush=True)
-        t0 = time.perf_counter()
-        res = train_pooled(fed, settings.model, cfg, run_dir / mode.replace(":", "-"), sites=sites,
-                           image_size=settings.image_size, pretrained=False, model_kwargs=settings.model_kwargs,
-                           cache_dir=cache_dir, progress=progress)
-        rows += _rows(mode, res["test"], budget, time.perf_counter() - t0)
-        save()
     plan = [(alg, replace(settings, algorithm=alg, lr=0.05 if alg == "scaffold" else settings.lr))
             for alg in algorithms]
     if dp:
@@ -81,6 +69,18 @@ def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithm
 
             eps = epsilon_after(s.rounds, dp[1], 1e-5)
         rows += _rows(mode, summary["test"], budget, summary["wall_seconds"], eps)
+        save()
+    cfg = TrainConfig(epochs=budget, batch_size=settings.batch_size, lr=settings.lr,
+                      weight_decay=settings.weight_decay, seed=settings.seed)
+    solo = [("centralized", None)] + [(f"local:{name}", [name]) for name in fed.sites]
+    for mode, sites in solo:
+        if progress:
+            print(f"\n== {mode}: {budget} epochs", flush=True)
+        t0 = time.perf_counter()
+        res = train_pooled(fed, settings.model, cfg, run_dir / mode.replace(":", "-"), sites=sites,
+                           image_size=settings.image_size, pretrained=False, model_kwargs=settings.model_kwargs,
+                           cache_dir=cache_dir, progress=progress)
+        rows += _rows(mode, res["test"], budget, time.perf_counter() - t0)
         save()
     return rows
 
