@@ -150,7 +150,7 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="federated vs centralised vs local-only at the same budget")
     add_federation_args(p)
     add_job_args(p, rounds=20)
-    p.add_argument("--algorithms", nargs="+", default=["fedavg", "fedprox", "scaffold"],
+    p.add_argument("--algorithms", nargs="*", default=["fedavg", "fedprox", "scaffold"],
                    choices=["fedavg", "fedprox", "scaffold"])
     p.set_defaults(func=cmd_compare)
 
