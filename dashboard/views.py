@@ -256,6 +256,10 @@ def _cross_site_section(run: R.Run, metric: str | None) -> None:
     options = ([metric] if metric in metrics else []) + [m for m in metrics if m != metric]
     m = st.selectbox("Cross-site metric", options or ["value"], key="cs_metric")
     models, sites, grid = R.cross_site_grid(cs, m)
+    if not models or not sites:
+        st.info(f"`cross_site.json` holds no evaluations (the run had cross-site evaluation off): "
+                f"`{R.CMD_SIMULATE}` without `--no-cross-site-eval` fills it.")
+        return
     fig = px.imshow(np.array(grid, dtype=float), x=sites, y=models, text_auto=".2f", aspect="auto",
                     color_continuous_scale="Viridis", zmin=0, zmax=1 if m != "loss" else None,
                     labels=dict(x="evaluated on (test split)", y="model", color=m),

@@ -586,3 +586,12 @@ def test_models_page_reads_bench_models(tmp_path, use_ws):
     at = page_app("models_page").run()
     assert_ok(at)
     assert len(at.dataframe[0].value) == 2 and len(charts(at)) == 1
+
+
+def test_federation_page_with_an_empty_cross_site_file(tmp_path, small_run, use_ws):
+    ws = use_ws(tmp_path / "ws")
+    run = _federated_sample(ws, small_run)
+    (run / "cross_site.json").write_text(json.dumps({"models": [], "sites": [], "matrix": {}}))
+    at = page_app("federation_page").run()
+    assert_ok(at)
+    assert "holds no evaluations" in texts(at, "info")

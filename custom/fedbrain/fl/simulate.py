@@ -146,6 +146,8 @@ def cross_site_matrix(nv_root: Path) -> dict | None:
     if not files:
         return None
     raw = json.loads(files[0].read_text())
+    if not raw:  # NVFlare leaves an empty file when no cross-site evaluation ran
+        return None
     matrix: dict[str, dict[str, dict]] = defaultdict(dict)
     for evaluator, per_model in raw.items():
         for model_name, metrics in per_model.items():
