@@ -22,7 +22,15 @@ from fedbrain.data.dataset import BatchLoader, SliceDataset
 from fedbrain.data.federation import SPLITS, Federation, SiteData
 from fedbrain.data.readers import Record
 from fedbrain.models import create_model, default_preprocessing
-from fedbrain.training import TrainConfig, cosine_schedule, evaluate, headline, seed_everything, train_epochs
+from fedbrain.training import (
+    TrainConfig,
+    cosine_schedule,
+    evaluate,
+    headline,
+    make_optimizer,
+    seed_everything,
+    train_epochs,
+)
 
 UNION = "union"
 
@@ -151,8 +159,7 @@ def train_pooled(
     granularity = supervised_granularity([fed.sites[n].scheme for n in names])
     schemes = {n: fed.sites[n].scheme for n in names}
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) \
-        if cfg.optimizer == "adamw" else None
+    optimizer = make_optimizer(model, cfg)  # one optimizer for all epochs (its state carries over)
     schedule = cosine_schedule()
     best, best_score, history = None, -float("inf"), []
     t0 = time.perf_counter()
