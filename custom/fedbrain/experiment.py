@@ -20,7 +20,6 @@ from fedbrain.checkpoint import save_checkpoint
 from fedbrain.contract import Augmentation, Preprocessing, supervised_granularity
 from fedbrain.data.dataset import BatchLoader, SliceDataset
 from fedbrain.data.federation import SPLITS, Federation, SiteData
-from fedbrain.data.readers import Record
 from fedbrain.models import create_model, default_preprocessing
 from fedbrain.training import (
     TrainConfig,
@@ -225,6 +224,3 @@ def results_table(results: dict[str, dict]) -> str:
                      f"{f(m.get('tumour_accuracy')):>12}{f(m.get('tumour_auroc')):>14}")
     return "\n".join(lines)
 
-
-def records_of(fed: Federation, split: str) -> list[Record]:
-    return [r for s in fed.sites.values() for r in s.splits[split]]

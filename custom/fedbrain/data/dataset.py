@@ -7,21 +7,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fedbrain.contract import Augmentation, Preprocessing, target_index
 from fedbrain.data.cache import load_arrays
 from fedbrain.data.readers import Record
 
 
-def to_tensor(arrays: np.ndarray, pre: Preprocessing) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` greyscale slices (already at the contract size) -> normalised ``(N, C, H, W)``."""
-    x = torch.from_numpy(np.ascontiguousarray(arrays)).float().div_(255.0).unsqueeze(1)
+def normalise(x01: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """``(N, 1, H, W)`` slices in [0, 1] -> the contract's channels and normalisation ``(N, C, H, W)``."""
     if pre.channels > 1:
-        x = x.expand(-1, pre.channels, -1, -1)
+        x01 = x01.expand(-1, pre.channels, -1, -1)
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return (x01 - mean) / std
+
+
+def to_tensor(arrays: np.ndarray, pre: Preprocessing) -> torch.Tensor:
+    """uint8 ``(N, H, W)`` greyscale slices (already at the contract size) -> normalised ``(N, C, H, W)``."""
+    return normalise(torch.from_numpy(np.ascontiguousarray(arrays)).float().div_(255.0).unsqueeze(1), pre)
 
 
 def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
@@ -85,17 +89,7 @@ class BatchLoader:
             raw = torch.from_numpy(self.ds.images[idx.numpy()]).float().div_(255.0).unsqueeze(1)
             if self.augmentation is not None:
                 raw = augment_batch(raw, self.augmentation, self.generator)
-            x = raw.expand(-1, pre.channels, -1, -1) if pre.channels > 1 else raw
-            mean = torch.tensor(pre.mean).view(1, -1, 1, 1)
-            std = torch.tensor(pre.std).view(1, -1, 1, 1)
-            yield (x - mean) / std, self.ds.targets[idx]
+            yield normalise(raw, pre), self.ds.targets[idx]
 
 
-def make_loader(records: Sequence[Record], pre: Preprocessing, batch_size: int = 32, train: bool = False,
-                augmentation: Augmentation | None = None, seed: int = 0, cache_dir: Path | None = None,
-                progress: bool = False) -> BatchLoader:
-    return BatchLoader(SliceDataset(records, pre, cache_dir, progress), batch_size, train,
-                       augmentation or Augmentation(), seed)
-
-
-__all__ = ["SliceDataset", "BatchLoader", "make_loader", "to_tensor", "augment_batch", "DataLoader"]
+__all__ = ["SliceDataset", "BatchLoader", "normalise", "to_tensor", "augment_batch"]

@@ -101,7 +101,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench_federation(args: argparse.Namespace) -> int:
     """Simulator wall time vs. the same local epochs trained without NVFlare (one process, site by site)."""
-    import torch
 
     from fedbrain.experiment import SiteLoaders, new_run_dir
     from fedbrain.fl.simulate import run_simulation
@@ -118,7 +117,6 @@ def cmd_bench_federation(args: argparse.Namespace) -> int:
         return 3
     pre = default_preprocessing(settings.model, settings.image_size)
     cfg = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr)
-    torch.set_num_threads(torch.get_num_threads())
     t0 = time.perf_counter()
     for site in fed.sites.values():  # the same work the sites did: rounds x (eval val + local epochs)
         loaders = SiteLoaders(site, pre, cfg)

@@ -42,8 +42,9 @@ def _find(root: Path, name: str) -> list[Path]:
 def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
     """The first failure in each site's (or the server's) simulator log; the simulator exits 0 even then."""
     errors: dict[str, str] = {}
+    logs = _find(nv_root, "log.txt")
     for name in names:
-        for log in _find(nv_root, "log.txt"):
+        for log in logs:
             if log.parent.name != name:
                 continue
             lines = log.read_text(errors="replace").splitlines()

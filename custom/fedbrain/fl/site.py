@@ -22,9 +22,6 @@ from fedbrain.fl.privacy import DPConfig, privatize_update
 from fedbrain.models import create_model, default_preprocessing
 from fedbrain.training import TrainConfig, evaluate, headline, make_optimizer, seed_everything, train_epochs
 
-# Keys a site may put in FLModel.meta: counts and algorithm state, never data.
-NUM_STEPS = "NUM_STEPS_CURRENT_ROUND"
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="fedbrain site training (NVFlare Client API)")
@@ -74,6 +71,7 @@ def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     import nvflare.client as flare
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
     from nvflare.app_common.app_constant import AlgorithmConstants
 
     args = parse_args(argv)
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         stats = train_epochs(model, loaders.train(seed=args.seed + rnd), cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step)
-        meta = {NUM_STEPS: stats["steps"]}
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"]}  # counts and algorithm state, never data
         if scaffold is not None:
             g = create_model(args.model, pretrained=False, **kwargs)
             g.load_state_dict(global_state)
