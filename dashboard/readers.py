@@ -28,16 +28,22 @@ HEADLINE_METRICS = ("macro_f1", "accuracy", "tumour_auroc", "tumour_accuracy", "
 ONNX_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8")
 
 
+CONTAINER_KINDS = ("bench-models",)  # folders of runs: their sub-runs are listed instead
+
+
 @dataclass(frozen=True)
 class Run:
-    """One run folder: ``<workspace>/<name>/config.json`` exists."""
+    """One run folder: ``<workspace>/<name>/config.json`` exists (or a sub-run of a benchmark folder)."""
 
     path: Path
     kind: str
     config: dict = field(default_factory=dict, compare=False, hash=False)
+    parent: str = ""  # the benchmark folder holding this run, if any
 
     @property
     def name(self) -> str:
+        if self.parent:
+            return f"{self.parent}/{self.path.parent.name}/{self.path.name}"
         return self.path.name
 
     @property
@@ -65,7 +71,15 @@ def list_runs(workspace: str | Path) -> list[Run]:
             continue
         cfg = read_json(cfg_path)
         cfg = cfg if isinstance(cfg, dict) else {}
-        runs.append((cfg_path.stat().st_mtime, Run(d, str(cfg.get("kind") or "unknown"), cfg)))
+        kind = str(cfg.get("kind") or "unknown")
+        if kind in CONTAINER_KINDS:  # `bench models`: <model>/<mode>/ are ordinary runs
+            for sub in sorted(d.glob("*/*/config.json")):
+                sub_cfg = read_json(sub)
+                sub_cfg = sub_cfg if isinstance(sub_cfg, dict) else {}
+                runs.append((sub.stat().st_mtime, Run(sub.parent, str(sub_cfg.get("kind") or "unknown"), sub_cfg,
+                                                      parent=d.name)))
+            continue
+        runs.append((cfg_path.stat().st_mtime, Run(d, kind, cfg)))
     runs.sort(key=lambda t: (t[0], t[1].name), reverse=True)
     return [r for _, r in runs]
 
@@ -381,6 +395,21 @@ def model_files(run: Run) -> dict[str, Path]:
 def bench_models(workspace: str | Path) -> pd.DataFrame:
     """``<workspace>/bench_models.json`` rows (written by ``fedbrain bench models``), or empty."""
     return read_table(Path(workspace) / "bench_models.json", Path(workspace) / "bench_models.csv")
+
+
+def bench_models_meta(workspace: str | Path) -> dict:
+    """The benchmark table's header: ``goal``, ``hardware``, ``command``, ``created`` (or {})."""
+    doc = read_json(Path(workspace) / "bench_models.json")
+    return {k: v for k, v in doc.items() if k != "rows"} if isinstance(doc, dict) else {}
+
+
+def bench_goal_rows(meta: dict) -> pd.DataFrame:
+    """The goal check (fedbrain_cnn vs the best baseline per mode and budget) as a table."""
+    rows = [g for g in meta.get("goal") or [] if isinstance(g, dict)]
+    df = pd.DataFrame(rows)
+    if not df.empty and "met" in df:
+        df["met"] = df["met"].map({True: "yes", False: "no"})
+    return df
 
 
 def first_column(df: pd.DataFrame, *names: str) -> str | None:

@@ -522,7 +522,16 @@ def predict_page() -> None:
     st.caption(f"Model: `{run.name}` / {variant} ({arch or 'unknown architecture'}).")
 
 
-# ---------------------------------------------------------------- Models (benchmark placeholder)
+# ---------------------------------------------------------------- Models
+
+
+MODEL_COLUMNS = {  # bench_models.json key -> column label
+    "model": "model", "mode": "mode", "budget": "budget", "weights": "init", "finetune": "fine-tune",
+    "macro_f1": "macro-F1", "accuracy": "accuracy", "tumour_auroc": "tumour AUROC", "params": "params",
+    "macs": "MACs", "fp32_onnx_bytes": "fp32 ONNX bytes", "int8_onnx_bytes": "int8 ONNX bytes",
+    "int8_macro_f1": "int8 macro-F1", "latency_ms_fp32_1t": "ms (1 thread)", "latency_ms_fp32_2t": "ms (2 threads)",
+    "latency_ms_int8_1t": "int8 ms (1 thread)", "train_seconds": "train s", "error": "error",
+}
 
 
 def models_page() -> None:
@@ -530,16 +539,44 @@ def models_page() -> None:
     _sidebar(ws)
     st.title("Models")
     p = ws / "bench_models.json"
-    table = _bench_models(str(ws), _stamp(p, ws / "bench_models.csv"))
+    stamp = _stamp(p, ws / "bench_models.csv")
+    table = _bench_models(str(ws), stamp)
     if table.empty:
         st.info(f"No model benchmark in `{ws}` yet: `{R.CMD_BENCH_MODELS}` writes `bench_models.json` "
                 "(macro-F1, latency and size per model).")
         return
-    st.dataframe(table, hide_index=True, width="stretch")
-    x = R.first_column(table, "latency_ms_p50_1t", "latency_ms", "latency_ms_p50")
+    meta = R.bench_models_meta(ws)
+    st.caption("fedbrain_cnn against the baselines on the union of the hospitals' leak-free test splits. "
+               "Every row carries its training budget; compare rows of one budget. "
+               + (f"Hardware: {meta['hardware']}. " if meta.get("hardware") else "")
+               + (f"Command: `{meta['command']}`." if meta.get("command") else ""))
+    for col in ("mode", "budget"):
+        if col in table and table[col].nunique() > 1:
+            options = sorted(table[col].dropna().unique())
+            picked = st.multiselect(col.capitalize(), options, default=options, key=f"models_{col}")
+            table = table[table[col].isin(picked)]
+    failed = table[table["error"].notna() & (table["error"] != "")] if "error" in table else table.iloc[0:0]
+    for _, r in failed.iterrows():
+        st.warning(f"{r.get('model')} / {r.get('mode')} failed: {r['error']}")
+    shown = table[[c for c in MODEL_COLUMNS if c in table]].rename(columns=MODEL_COLUMNS)
+    st.dataframe(shown, hide_index=True, width="stretch")
+    x = R.first_column(table, "latency_ms_fp32_1t", "latency_ms_p50_1t", "latency_ms")
     y = R.first_column(table, "macro_f1", "accuracy")
-    size = R.first_column(table, "file_bytes", "params", "size_bytes")
+    size = R.first_column(table, "fp32_onnx_bytes", "file_bytes", "params")
     name = R.first_column(table, "model", "name", "variant")
     if x and y:
-        _chart(px.scatter(table.dropna(subset=[x, y]), x=x, y=y, size=size, color=name, text=name,
-                          size_max=45, title=f"{y} vs {x} (marker area: {size or 'n/a'})"))
+        data = table.dropna(subset=[x, y]).copy()
+        symbol = "mode" if "mode" in data and data["mode"].nunique() > 1 else None
+        hover = [c for c in ("budget", "weights", "finetune", "params") if c in data]
+        _chart(px.scatter(data, x=x, y=y, size=size, color=name, symbol=symbol, hover_data=hover, size_max=45,
+                          log_x=bool((data[x] > 0).all()),
+                          title=f"{y} vs CPU latency {x} (marker area: {size or 'n/a'}; left and up is better)"))
+    goal = R.bench_goal_rows(meta)
+    if not goal.empty:
+        st.subheader("Goal: fedbrain_cnn within 2 pp of the best baseline at >= 10x fewer params and latency")
+        st.dataframe(goal, hide_index=True, width="stretch")
+    per_class = [c for c in table.columns if c.endswith(("_precision", "_recall"))]
+    if per_class and name:
+        with st.expander("Per-class precision and recall"):
+            st.dataframe(table[[name, "mode", *per_class]] if "mode" in table else table[[name, *per_class]],
+                         hide_index=True, width="stretch")

@@ -90,3 +90,15 @@ def test_train_epochs_is_deterministic():
 
     (l1, w1), (l2, w2) = run(), run()
     assert l1 == l2 and torch.equal(w1, w2)
+
+
+def test_every_model_gets_one_batchnorm_momentum():
+    """Short budgets compare fairly only if running statistics follow the weights at the same rate."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in list_models():
+            bns = [m for m in create_model(name, pretrained=False).modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            assert {m.momentum for m in bns} == ({0.1} if name != "vgg16" else set()), name  # VGG16 has no BN
+        own = create_model("mobilenet_v3_small", pretrained=False, bn_momentum=None)
+        assert {m.momentum for m in own.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}

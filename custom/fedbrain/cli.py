@@ -77,8 +77,15 @@ def add_train_args(p: argparse.ArgumentParser, epochs: int = 10) -> None:
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
                    help="ImageNet weights for baselines (auto: the model's default)")
+    add_finetune_arg(g)
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--workspace", default=str(DEFAULT_WORKSPACE), help="where runs are written")
+
+
+def add_finetune_arg(g) -> None:
+    from fedbrain.models import FINETUNE_HELP
+
+    g.add_argument("--finetune", default="all", help=FINETUNE_HELP + " (default all)")
 
 
 def train_config(args: argparse.Namespace):
@@ -86,6 +93,15 @@ def train_config(args: argparse.Namespace):
 
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                        seed=args.seed, threads=args.threads)
+
+
+def parse_finetune_or_exit(spec: str) -> None:
+    from fedbrain.models import parse_finetune
+
+    try:
+        parse_finetune(spec)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def pretrained_flag(args: argparse.Namespace) -> bool | None:
@@ -117,6 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.mode == "local" and not args.site:
         raise UsageError("--mode local needs --site NAME")
+    parse_finetune_or_exit(args.finetune)
     fed = load_federation(args)
     sites = [args.site] if args.mode == "local" else None
     if args.site and args.site not in fed.sites:
@@ -125,11 +142,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     fed.write(run_dir)
     cfg = train_config(args)
     write_config(run_dir, kind=args.mode, model=args.model, site=args.site, train=cfg.to_dict(),
-                 federation=fed.spec.to_dict(), image_size=args.image_size, argv=sys.argv[1:])
+                 federation=fed.spec.to_dict(), image_size=args.image_size, finetune=args.finetune,
+                 argv=sys.argv[1:])
     print(f"run: {run_dir}")
     t0 = time.perf_counter()
     res = train_pooled(fed, args.model, cfg, run_dir, sites=sites, image_size=args.image_size,
-                       pretrained=pretrained_flag(args), cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+                       pretrained=pretrained_flag(args), cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                       finetune=args.finetune)
     print(f"\ntest metrics of the best checkpoint ({time.perf_counter() - t0:.0f} s):")
     print(results_table(res["test"]))
     print(f"\ncheckpoints: {run_dir / 'checkpoints'}")
@@ -161,14 +180,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fedbrain.models import count_macs, count_parameters, create_model, default_preprocessing, list_models
+    from fedbrain.models import (
+        apply_finetune,
+        count_macs,
+        count_parameters,
+        create_model,
+        default_preprocessing,
+        list_models,
+    )
     from fedbrain.training import TrainConfig, train_epochs
 
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models or list_models()
+    parse_finetune_or_exit(args.finetune)
     print(f"training throughput, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{args.steps} timed steps after 1 warm-up (synthetic inputs at each model's default size)")
+          f"{args.steps} timed steps after 1 warm-up (synthetic inputs at each model's default size), "
+          f"fine-tune {args.finetune}")
     print(f"{'model':<22}{'size':>6}{'params':>12}{'MMACs':>10}{'img/s':>9}{'vs fedbrain_cnn':>17}")
     base = None
     rows = []
@@ -177,6 +205,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = create_model(name, pretrained=False)
+        trainable = apply_finetune(model, name, args.finetune)["trainable_params"]
         x = torch.randn(args.batch_size, pre.channels, pre.image_size, pre.image_size)
         y = torch.randint(0, 4, (args.batch_size,))
         batches = [(x, y)]
@@ -187,6 +216,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         base = ips if name == "fedbrain_cnn" else base
         ratio = f"{base / ips:.1f}x slower" if base and name != "fedbrain_cnn" else "-"
         rows.append({"model": name, "image_size": pre.image_size, "params": count_parameters(model),
+                     "trainable_params": trainable, "finetune": args.finetune,
                      "macs": count_macs(model, pre), "images_per_s": ips})
         print(f"{name:<22}{pre.image_size:>6}{rows[-1]['params']:>12,}{rows[-1]['macs'] / 1e6:>10.1f}"
               f"{ips:>9.1f}{ratio:>17}", flush=True)
@@ -247,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    add_finetune_arg(p)
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench_train)
 

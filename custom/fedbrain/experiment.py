@@ -20,7 +20,7 @@ from fedbrain.checkpoint import save_checkpoint
 from fedbrain.contract import Augmentation, Preprocessing, supervised_granularity
 from fedbrain.data.dataset import BatchLoader, SliceDataset
 from fedbrain.data.federation import SPLITS, Federation, SiteData
-from fedbrain.models import create_model, default_preprocessing
+from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.training import (
     TrainConfig,
     cosine_schedule,
@@ -137,6 +137,7 @@ def train_pooled(
     cache_dir: Path | None = None,
     progress: bool = True,
     log_every: int = 1,
+    finetune: str = "all",
 ) -> dict:
     """Centralised (all ``sites`` pooled) or local-only (one site) training with validation-based selection.
 
@@ -149,6 +150,7 @@ def train_pooled(
         raise KeyError(f"unknown site(s) {sorted(unknown)}; this federation has {list(fed.sites)}")
     pre = default_preprocessing(model_name, image_size)
     model = create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
+    tuned = apply_finetune(model, model_name, finetune)
     train_site = pooled_site("+".join(names), [fed.sites[n] for n in names])
     pool = SiteLoaders(train_site, pre, cfg, cache_dir=cache_dir)
     every = {n: SiteLoaders(s, pre, cfg, cache_dir=cache_dir) for n, s in fed.sites.items()}
@@ -190,7 +192,8 @@ def train_pooled(
     train_seconds = time.perf_counter() - t0
     ckpt_args = dict(model_name=model_name, preprocessing=pre, supervised_granularity=granularity,
                      label_schemes=schemes, model_kwargs=model_kwargs,
-                     training={**cfg.to_dict(), "mode": "pooled", "sites": names,
+                     training={**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,
+                               "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
                                "augmentation": pool.augmentation.to_dict()})
     save_checkpoint(run_dir / "checkpoints" / "last.pt", model, **ckpt_args)
     if best is not None:

@@ -8,7 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from fedbrain.cli import DEFAULT_WORKSPACE, add_federation_args, load_federation
+from fedbrain.cli import (
+    DEFAULT_WORKSPACE,
+    add_federation_args,
+    add_finetune_arg,
+    load_federation,
+    parse_finetune_or_exit,
+)
 
 
 def add_job_args(p: argparse.ArgumentParser, rounds: int = 20) -> None:
@@ -19,6 +25,9 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int = 20) -> None:
     g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     g.add_argument("--model", default="fedbrain_cnn", choices=list_models())
     g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
+                   help="start the federation from ImageNet weights (auto: the model's default)")
+    add_finetune_arg(g)
     g.add_argument("--rounds", type=int, default=rounds)
     g.add_argument("--local-epochs", type=int, default=1)
     g.add_argument("--batch-size", type=int, default=32)
@@ -34,8 +43,10 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int = 20) -> None:
 
 
 def job_settings(args: argparse.Namespace):
+    from fedbrain.cli import pretrained_flag
     from fedbrain.fl.job import JobSettings
 
+    parse_finetune_or_exit(args.finetune)
     lr = args.lr if args.lr is not None else (0.05 if args.algorithm == "scaffold" else 2e-3)
     init = None
     if args.resume:
@@ -45,7 +56,8 @@ def job_settings(args: argparse.Namespace):
                        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr,
                        fedprox_mu=args.fedprox_mu, seed=args.seed, min_clients=args.min_clients,
                        threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-                       cross_site_eval=not args.no_cross_site_eval, initial_checkpoint=init)
+                       cross_site_eval=not args.no_cross_site_eval, initial_checkpoint=init,
+                       pretrained=pretrained_flag(args), finetune=args.finetune)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -139,6 +151,60 @@ def cmd_bench_federation(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reruns this benchmark (data and budget flags only)."""
+    import shlex
+
+    parts = ["fedbrain", "bench", "models"]
+    for flag in ("data_root", "site_config", "sites", "max_images_per_site", "max_train_per_site"):
+        if getattr(args, flag, None):
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    parts += ["--models", *args.models, "--modes", *args.modes, "--image-size", str(args.image_size),
+              "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--finetune", args.finetune,
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed)]
+    return shlex.join(parts)
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from fedbrain.experiment import new_run_dir
+    from fedbrain.fl import bench_models as bm
+    from fedbrain.models import list_models
+
+    outs = (Path(args.workspace) / "bench_models.json",) + ((Path(args.out),) if args.out else ())
+    if args.show:
+        rows = bm.read_table(args.show)
+        print(bm.format_table(rows, markdown=args.markdown))
+        print(bm.format_goal(bm.goal(rows)))
+        return 0
+    if args.retime:
+        rows = bm.retime(Path(args.retime), outs, latency_repeats=args.latency_repeats,
+                         cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+        print(bm.format_table(rows, markdown=args.markdown))
+        print(bm.format_goal(bm.goal(rows)))
+        return 0
+    unknown = [m for m in args.models if m not in list_models()]
+    if unknown:
+        raise KeyError(f"unknown model(s) {unknown}; choose from {list_models()}")
+    parse_finetune_or_exit(args.finetune)
+    budget = bm.Budget(image_size=args.image_size or None, rounds=args.rounds, local_epochs=args.local_epochs,
+                       max_train_per_site=args.max_train_per_site, finetune=args.finetune,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    fed = load_federation(args)
+    run_dir = new_run_dir(args.workspace, "bench-models")
+    print(f"run: {run_dir}\nbudget: {budget.label()} (centralised: {budget.epochs} epochs), fine-tune "
+          f"{budget.finetune} for pretrained models; models: {', '.join(args.models)}", flush=True)
+    t0 = time.perf_counter()
+    rows = bm.run_bench(fed, args.models, budget, run_dir, outs=outs, modes=tuple(args.modes),
+                        cache_dir=Path(args.cache_dir) if args.cache_dir else None, int8=not args.no_int8,
+                        latency_repeats=args.latency_repeats, command=_bench_command(args))
+    print("\n" + bm.format_table(rows, markdown=args.markdown))
+    print(bm.format_goal(bm.goal(rows)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s on {bm.hardware()}; rows: {run_dir / 'bench_models.json'}; "
+          f"merged into {' and '.join(map(str, outs))} (the dashboard's Models page reads the first)")
+    failed = [r for r in rows if r.get("error")]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("simulate", help="the main job: a federated run in the NVFlare simulator")
     add_federation_args(p)
@@ -158,6 +224,36 @@ def register(sub) -> None:
     add_federation_args(p)
     add_job_args(p, rounds=3)
     p.set_defaults(func=cmd_bench_federation)
+
+    from fedbrain.fl.bench_models import DEFAULT_MODELS, MODES
+    from fedbrain.models import FINETUNE_HELP
+
+    p = bench_sub.add_parser("models", help="every registry model, federated and centralised: accuracy, "
+                             "macro-F1, size, CPU latency at one budget")
+    add_federation_args(p)
+    g = p.add_argument_group("budget (the same for every model; written beside every number)")
+    g.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    g.add_argument("--image-size", type=int, default=128, help="input size for every model (0 = each model's own "
+                   "default: 224 for the ImageNet models); default 128")
+    g.add_argument("--rounds", type=int, default=5, help="federated rounds; centralised trains rounds x local "
+                   "epochs epochs (default 5)")
+    g.add_argument("--local-epochs", type=int, default=1)
+    g.add_argument("--max-train-per-site", type=int, default=None,
+                   help="cap each site's TRAIN split (val/test stay whole, so tables stay comparable)")
+    g.add_argument("--finetune", default="all", help=FINETUNE_HELP + "; applies to models that start from "
+                   "ImageNet weights (random-init models always train all layers)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-int8", action="store_true", help="skip int8 quantisation")
+    p.add_argument("--latency-repeats", type=int, default=50, help="timed batch-1 calls per variant and thread count")
+    p.add_argument("--workspace", default=str(DEFAULT_WORKSPACE))
+    p.add_argument("--out", help="another table to merge the rows into, besides <workspace>/bench_models.json")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--show", metavar="JSON", help="only print an existing table (and the goal check)")
+    p.add_argument("--retime", metavar="RUN", help="only measure sizes and latency again for a finished "
+                   "bench-models run folder (accuracy columns are kept), e.g. on a quiet or deployment machine")
+    p.set_defaults(func=cmd_bench_models)
 
 
 __all__ = ["register", "add_job_args", "job_settings"]

@@ -43,6 +43,8 @@ class JobSettings:
     min_clients: int | None = None  # sites that must answer each round (default: all)
     wait_after_min_s: int = 60  # with min_clients < sites: how long a round waits for the others
     threads_per_site: int | None = None
+    finetune: str = "all"  # all | head | last-N (see fedbrain.models.apply_finetune)
+    pretrained: bool | None = None  # start from ImageNet weights (None: the registry model's default)
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     cross_site_eval: bool = True
@@ -70,6 +72,8 @@ def site_args(s: JobSettings, split_file: str | None, run_dir: str | None, cache
         a += ["--cache-dir", cache_dir]
     if s.threads_per_site:
         a += ["--threads", str(s.threads_per_site)]
+    if s.finetune != "all":
+        a += ["--finetune", s.finetune]
     if s.dp_clip > 0:
         a += ["--dp-clip", str(s.dp_clip), "--dp-noise", str(s.dp_noise)]
     return shlex.join(a) + (" " + s.extra_site_args if s.extra_site_args else "")

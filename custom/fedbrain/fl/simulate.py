@@ -191,6 +191,26 @@ def prepare_resume(settings: JobSettings, run_dir: Path) -> None:
     settings.initial_checkpoint = str(init)
 
 
+def pretrained_start(settings: JobSettings, run_dir: Path) -> str:
+    """Where the registry model starts from ImageNet weights, make them NVFlare's initial global model.
+
+    Returns the weights' source ('imagenet', 'file:...' or 'random'); 'random' leaves the settings alone
+    (NVFlare then initialises the model itself)."""
+    import torch
+
+    from fedbrain.models import weights_source
+
+    if settings.pretrained is False:
+        return "random"
+    model = create_model(settings.model, pretrained=settings.pretrained, **settings.model_kwargs)
+    source = weights_source(model)
+    if source != "random":
+        init = run_dir / "initial_model.pt"
+        torch.save({"model": model.state_dict()}, init)
+        settings.initial_checkpoint = str(init)
+    return source
+
+
 def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_dir: Path | None = None,
                    quiet: bool = True) -> dict:
     """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics."""
@@ -200,6 +220,8 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
     fed.write(run_dir)
     if settings.initial_checkpoint and settings.start_round == 0:
         prepare_resume(settings, run_dir)
+    elif not settings.initial_checkpoint:
+        pretrained_start(settings, run_dir)
     sites = list(fed.sites)
     split_files = {s: str(run_dir / "splits" / f"{s}.csv") for s in sites}
     if settings.threads_per_site is None:

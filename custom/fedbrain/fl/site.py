@@ -19,7 +19,7 @@ import torch
 from fedbrain.data.federation import SiteData
 from fedbrain.experiment import SiteLoaders, flat_scalars
 from fedbrain.fl.privacy import DPConfig, privatize_update
-from fedbrain.models import create_model, default_preprocessing
+from fedbrain.models import apply_finetune, create_model, default_preprocessing
 from fedbrain.training import TrainConfig, evaluate, headline, make_optimizer, seed_everything, train_epochs
 
 
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra create_model argument (repeatable), e.g. width=1.25")
     p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--finetune", default="all", help="all | head | last-N: which blocks train (the rest stay frozen)")
     p.add_argument("--algorithm", choices=["fedavg", "fedprox", "scaffold"], default="fedavg")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                       optimizer="sgd" if args.algorithm == "scaffold" else "adamw")
     loaders = SiteLoaders(data, pre, cfg, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     kwargs = model_kwargs(args.model_arg)
-    model = create_model(args.model, pretrained=False, **kwargs)
+    model = create_model(args.model, pretrained=False, **kwargs)  # the server sends the initial weights
+    apply_finetune(model, args.model, args.finetune)
     optimizer = make_optimizer(model, cfg)  # persists across rounds (Adam moments stay local)
     dp = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise, seed=args.seed)
     log_dir = Path(args.log_dir) if args.log_dir else (Path(args.run_dir) / "sites" / site if args.run_dir else None)

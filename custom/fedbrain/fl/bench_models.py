@@ -1,0 +1,389 @@
+"""``fedbrain bench models``: every registry model, federated (NVFlare simulator) and centralised, one table.
+
+Each model gets the same :class:`Budget` (input size, rounds x local epochs, training images per site,
+fine-tuning depth); the budget is written beside every number. Per (model, mode) row: accuracy,
+macro-F1, per-class precision/recall, tumour AUROC on the union of the sites' leak-free test splits;
+per model: parameters, MACs, fp32 and int8 ONNX size, int8 macro-F1, and ONNX Runtime batch-1 CPU
+latency at 1 and 2 threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from fedbrain.contract import CLASSES
+from fedbrain.data.federation import Federation, SiteData
+from fedbrain.experiment import UNION, train_pooled, write_config
+from fedbrain.fl.job import JobSettings
+from fedbrain.models import (
+    apply_finetune,
+    count_macs,
+    create_model,
+    default_preprocessing,
+    weights_source,
+)
+from fedbrain.training import TrainConfig
+
+FORMAT = "fedbrain-bench-models/1"
+MODES = ("federated", "centralized")
+DEFAULT_MODELS = ("fedbrain_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                  "efficientnet_lite0", "resnet50", "vgg16")
+PRODUCT = "fedbrain_cnn"
+METRICS = ("accuracy", "macro_f1", "tumour_auroc", "tumour_accuracy", "macro_auroc")
+PROFILE = ("params", "trainable_params", "macs", "fp32_onnx_bytes", "int8_onnx_bytes", "int8_macro_f1",
+           "latency_ms_fp32_1t", "latency_ms_fp32_2t", "latency_ms_int8_1t", "latency_ms_int8_2t")
+BUDGET = ("budget", "image_size", "rounds", "local_epochs", "epochs", "train_images", "max_train_per_site",
+          "weights", "finetune")
+FIELDS = (["model", "mode", *BUDGET, *METRICS]
+          + [f"{c}_{k}" for c in CLASSES for k in ("precision", "recall")]
+          + ["n_test", *PROFILE, "train_seconds", "hardware", "error", "int8_error", "profile_error"])
+
+
+@dataclass
+class Budget:
+    """What every model gets. ``finetune`` applies to models that start from ImageNet weights; a model
+    that starts from random weights always trains all layers (frozen random features learn nothing)."""
+
+    image_size: int | None = 128  # None: each model's own default (224 for the ImageNet models)
+    rounds: int = 5
+    local_epochs: int = 1
+    max_train_per_site: int | None = None  # cap on each site's TRAIN split; val/test stay whole
+    finetune: str = "all"
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+    @property
+    def epochs(self) -> int:
+        """Centralised epochs = federated rounds x local epochs (each picture seen equally often)."""
+        return self.rounds * self.local_epochs
+
+    def label(self, model: str | None = None) -> str:
+        size = self.image_size or (default_preprocessing(model).image_size if model else "default")
+        parts = [f"{size}px", f"{self.rounds}x{self.local_epochs} ep"]
+        if self.max_train_per_site:
+            parts.append(f"<={self.max_train_per_site} train/site")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def hardware() -> str:
+    """'<cpu model>, <n> cores' (the numbers' hardware, written into every row)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, CPU"
+
+
+def cap_train(fed: Federation, n: int | None, seed: int = 0) -> Federation:
+    """The federation with each site's train split cut to ``n`` seeded-random images (val/test untouched)."""
+    if not n:
+        return fed
+    from fedbrain.compression.data import sample
+
+    sites = {name: SiteData(s.name, s.scheme, {**s.splits, "train": sample(s.splits["train"], n, seed)}, s.summary)
+             for name, s in fed.sites.items()}
+    return replace(fed, sites=sites)
+
+
+def _metric_cells(m: dict) -> dict:
+    out = {k: m.get(k) for k in METRICS}
+    out["n_test"] = m.get("n")
+    for c in CLASSES:
+        pc = (m.get("per_class") or {}).get(c, {})
+        out[f"{c}_precision"], out[f"{c}_recall"] = pc.get("precision"), pc.get("recall")
+    return out
+
+
+def profile_model(checkpoint: Path, out_dir: Path, train_records: list, test_records: list,
+                  cache_dir: Path | None, int8: bool = True, repeats: int = 50, max_seconds: float = 15.0,
+                  threads: tuple[int, ...] = (1, 2)) -> dict:
+    """ONNX fp32 (and int8) export of a trained checkpoint, their sizes, int8 test macro-F1 and
+    batch-1 ONNX Runtime latency (median ms) at each thread count."""
+    from fedbrain.checkpoint import load_checkpoint
+    from fedbrain.compression import report as rep
+    from fedbrain.compression.data import arrays, normalise, sample
+    from fedbrain.compression.latency import timed
+    from fedbrain.compression.onnx_export import contract_metadata, export_onnx
+    from fedbrain.compression.quantize import quantize_int8
+    from fedbrain.predict import load_predictor
+
+    model, meta = load_checkpoint(checkpoint)
+    pre = meta["preprocessing"]
+    out: dict = {}
+    fp32 = export_onnx(model, meta, out_dir / "fp32.onnx", "fp32", source=checkpoint)
+    out["fp32_onnx_bytes"] = os.path.getsize(fp32)
+    files = {"fp32": fp32}
+    if int8:
+        try:
+            calib = normalise(arrays(sample(train_records, 64), pre, cache_dir)[0], pre)
+            files["int8"] = quantize_int8(fp32, out_dir / "int8.onnx", calib,
+                                          contract_metadata(meta, "int8", checkpoint))
+            out["int8_onnx_bytes"] = os.path.getsize(files["int8"])
+            imgs, targets = arrays(test_records, pre, cache_dir)
+            metrics, _ = rep.evaluate_predictor(load_predictor(files["int8"]), imgs, targets)
+            out["int8_macro_f1"] = metrics.get("macro_f1")
+        except Exception as exc:  # the compression pipeline does not support every graph
+            out["int8_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    imgs, _ = arrays(test_records[:8], pre, cache_dir)
+    inputs = [normalise(imgs[i:i + 1], pre) for i in range(len(imgs))]
+    for th in threads:
+        for variant, path in files.items():
+            fn = load_predictor(path, threads=th).logits
+            out[f"latency_ms_{variant}_{th}t"] = timed(fn, inputs, warmup=5, repeats=repeats,
+                                                       max_seconds=max_seconds)["p50"]
+    return out
+
+
+def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: tuple[str, ...] = MODES,
+              cache_dir: Path | None = None, int8: bool = True, latency_repeats: int = 50,
+              progress: bool = True) -> list[dict]:
+    """One model: its profile, then one row per mode (errors land in the row, never stop the others)."""
+    from fedbrain.fl.simulate import run_simulation
+
+    mdir = run_dir / name
+    mdir.mkdir(parents=True, exist_ok=True)
+    pre = default_preprocessing(name, budget.image_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = create_model(name)  # the registry's default: ImageNet weights for baselines where available
+    for w in caught:
+        if "RANDOM" in str(w.message) and progress:
+            print(f"   {name}: {w.message}", flush=True)
+    weights = weights_source(model)
+    finetune = budget.finetune if weights != "random" else "all"
+    tuned = apply_finetune(model, name, finetune)
+    base = {"model": name, "budget": budget.label(name), "image_size": pre.image_size, "rounds": budget.rounds,
+            "local_epochs": budget.local_epochs, "epochs": budget.epochs,
+            "train_images": sum(len(s.splits["train"]) for s in fed.sites.values()),
+            "max_train_per_site": budget.max_train_per_site, "weights": weights, "finetune": finetune,
+            "params": tuned["params"], "trainable_params": tuned["trainable_params"],
+            "macs": count_macs(model, pre), "hardware": hardware()}
+    rows, best_ckpt = [], None
+    for mode in modes:
+        if progress:
+            print(f"\n== {name} / {mode}: {base['budget']}, weights {weights}, fine-tune {finetune} "
+                  f"({tuned['trainable_params']:,} of {tuned['params']:,} params train)", flush=True)
+        t0 = time.perf_counter()
+        row = {**base, "mode": mode}
+        try:
+            if mode == "federated":
+                settings = JobSettings(algorithm="fedavg", model=name, image_size=budget.image_size,
+                                       rounds=budget.rounds, local_epochs=budget.local_epochs,
+                                       batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
+                                       cross_site_eval=False, finetune=finetune)  # ImageNet start if any
+                summary = run_simulation(fed, settings, mdir / mode, cache_dir=cache_dir)
+                if summary.get("failed_sites") or "test" not in summary:
+                    raise RuntimeError(str(summary.get("failed_sites") or summary.get("error"))[:400])
+                test = summary["test"]
+            else:
+                cfg = TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
+                                  seed=budget.seed)
+                fed.write(mdir / mode)
+                write_config(mdir / mode, kind="centralized", model=name, train=cfg.to_dict(),
+                             federation=fed.spec.to_dict(), image_size=budget.image_size, finetune=finetune,
+                             weights=weights)
+                test = train_pooled(fed, name, cfg, mdir / mode, image_size=budget.image_size, pretrained=None,
+                                    finetune=finetune, cache_dir=cache_dir, progress=progress)["test"]
+            row.update(_metric_cells(test[UNION]))
+            best_ckpt = best_ckpt or mdir / mode / "checkpoints" / "best.pt"
+        except Exception as exc:  # one failing model or mode must not cost the rest of the table
+            row["error"] = f"{type(exc).__name__}: {exc}"
+            if progress:
+                print(f"   {name} / {mode} FAILED: {row['error']}", flush=True)
+        row["train_seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    if best_ckpt is not None:
+        if progress:
+            print(f"   {name}: ONNX export, int8 and CPU latency", flush=True)
+        union = [r for s in fed.sites.values() for r in s.splits["test"]]
+        train = [r for s in fed.sites.values() for r in s.splits["train"]]
+        try:
+            prof = profile_model(best_ckpt, mdir / "onnx", train, union, cache_dir, int8=int8,
+                                 repeats=latency_repeats)
+        except Exception as exc:
+            prof = {"profile_error": f"{type(exc).__name__}: {exc}"}
+        prof["profiled_checkpoint"] = str(best_ckpt)
+        for row in rows:
+            row.update(prof)
+    return rows
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` rows with the same (model, mode, budget) replaced by ``new`` ones; order kept."""
+    key = lambda r: (r.get("model"), r.get("mode"), r.get("budget"))  # noqa: E731
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + list(new)
+
+
+def write_table(path: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
+    """``path`` (JSON: rows + meta + goal) and the same rows as CSV beside it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"format": FORMAT, **meta, "rows": rows, "goal": goal(rows)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    tmp.replace(path)
+    csv_path = path.with_suffix(".csv")
+    with csv_path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(FIELDS), extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path, csv_path
+
+
+def read_table(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    doc = json.loads(p.read_text())
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{p} is not a `fedbrain bench models` table (format {FORMAT})")
+    return doc["rows"]
+
+
+def goal(rows: list[dict]) -> list[dict]:
+    """Per (mode, budget): fedbrain_cnn against the best baseline by macro-F1 (goal: within 2 pp,
+    >= 10x fewer parameters, >= 10x lower 1-thread fp32 latency)."""
+    out = []
+    for mode, budget in dict.fromkeys((r["mode"], r["budget"]) for r in rows):
+        same = [r for r in rows if r["mode"] == mode and r["budget"] == budget and r.get("macro_f1") is not None]
+        ours = next((r for r in same if r["model"] == PRODUCT), None)
+        others = [r for r in same if r["model"] != PRODUCT]
+        if ours is None or not others:
+            continue
+        best = max(others, key=lambda r: r["macro_f1"])
+        lat_ours, lat_best = ours.get("latency_ms_fp32_1t"), best.get("latency_ms_fp32_1t")
+        gap = ours["macro_f1"] - best["macro_f1"]
+        params_x = best["params"] / ours["params"]
+        latency_x = lat_best / lat_ours if lat_ours and lat_best else None
+        out.append({"mode": mode, "budget": budget, "best_baseline": best["model"],
+                    "macro_f1_gap_pp": round(100 * gap, 2), "params_ratio": round(params_x, 1),
+                    "latency_ratio_1t": round(latency_x, 1) if latency_x else None,
+                    "met": bool(gap >= -0.02 and params_x >= 10 and (latency_x or 0) >= 10)})
+    return out
+
+
+def _f(v, fmt: str) -> str:
+    return format(v, fmt) if isinstance(v, (int, float)) and v == v else "-"
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The comparison table (one line per model and mode), with each row's budget."""
+    cols = [("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"),
+            ("weights", "init", "s"), ("finetune", "fine-tune", "s"), ("accuracy", "acc", ".3f"),
+            ("macro_f1", "macro-F1", ".3f"), ("tumour_auroc", "tumour AUROC", ".3f"),
+            ("params", "params (M)", "p"), ("macs", "GMACs", "g"), ("fp32_onnx_bytes", "fp32 MB", "mb"),
+            ("int8_onnx_bytes", "int8 MB", "mb"), ("latency_ms_fp32_1t", "ms 1t", ".2f"),
+            ("latency_ms_fp32_2t", "ms 2t", ".2f"), ("latency_ms_int8_1t", "int8 ms 1t", ".2f"),
+            ("train_seconds", "train s", ".0f")]
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        v = r.get(key)
+        if key == "macro_f1" and r.get("error"):
+            return "FAILED"
+        if fmt == "p":
+            return _f(v / 1e6 if isinstance(v, (int, float)) else None, ".3f")
+        if fmt == "g":
+            return _f(v / 1e9 if isinstance(v, (int, float)) else None, ".3f")
+        if fmt == "mb":
+            return _f(v / 1e6 if isinstance(v, (int, float)) else None, ".2f")
+        return str(v) if fmt == "s" and v is not None else _f(v, fmt)
+
+    grid = [[cell(r, k, f) for k, _, f in cols] for r in rows]
+    head = [h for _, h, _ in cols]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(g) + " |" for g in grid]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(g[i]) for g in grid)) if grid else len(h) for i, h in enumerate(head)]
+    fmt_line = lambda cells: "  ".join(c.rjust(w) if i > 4 else c.ljust(w)  # noqa: E731
+                                       for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    return "\n".join([fmt_line(head), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt_line(g) for g in grid])
+
+
+def format_goal(g: list[dict]) -> str:
+    lines = []
+    for x in g:
+        lat = f"{x['latency_ratio_1t']}x" if x["latency_ratio_1t"] else "n/a"
+        lines.append(f"goal ({x['mode']}, {x['budget']}): fedbrain_cnn vs best baseline {x['best_baseline']}: "
+                     f"macro-F1 {x['macro_f1_gap_pp']:+.2f} pp, {x['params_ratio']}x fewer params, "
+                     f"{lat} lower 1-thread latency -> {'MET' if x['met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def run_bench(fed: Federation, models: list[str], budget: Budget, run_dir: Path, outs: tuple[Path, ...] = (),
+              modes: tuple[str, ...] = MODES, cache_dir: Path | None = None, int8: bool = True,
+              latency_repeats: int = 50, command: str = "", progress: bool = True) -> list[dict]:
+    """All ``models`` under one budget; rows saved after every model into ``run_dir/bench_models.json``
+    and merged into each of ``outs`` (rows of the same model, mode and budget are replaced)."""
+    run_dir = Path(run_dir)
+    fed = cap_train(fed, budget.max_train_per_site, budget.seed)
+    fed.write(run_dir)
+    meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "federation": fed.spec.to_dict(), "sites": list(fed.sites), "evaluated_on": "union of the sites' test "
+            "splits (leak-free: duplicate clusters never cross splits)", "hardware": hardware()}
+    write_config(run_dir, kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(), **meta)
+    rows: list[dict] = []
+    for name in models:
+        rows += bench_one(fed, name, budget, run_dir, modes, cache_dir, int8, latency_repeats, progress)
+        write_table(run_dir / "bench_models.json", rows, meta)
+        for out in outs:
+            write_table(out, merge_rows(_safe_read(out), rows), meta)
+    return rows
+
+
+def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50, cache_dir: Path | None = None,
+           progress: bool = True) -> list[dict]:
+    """Measure size and latency again for every model of a finished benchmark run (e.g. on a quiet machine,
+    or on the deployment hardware); its accuracy columns are kept."""
+    from fedbrain.data.federation import SiteData as _Site
+
+    run_dir = Path(run_dir)
+    doc = json.loads((run_dir / "bench_models.json").read_text())
+    rows = doc["rows"]
+    sites = [_Site.read_split_file(f.stem, f) for f in sorted((run_dir / "splits").glob("*.csv"))]
+    train = [r for s in sites for r in s.splits["train"]]
+    test = [r for s in sites for r in s.splits["test"]]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == name]
+        ckpt = next((r.get("profiled_checkpoint") for r in mine if r.get("profiled_checkpoint")), None)
+        if not ckpt or not Path(ckpt).is_file():
+            continue
+        if progress:
+            print(f"   {name}: timing {ckpt}", flush=True)
+        prof = profile_model(Path(ckpt), run_dir / name / "onnx", train, test, cache_dir, int8=True,
+                             repeats=latency_repeats)
+        for r in mine:
+            r.update(prof, hardware=hardware())
+    meta = {k: v for k, v in doc.items() if k not in ("rows", "goal", "format")}
+    meta["retimed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_table(run_dir / "bench_models.json", rows, meta)
+    for out in outs:
+        write_table(out, merge_rows(_safe_read(out), rows), meta)
+    return rows
+
+
+def _safe_read(path: Path) -> list[dict]:
+    try:
+        return read_table(path)
+    except (ValueError, json.JSONDecodeError, KeyError):
+        return []
+
+
+__all__ = ["Budget", "run_bench", "bench_one", "format_table", "format_goal", "goal", "read_table", "merge_rows"]
