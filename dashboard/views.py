@@ -548,18 +548,16 @@ def models_page() -> None:
     meta = R.bench_models_meta(ws)
     st.caption("fedbrain_cnn against the baselines on the union of the hospitals' leak-free test splits. "
                "Every row carries its training budget; compare rows of one budget. "
-               + (f"Hardware: {meta['hardware']}. " if meta.get("hardware") else "")
-               + (f"Command: `{meta['command']}`." if meta.get("command") else ""))
-    for col in ("mode", "budget"):
-        if col in table and table[col].nunique() > 1:
-            options = sorted(table[col].dropna().unique())
+               + (f"Hardware: {meta['hardware']}." if meta.get("hardware") else ""))
+    filters = [c for c in ("mode", "budget") if c in table and table[c].nunique() > 1]
+    for col, box in zip(filters, st.columns(max(1, len(filters))), strict=False):
+        with box:
+            options = list(dict.fromkeys(table[col].dropna()))
             picked = st.multiselect(col.capitalize(), options, default=options, key=f"models_{col}")
-            table = table[table[col].isin(picked)]
+        table = table[table[col].isin(picked)]
     failed = table[table["error"].notna() & (table["error"] != "")] if "error" in table else table.iloc[0:0]
     for _, r in failed.iterrows():
         st.warning(f"{r.get('model')} / {r.get('mode')} failed: {r['error']}")
-    shown = table[[c for c in MODEL_COLUMNS if c in table]].rename(columns=MODEL_COLUMNS)
-    st.dataframe(shown, hide_index=True, width="stretch")
     x = R.first_column(table, "latency_ms_fp32_1t", "latency_ms_p50_1t", "latency_ms")
     y = R.first_column(table, "macro_f1", "accuracy")
     size = R.first_column(table, "fp32_onnx_bytes", "file_bytes", "params")
@@ -567,10 +565,18 @@ def models_page() -> None:
     if x and y:
         data = table.dropna(subset=[x, y]).copy()
         symbol = "mode" if "mode" in data and data["mode"].nunique() > 1 else None
-        hover = [c for c in ("budget", "weights", "finetune", "params") if c in data]
-        _chart(px.scatter(data, x=x, y=y, size=size, color=name, symbol=symbol, hover_data=hover, size_max=45,
+        hover = [c for c in ("budget", "weights", "finetune", "params", size) if c in data]
+        marker = None
+        if size:  # sizes span 1000x (0.6 MB to 0.5 GB): a log scale keeps the small models visible
+            values = pd.to_numeric(data[size], errors="coerce")
+            data["marker"] = np.log10(values.clip(lower=1.0) / values.min()) + 1.0 if values.min() > 0 else 1.0
+            marker = "marker"
+        _chart(px.scatter(data, x=x, y=y, size=marker, color=name, symbol=symbol, hover_data=hover, size_max=30,
                           log_x=bool((data[x] > 0).all()),
-                          title=f"{y} vs CPU latency {x} (marker area: {size or 'n/a'}; left and up is better)"))
+                          title=f"{y} vs CPU latency {x} (marker area grows with log {size or 'n/a'}; "
+                                "left and up is better)"))
+    shown = table[[c for c in MODEL_COLUMNS if c in table]].rename(columns=MODEL_COLUMNS)
+    st.dataframe(shown, hide_index=True, width="stretch")
     goal = R.bench_goal_rows(meta)
     if not goal.empty:
         st.subheader("Goal: fedbrain_cnn within 2 pp of the best baseline at >= 10x fewer params and latency")
@@ -580,3 +586,6 @@ def models_page() -> None:
         with st.expander("Per-class precision and recall"):
             st.dataframe(table[[name, "mode", *per_class]] if "mode" in table else table[[name, *per_class]],
                          hide_index=True, width="stretch")
+    if meta.get("commands"):
+        with st.expander("Commands that made this table"):
+            st.code("\n".join(meta["commands"]), language="bash")

@@ -38,7 +38,9 @@ def bench(tmp_path_factory) -> tuple[Path, Path]:
 def test_table_is_complete_and_from_the_run(bench):
     ws, run = bench
     doc = json.loads((ws / "bench_models.json").read_text())
-    assert doc["format"] == bm.FORMAT and doc["hardware"] and doc["command"].startswith("fedbrain bench models")
+    assert doc["format"] == bm.FORMAT and doc["hardware"]
+    assert [r["command"] for r in doc["rows"]] == doc["commands"] * len(doc["rows"])
+    assert doc["commands"][0].startswith("fedbrain bench models --data-root")
     rows = doc["rows"]
     assert [(r["model"], r["mode"]) for r in rows] == [(m, mode) for m in MODELS for mode in bm.MODES]
     for r in rows:
@@ -105,11 +107,14 @@ def test_apply_finetune_freezes_all_but_the_last_blocks():
 
 
 def test_merge_replaces_rows_of_the_same_model_mode_and_budget():
-    old = [{"model": "a", "mode": "federated", "budget": "x", "macro_f1": 0.1},
-           {"model": "a", "mode": "federated", "budget": "y", "macro_f1": 0.2}]
-    new = [{"model": "a", "mode": "federated", "budget": "x", "macro_f1": 0.3}]
+    old = [{"model": "a", "mode": "federated", "budget": "x", "finetune": "all", "macro_f1": 0.1},
+           {"model": "a", "mode": "federated", "budget": "y", "finetune": "all", "macro_f1": 0.2},
+           {"model": "a", "mode": "federated", "budget": "x", "finetune": "head", "macro_f1": 0.4}]
+    new = [{"model": "a", "mode": "federated", "budget": "x", "finetune": "all", "macro_f1": 0.3}]
     merged = bm.merge_rows(old, new)
-    assert [(r["budget"], r["macro_f1"]) for r in merged] == [("y", 0.2), ("x", 0.3)]
+    assert [(r["budget"], r["macro_f1"]) for r in merged] == [("x", 0.3), ("y", 0.2), ("x", 0.4)]
+    assert bm.merge_rows(old, [{"model": "b", "mode": "federated", "budget": "x"}])[-1]["model"] == "b"
+    assert bm.Budget(lr=1e-4).label() == "128px, 5x1 ep, lr 0.0001, batch 32"
 
 
 def test_goal_compares_within_one_budget_and_mode():

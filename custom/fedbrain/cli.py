@@ -194,8 +194,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     names = args.models or list_models()
     parse_finetune_or_exit(args.finetune)
+    size = args.image_size or "each model's default"
     print(f"training throughput, batch {args.batch_size}, {torch.get_num_threads()} threads, "
-          f"{args.steps} timed steps after 1 warm-up (synthetic inputs at each model's default size), "
+          f"{args.steps} timed steps after 1 warm-up (synthetic inputs, {size} px), "
           f"fine-tune {args.finetune}")
     print(f"{'model':<22}{'size':>6}{'params':>12}{'MMACs':>10}{'img/s':>9}{'vs fedbrain_cnn':>17}")
     base = None

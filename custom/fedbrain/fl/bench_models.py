@@ -44,7 +44,7 @@ BUDGET = ("budget", "image_size", "rounds", "local_epochs", "epochs", "train_ima
           "weights", "finetune")
 FIELDS = (["model", "mode", *BUDGET, *METRICS]
           + [f"{c}_{k}" for c in CLASSES for k in ("precision", "recall")]
-          + ["n_test", *PROFILE, "train_seconds", "hardware", "error", "int8_error", "profile_error"])
+          + ["n_test", *PROFILE, "train_seconds", "hardware", "command", "error", "int8_error", "profile_error"])
 
 
 @dataclass
@@ -71,6 +71,8 @@ class Budget:
         parts = [f"{size}px", f"{self.rounds}x{self.local_epochs} ep"]
         if self.max_train_per_site:
             parts.append(f"<={self.max_train_per_site} train/site")
+        if self.lr != Budget.lr or self.batch_size != Budget.batch_size:
+            parts.append(f"lr {self.lr:g}, batch {self.batch_size}")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -225,17 +227,20 @@ def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: 
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` rows with the same (model, mode, budget) replaced by ``new`` ones; order kept."""
-    key = lambda r: (r.get("model"), r.get("mode"), r.get("budget"))  # noqa: E731
-    fresh = {key(r) for r in new}
-    return [r for r in old if key(r) not in fresh] + list(new)
+    """``old`` rows with the same (model, mode, budget, fine-tuning) replaced in place by ``new`` ones; other
+    new rows are appended."""
+    key = lambda r: (r.get("model"), r.get("mode"), r.get("budget"), r.get("finetune"))  # noqa: E731
+    fresh = {key(r): r for r in new}
+    merged = [fresh.pop(key(r), r) for r in old]
+    return merged + [r for r in new if key(r) in fresh]
 
 
 def write_table(path: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
     """``path`` (JSON: rows + meta + goal) and the same rows as CSV beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"format": FORMAT, **meta, "rows": rows, "goal": goal(rows)}
+    commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    doc = {"format": FORMAT, **meta, "commands": commands, "rows": rows, "goal": goal(rows)}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2, default=str))
     tmp.replace(path)
@@ -335,13 +340,15 @@ def run_bench(fed: Federation, models: list[str], budget: Budget, run_dir: Path,
     run_dir = Path(run_dir)
     fed = cap_train(fed, budget.max_train_per_site, budget.seed)
     fed.write(run_dir)
-    meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
+    meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "federation": fed.spec.to_dict(), "sites": list(fed.sites), "evaluated_on": "union of the sites' test "
             "splits (leak-free: duplicate clusters never cross splits)", "hardware": hardware()}
-    write_config(run_dir, kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(), **meta)
+    write_config(run_dir, kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(),
+                 command=command, **meta)
     rows: list[dict] = []
     for name in models:
-        rows += bench_one(fed, name, budget, run_dir, modes, cache_dir, int8, latency_repeats, progress)
+        rows += [{**r, "command": command}
+                 for r in bench_one(fed, name, budget, run_dir, modes, cache_dir, int8, latency_repeats, progress)]
         write_table(run_dir / "bench_models.json", rows, meta)
         for out in outs:
             write_table(out, merge_rows(_safe_read(out), rows), meta)
@@ -371,7 +378,7 @@ def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50
                              repeats=latency_repeats)
         for r in mine:
             r.update(prof, hardware=hardware())
-    meta = {k: v for k, v in doc.items() if k not in ("rows", "goal", "format")}
+    meta = {k: v for k, v in doc.items() if k not in ("rows", "goal", "format", "commands")}
     meta["retimed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     write_table(run_dir / "bench_models.json", rows, meta)
     for out in outs:
