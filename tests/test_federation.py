@@ -114,3 +114,27 @@ def test_resume_continues_at_the_next_round(sim_run, tmp_path):
     assert rounds == {2}  # the fixture ran rounds 0 and 1
     _, meta = load_checkpoint(run / "checkpoints" / "last.pt")
     assert meta["training"]["start_round"] == 2
+
+
+@pytest.mark.parametrize("weighting, expected", [("steps", 0.75), ("equal", 0.5)])
+def test_aggregator_site_weighting(weighting, expected):
+    """By local steps a big site dominates; 'equal' gives every site the same say."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
+
+    from fedbrain.fl.aggregator import ValidatingAggregator
+
+    agg = ValidatingAggregator(site_weighting=weighting)
+    for value, steps in ((0.0, 1), (1.0, 3)):
+        agg.accept_model(FLModel(params={"w": np.array([value])}, current_round=0,
+                                 meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps, "client_name": f"s{steps}"}))
+    assert float(agg.aggregate_model().params["w"][0]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="site_weighting"):
+        ValidatingAggregator(site_weighting="size")
+
+
+def test_site_weighting_is_not_offered_for_scaffold(tmp_path, capsys):
+    from fedbrain.cli import main
+
+    assert main(["simulate", "--algorithm", "scaffold", "--site-weighting", "equal",
+                 "--workspace", str(tmp_path)]) == 2
+    assert "not scaffold" in capsys.readouterr().err

@@ -42,15 +42,21 @@ def describe_update(model: FLModel) -> dict:
 
 
 class ValidatingAggregator(ModelAggregator):
-    """FedAvg weighted by local steps; invalid updates are logged and left out of the round.
+    """FedAvg weighted by local steps (or every site alike); invalid updates are logged and left out.
 
     ``audit_file`` (optional, server-local) gets one JSON line per received update describing its
     structure (never its values), so an operator can verify that only weights, counts and scalar
-    metrics arrive.
+    metrics arrive. ``site_weighting="equal"`` gives every accepted site the same weight, so a large
+    hospital cannot drown out the classes only the small ones have.
     """
 
-    def __init__(self, audit_file: str | None = None):
+    WEIGHTINGS = ("steps", "equal")
+
+    def __init__(self, audit_file: str | None = None, site_weighting: str = "steps"):
         super().__init__()
+        if site_weighting not in self.WEIGHTINGS:
+            raise ValueError(f"site_weighting must be one of {self.WEIGHTINGS}, not {site_weighting!r}")
+        self.site_weighting = site_weighting
         self.audit_file = audit_file
         self.reference_shapes: dict | None = None
         self.rejected: list[dict] = []
@@ -77,7 +83,9 @@ class ValidatingAggregator(ModelAggregator):
             return
         if self.reference_shapes is None:
             self.reference_shapes = {k: tuple(np.shape(v)) for k, v in model.params.items()}
-        weight = float((model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0))
+        weight = 1.0
+        if self.site_weighting == "steps":
+            weight = float((model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0))
         self.params.add(data=model.params, weight=weight, contributor_name=site, contribution_round=rnd)
         if model.metrics:
             finite = {k: v for k, v in model.metrics.items()

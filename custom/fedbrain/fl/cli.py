@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedbrain.cli import (
     DEFAULT_WORKSPACE,
+    UsageError,
     add_federation_args,
     add_finetune_arg,
     load_federation,
@@ -34,6 +35,8 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int = 20) -> None:
     g.add_argument("--lr", type=float, default=None, help="default 2e-3 (AdamW); 0.05 for SCAFFOLD (SGD)")
     g.add_argument("--fedprox-mu", type=float, default=0.01)
     g.add_argument("--min-clients", type=int, default=None, help="sites that must answer each round (default all)")
+    g.add_argument("--site-weighting", choices=["steps", "equal"], default="steps",
+                   help="FedAvg/FedProx average weighted by each site's local steps (default) or equal per site")
     g.add_argument("--dp-clip", type=float, default=0.0, help="differential privacy: L2 clip of each update")
     g.add_argument("--dp-noise", type=float, default=0.0, help="differential privacy: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
@@ -47,6 +50,8 @@ def job_settings(args: argparse.Namespace):
     from fedbrain.fl.job import JobSettings
 
     parse_finetune_or_exit(args.finetune)
+    if args.algorithm == "scaffold" and args.site_weighting != "steps":
+        raise UsageError("--site-weighting applies to fedavg and fedprox, not scaffold")
     lr = args.lr if args.lr is not None else (0.05 if args.algorithm == "scaffold" else 2e-3)
     init = None
     if args.resume:
@@ -57,7 +62,8 @@ def job_settings(args: argparse.Namespace):
                        fedprox_mu=args.fedprox_mu, seed=args.seed, min_clients=args.min_clients,
                        threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
                        cross_site_eval=not args.no_cross_site_eval, initial_checkpoint=init,
-                       pretrained=pretrained_flag(args), finetune=args.finetune)
+                       pretrained=pretrained_flag(args), finetune=args.finetune,
+                       site_weighting=args.site_weighting)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

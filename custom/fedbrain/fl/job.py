@@ -45,6 +45,7 @@ class JobSettings:
     threads_per_site: int | None = None
     finetune: str = "all"  # all | head | last-N (see fedbrain.models.apply_finetune)
     pretrained: bool | None = None  # start from ImageNet weights (None: the registry model's default)
+    site_weighting: str = "steps"  # FedAvg/FedProx average: by local steps, or every site alike ("equal")
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     cross_site_eval: bool = True
@@ -86,6 +87,9 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
+    if s.algorithm == "scaffold" and s.site_weighting != "steps":
+        raise ValueError("--site-weighting applies to fedavg and fedprox (NVFlare's SCAFFOLD recipe takes no "
+                         "custom aggregator)")
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
              "args": {"name": s.model, "num_classes": 4}}
     if s.model_kwargs:
@@ -106,7 +110,8 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
             base = _custom_controller(base, min_clients if min_clients < len(sites) else 0, s.wait_after_min_s,
                                       s.start_round)
             common["min_clients"] = len(sites)
-        recipe = base(**common, **extra, key_metric="val_score", aggregator=_safe_aggregator(run_dir))
+        recipe = base(**common, **extra, key_metric="val_score",
+                      aggregator=_safe_aggregator(run_dir, s.site_weighting))
     else:
         from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
 
@@ -143,10 +148,11 @@ def _custom_controller(recipe_class, min_responses: int, wait_after_min_s: int, 
     return CustomRecipe
 
 
-def _safe_aggregator(run_dir: str | None):
+def _safe_aggregator(run_dir: str | None, site_weighting: str = "steps"):
     from fedbrain.fl.aggregator import ValidatingAggregator
 
-    return ValidatingAggregator(audit_file=str(Path(run_dir) / "server_audit.jsonl") if run_dir else None)
+    return ValidatingAggregator(audit_file=str(Path(run_dir) / "server_audit.jsonl") if run_dir else None,
+                                site_weighting=site_weighting)
 
 
 def load_global_state(path: str | Path) -> dict[str, torch.Tensor]:
