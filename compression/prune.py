@@ -142,24 +142,14 @@ def finetune(model: nn.Module, loader, epochs: int = 2, lr: float = 1e-3, weight
     """A short fine-tune on local data: AdamW, one cosine schedule over all epochs, the class-weighted
     partial-label loss of training. With ``val_loader`` the epoch with the best validation headline
     (macro-F1, else tumour AUROC) is kept, as in training; the model ends in eval mode."""
-    from fedbrain.training import TrainConfig, cosine_schedule, evaluate, headline, make_optimizer, train_epochs
+    from fedbrain.training import TrainConfig, train_keep_best
 
     if epochs <= 0:
         return {"epochs": 0}
     torch.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
-    optimizer = make_optimizer(model, cfg)
-    schedule, per_epoch = cosine_schedule(), max(1, len(loader))
-    best, best_score, history = None, -float("inf"), []
-    for e in range(epochs):
-        stats = train_epochs(model, loader, cfg, epochs=1, optimizer=optimizer,
-                             lr_schedule=lambda step, _n, e=e: schedule(e * per_epoch + step, epochs * per_epoch),
-                             progress=f"fine-tune {e + 1}/{epochs}" if progress else None)
-        score = headline(evaluate(model, val_loader)) if val_loader is not None else -stats["loss"]
-        history.append({"epoch": e + 1, "loss": stats["loss"], "val_score": score, "seconds": stats["seconds"]})
-        if score > best_score:
-            best_score = score
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best, _score, history = train_keep_best(model, lambda _epoch: loader, cfg, val_loader=val_loader,
+                                            progress="fine-tune" if progress else None)
     model.load_state_dict(best)
     model.eval()
     return {"epochs": epochs, "lr": lr, "selected_by": "val headline" if val_loader is not None else "train loss",

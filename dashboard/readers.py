@@ -398,7 +398,7 @@ def bench_models(workspace: str | Path) -> pd.DataFrame:
 
 
 def bench_models_meta(workspace: str | Path) -> dict:
-    """The benchmark table's header: ``goal``, ``hardware``, ``command``, ``created`` (or {})."""
+    """The benchmark table's header: ``goal``, ``hardware``, ``commands``, ``created`` (or {})."""
     doc = read_json(Path(workspace) / "bench_models.json")
     return {k: v for k, v in doc.items() if k != "rows"} if isinstance(doc, dict) else {}
 

@@ -86,6 +86,11 @@ def _bench_models(ws: str, stamp: tuple) -> pd.DataFrame:
     return R.bench_models(ws)
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _bench_models_meta(ws: str, stamp: tuple) -> dict:
+    return R.bench_models_meta(ws)
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=8)
 def _predictor(path: str, stamp: tuple):
     from fedbrain.predict import load_predictor
@@ -545,7 +550,7 @@ def models_page() -> None:
         st.info(f"No model benchmark in `{ws}` yet: `{R.CMD_BENCH_MODELS}` writes `bench_models.json` "
                 "(macro-F1, latency and size per model).")
         return
-    meta = R.bench_models_meta(ws)
+    meta = _bench_models_meta(str(ws), stamp)
     st.caption("fedbrain_cnn against the baselines on the union of the hospitals' leak-free test splits. "
                "Every row carries its training budget; compare rows of one budget. "
                + (f"Hardware: {meta['hardware']}." if meta.get("hardware") else ""))

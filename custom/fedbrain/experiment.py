@@ -21,15 +21,7 @@ from fedbrain.contract import Augmentation, Preprocessing, supervised_granularit
 from fedbrain.data.dataset import BatchLoader, SliceDataset
 from fedbrain.data.federation import SPLITS, Federation, SiteData
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
-from fedbrain.training import (
-    TrainConfig,
-    cosine_schedule,
-    evaluate,
-    headline,
-    make_optimizer,
-    seed_everything,
-    train_epochs,
-)
+from fedbrain.training import TrainConfig, evaluate, seed_everything, train_keep_best
 
 UNION = "union"
 
@@ -160,35 +152,20 @@ def train_pooled(
     granularity = supervised_granularity([fed.sites[n].scheme for n in names])
     schemes = {n: fed.sites[n].scheme for n in names}
     log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard")
-    optimizer = make_optimizer(model, cfg)  # one optimizer for all epochs (its state carries over)
-    schedule = cosine_schedule()
-    best, best_score, history = None, -float("inf"), []
-    t0 = time.perf_counter()
-    total_steps = cfg.epochs * len(pool.train())
 
-    def epoch_schedule(epoch: int):
-        def f(step: int, _total: int) -> float:
-            return schedule(epoch * len(pool.train()) + step, total_steps)
-
-        return f
-
-    for epoch in range(cfg.epochs):
-        stats = train_epochs(model, pool.train(seed=cfg.seed + epoch), cfg, epochs=1, optimizer=optimizer,
-                             lr_schedule=epoch_schedule(epoch),
-                             progress=f"epoch {epoch + 1}/{cfg.epochs}" if progress else None)
-        val = evaluate(model, pool.eval("val")) if train_site.splits["val"] else {}
-        score = headline(val) if val else -stats["loss"]
+    def on_epoch(epoch: int, stats: dict, val: dict, score: float) -> None:
         log.log(epoch + 1, train_site.name, "train", stats)
         if val:
             log.log(epoch + 1, train_site.name, "val", val)
-        history.append({"epoch": epoch + 1, "loss": stats["loss"], "val_score": score,
-                        "images_per_s": stats["images_per_s"]})
         if progress:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  val {score:.4f}  "
                   f"{stats['images_per_s']:.0f} img/s", flush=True)
-        if score > best_score:
-            best_score = score
-            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    t0 = time.perf_counter()
+    best, best_score, history = train_keep_best(
+        model, lambda epoch: pool.train(seed=cfg.seed + epoch), cfg,
+        val_loader=pool.eval("val") if train_site.splits["val"] else None, on_epoch=on_epoch,
+        progress="epoch" if progress else None)
     train_seconds = time.perf_counter() - t0
     ckpt_args = dict(model_name=model_name, preprocessing=pre, supervised_granularity=granularity,
                      label_schemes=schemes, model_kwargs=model_kwargs,

@@ -145,6 +145,43 @@ def cosine_schedule(warmup_fraction: float = 0.05) -> Callable[[int, int], float
     return f
 
 
+def train_keep_best(
+    model: nn.Module,
+    loader_for_epoch: Callable[[int], Iterable],
+    cfg: TrainConfig,
+    val_loader: Iterable | None = None,
+    on_epoch: Callable[[int, dict, dict, float], None] | None = None,
+    progress: str | None = None,
+) -> tuple[dict | None, float, list[dict]]:
+    """``cfg.epochs`` epochs with one optimizer and one cosine schedule across all of them, scoring each
+    epoch by the validation headline (or minus the training loss without ``val_loader``).
+
+    Returns ``(best_state, best_score, history)``; the model keeps its last-epoch weights.
+    ``on_epoch(epoch, train_stats, val_metrics, score)`` runs after each epoch (logging).
+    """
+    optimizer = make_optimizer(model, cfg)  # its state carries over between epochs
+    schedule = cosine_schedule()
+    best, best_score, history = None, -float("inf"), []
+    for epoch in range(cfg.epochs):
+        loader = loader_for_epoch(epoch)
+        per_epoch = max(1, len(loader))
+        total = cfg.epochs * per_epoch
+        stats = train_epochs(model, loader, cfg, epochs=1, optimizer=optimizer,
+                             lr_schedule=lambda step, _n, start=epoch * per_epoch, total=total:
+                             schedule(start + step, total),
+                             progress=f"{progress} {epoch + 1}/{cfg.epochs}" if progress else None)
+        val = evaluate(model, val_loader) if val_loader is not None else {}
+        score = headline(val) if val else -stats["loss"]
+        history.append({"epoch": epoch + 1, "loss": stats["loss"], "val_score": score,
+                        "images_per_s": stats["images_per_s"], "seconds": stats["seconds"]})
+        if on_epoch is not None:
+            on_epoch(epoch, stats, val, score)
+        if score > best_score:
+            best_score = score
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best, best_score, history
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, 4) and targets (N,) over a loader, in eval mode."""

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from fedbrain.compression.data import LocalData, sample, sites_from_run
 from fedbrain.contract import CLASSES
 from fedbrain.data.federation import Federation, SiteData
 from fedbrain.experiment import UNION, train_pooled, write_config
@@ -96,8 +97,6 @@ def cap_train(fed: Federation, n: int | None, seed: int = 0) -> Federation:
     """The federation with each site's train split cut to ``n`` seeded-random images (val/test untouched)."""
     if not n:
         return fed
-    from fedbrain.compression.data import sample
-
     sites = {name: SiteData(s.name, s.scheme, {**s.splits, "train": sample(s.splits["train"], n, seed)}, s.summary)
              for name, s in fed.sites.items()}
     return replace(fed, sites=sites)
@@ -213,11 +212,10 @@ def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: 
     if best_ckpt is not None:
         if progress:
             print(f"   {name}: ONNX export, int8 and CPU latency", flush=True)
-        union = [r for s in fed.sites.values() for r in s.splits["test"]]
-        train = [r for s in fed.sites.values() for r in s.splits["train"]]
+        local = LocalData(list(fed.sites.values()), str(run_dir))
         try:
-            prof = profile_model(best_ckpt, mdir / "onnx", train, union, cache_dir, int8=int8,
-                                 repeats=latency_repeats)
+            prof = profile_model(best_ckpt, mdir / "onnx", local.records("train"), local.records("test"), cache_dir,
+                                 int8=int8, repeats=latency_repeats)
         except Exception as exc:
             prof = {"profile_error": f"{type(exc).__name__}: {exc}"}
         prof["profiled_checkpoint"] = str(best_ckpt)
@@ -359,14 +357,10 @@ def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50
            progress: bool = True) -> list[dict]:
     """Measure size and latency again for every model of a finished benchmark run (e.g. on a quiet machine,
     or on the deployment hardware); its accuracy columns are kept."""
-    from fedbrain.data.federation import SiteData as _Site
-
     run_dir = Path(run_dir)
     doc = json.loads((run_dir / "bench_models.json").read_text())
     rows = doc["rows"]
-    sites = [_Site.read_split_file(f.stem, f) for f in sorted((run_dir / "splits").glob("*.csv"))]
-    train = [r for s in sites for r in s.splits["train"]]
-    test = [r for s in sites for r in s.splits["test"]]
+    local = LocalData(sites_from_run(run_dir) or [], str(run_dir))
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         ckpt = next((r.get("profiled_checkpoint") for r in mine if r.get("profiled_checkpoint")), None)
@@ -374,8 +368,8 @@ def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50
             continue
         if progress:
             print(f"   {name}: timing {ckpt}", flush=True)
-        prof = profile_model(Path(ckpt), run_dir / name / "onnx", train, test, cache_dir, int8=True,
-                             repeats=latency_repeats)
+        prof = profile_model(Path(ckpt), run_dir / name / "onnx", local.records("train"), local.records("test"),
+                             cache_dir, int8=True, repeats=latency_repeats)
         for r in mine:
             r.update(prof, hardware=hardware())
     meta = {k: v for k, v in doc.items() if k not in ("rows", "goal", "format", "commands")}
