@@ -3,7 +3,7 @@
 Pure functions over a checkpoint (imported lazily, so ``import fedbrain.compression`` stays cheap):
 
 - :func:`fedbrain.compression.prune.prune_copy` / ``prune_channels`` - torch-pruning channel removal;
-  ``finetune``; ``save_pruned_checkpoint`` / ``load_model`` (plain or pruned checkpoints).
+  ``finetune``; ``pruned_card`` (the model file format itself lives in :mod:`fedbrain.checkpoint`).
 - :func:`fedbrain.compression.quantize.quantize_int8` - ONNX Runtime static QDQ int8.
 - :func:`fedbrain.compression.onnx_export.export_onnx` - ONNX with the contract in metadata_props.
 - :func:`fedbrain.compression.pipeline.compress` - all variants plus ``report.json``/``report.csv``.
@@ -15,11 +15,10 @@ Inference on any variant: :func:`fedbrain.predict.load_predictor`.
 from __future__ import annotations
 
 _EXPORTS = {
-    "prune_channels": "prune", "prune_copy": "prune", "finetune": "prune", "load_model": "prune",
-    "save_pruned_checkpoint": "prune", "layer_shapes": "prune", "shrink_to": "prune",
+    "prune_channels": "prune", "prune_copy": "prune", "finetune": "prune", "pruned_card": "prune",
     "magnitude_sparsify": "prune",
     "quantize_int8": "quantize",
-    "export_onnx": "onnx_export", "contract_metadata": "onnx_export", "parse_metadata": "onnx_export",
+    "export_onnx": "onnx_export",
     "compress": "pipeline", "CompressConfig": "pipeline",
     "bench_infer": "bench",
 }

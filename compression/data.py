@@ -14,29 +14,7 @@ import numpy as np
 from fedbrain.contract import Preprocessing, target_index
 from fedbrain.data.federation import SiteData
 from fedbrain.data.readers import Record
-
-
-def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """``<run_dir>`` when the checkpoint sits in ``<run_dir>/checkpoints/``."""
-    p = Path(checkpoint).resolve()
-    return p.parent.parent if p.parent.name == "checkpoints" else None
-
-
-def default_out_dir(checkpoint: str | Path) -> Path:
-    """``<run_dir>/compression`` for run checkpoints, else ``<dir>/<stem>-compression``."""
-    run = run_dir_of(checkpoint)
-    p = Path(checkpoint)
-    return run / "compression" if run else p.parent / f"{p.stem}-compression"
-
-
-def sites_from_run(run_dir: str | Path | None) -> list[SiteData] | None:
-    """The leak-free splits a run trained on (``<run_dir>/splits/<site>.csv``), or None."""
-    if run_dir is None:
-        return None
-    files = sorted(Path(run_dir, "splits").glob("*.csv"))
-    if not files:
-        return None
-    return [SiteData.read_split_file(f.stem, f) for f in files]
+from fedbrain.runs import RunDir
 
 
 @dataclass
@@ -46,6 +24,12 @@ class LocalData:
 
     def records(self, split: str) -> list[Record]:
         return [r for s in self.sites for r in s.splits[split]]
+
+    @classmethod
+    def of_run(cls, run: RunDir, source: str | None = None) -> LocalData:
+        """The leak-free splits a run trained on (``splits/<site>.csv``); empty when it recorded none."""
+        sites = [SiteData.read_split_file(name, run.split_file(name)) for name in run.site_names()]
+        return cls(sites, source or f"run splits {run.splits}")
 
 
 def evenly(records: list, n: int | None) -> list:

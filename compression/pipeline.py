@@ -11,19 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain.checkpoint import save_checkpoint
+from fedbrain.checkpoint import load_checkpoint, save_checkpoint
 from fedbrain.compression import report as rep
 from fedbrain.compression.data import LocalData, arrays, evenly, normalise, sample
 from fedbrain.compression.latency import interleaved, torch_threads
-from fedbrain.compression.onnx_export import contract_metadata, export_onnx
-from fedbrain.compression.prune import (
-    PRUNED_KEY,
-    finetune,
-    layer_shapes,
-    load_model,
-    prune_copy,
-    save_pruned_checkpoint,
-)
+from fedbrain.compression.onnx_export import export_onnx
+from fedbrain.compression.prune import finetune, prune_copy, pruned_card
 from fedbrain.compression.quantize import quantize_int8
 from fedbrain.models import count_macs, count_parameters
 
@@ -64,8 +57,9 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    model, meta = load_model(checkpoint)
-    pre = meta["preprocessing"]
+    model, card = load_checkpoint(checkpoint)
+    card = card.replace(source_checkpoint=str(checkpoint))
+    pre = card.preprocessing
     train_recs, test_recs = data.records("train"), evenly(data.records("test"), cfg.max_eval_images)
     if not test_recs:
         raise ValueError(f"no test images in {data.source}")
@@ -78,21 +72,16 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
 
     # fp32 -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    base_extra = {k: v for k, v in (meta.get("extra") or {}).items() if k != "variant"}
-    if PRUNED_KEY in base_extra:
-        base_extra[PRUNED_KEY] = {**base_extra[PRUNED_KEY], "layers": layer_shapes(model)}
-    save_checkpoint(out / "fp32.pt", model, meta["model"]["name"], pre, meta["supervised_granularity"],
-                    label_schemes=meta.get("label_schemes"), model_kwargs=meta["model"].get("kwargs"),
-                    training=meta.get("training"), metrics=meta.get("metrics"),
-                    extra={**base_extra, "variant": "fp32", "source_checkpoint": str(checkpoint)})
-    export_onnx(model, meta, out / "fp32.onnx", "fp32", source=checkpoint)
+    fp32_card = card.replace(variant="fp32")  # a pruned input keeps its layer record
+    save_checkpoint(out / "fp32.pt", model, fp32_card)
+    export_onnx(model, fp32_card, out / "fp32.onnx")
     lap("fp32_export_s", t0)
     log(f"fp32: {count_parameters(model):,} params, {count_macs(model, pre) / 1e6:.1f} MMACs -> {out}")
 
     # pruned + fine-tune -----------------------------------------------------------------------
     t0 = time.perf_counter()
     pruned, info = prune_copy(model, pre, target_macs_ratio=cfg.target_macs_ratio, round_to=cfg.round_to,
-                              num_classes=len(meta["classes"]))
+                              num_classes=len(card.classes))
     lap("prune_s", t0)
     log(f"pruned: {info['params_before']:,} -> {info['params_after']:,} params, "
         f"{info['macs_before'] / 1e6:.1f} -> {info['macs_after'] / 1e6:.1f} MMACs "
@@ -109,9 +98,9 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
         ft = finetune(pruned, loader, cfg.finetune_epochs, cfg.finetune_lr, seed=cfg.seed, val_loader=val,
                       progress=progress)
     lap("finetune_s", t0)
-    save_pruned_checkpoint(out / "pruned.pt", pruned, meta, {**info, "finetune": ft},
-                           extra={"source_checkpoint": str(checkpoint)})
-    export_onnx(pruned, meta, out / "pruned.onnx", "pruned", source=checkpoint)
+    pcard = pruned_card(card, {**info, "finetune": ft})
+    save_checkpoint(out / "pruned.pt", pruned, pcard)
+    export_onnx(pruned, pcard, out / "pruned.onnx")
 
     # int8 -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -119,7 +108,7 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
     calib = normalise(arrays(calib_recs, pre, cache)[0], pre)
     for src, dst, variant in (("fp32.onnx", "int8.onnx", "int8"),
                               ("pruned.onnx", "pruned_int8.onnx", "pruned+int8")):
-        quantize_int8(out / src, out / dst, calib, contract_metadata(meta, variant, checkpoint),
+        quantize_int8(out / src, out / dst, calib, card.to_onnx_metadata(variant),
                       method=cfg.calib_method, keep_input_conv_fp32=cfg.keep_input_conv_fp32)
     lap("quantize_s", t0)
     log(f"int8: calibrated on {len(calib_recs)} train images ({cfg.calib_method})")
@@ -176,8 +165,8 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
         "format": "fedbrain-compression-report/1",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": str(checkpoint),
-        "model": meta["model"],
-        "supervised_granularity": meta["supervised_granularity"],
+        "model": {"name": card.model, "kwargs": card.model_kwargs},
+        "supervised_granularity": card.supervised_granularity,
         "data": {"source": data.source, "sites": [s.name for s in data.sites], "test_images": len(test_recs),
                  "train_images": len(train_recs), "calibration_images": len(calib_recs)},
         "latency": {"batch": 1, "runtime": "onnxruntime CPUExecutionProvider", "warmup": cfg.warmup,

@@ -5,33 +5,20 @@ convs and BatchNorms are removed together) with L2 group-magnitude importance, i
 steps until the MACs fall to ``target_macs_ratio`` of the original.
 
 A pruned model no longer matches ``create_model(...)`` shapes. Its checkpoint stays a normal
-``fedbrain-checkpoint/1`` file (same model name and kwargs, weights as a plain state dict) and
-records the layer sizes in ``extra["pruned"]["layers"]``: ``{module name: {"type": "Conv2d",
-"in_channels": .., "out_channels": .., "groups": ..}}`` (``BatchNorm2d``: ``num_features``;
-``Linear``: ``in_features``/``out_features``). :func:`load_model` rebuilds the registry model,
-shrinks those layers (:func:`shrink_to`) and loads the weights strictly, all ``weights_only``-safe.
+``fedbrain-checkpoint/1`` file whose model card records the layer sizes (``card.pruned["layers"]``);
+:func:`fedbrain.checkpoint.load_checkpoint` rebuilds it (see that module, which owns the format).
 """
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from fedbrain.checkpoint import CheckpointError, save_checkpoint
+from fedbrain.checkpoint import ModelCard
 from fedbrain.contract import Preprocessing
 from fedbrain.models import count_macs, count_parameters
-
-PRUNED_KEY = "pruned"
-
-_DIMS: dict[type, tuple[str, ...]] = {
-    nn.Conv2d: ("in_channels", "out_channels", "groups"),
-    nn.BatchNorm2d: ("num_features",),
-    nn.Linear: ("in_features", "out_features"),
-}
-
 
 # ---------------------------------------------------------------- pruning
 
@@ -159,57 +146,6 @@ def finetune(model: nn.Module, loader, epochs: int = 2, lr: float = 1e-3, weight
 # ---------------------------------------------------------------- storage
 
 
-def layer_shapes(model: nn.Module) -> dict[str, dict]:
-    """Sizes of every Conv2d / BatchNorm2d / Linear, by module name (what :func:`shrink_to` needs)."""
-    out = {}
-    for name, m in model.named_modules():
-        attrs = _DIMS.get(type(m))
-        if attrs:
-            out[name] = {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
-    return out
-
-
-def shrink_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
-    """Replace the layers of a freshly built model with ones of the recorded sizes (in place)."""
-    for name, spec in shapes.items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"pruned layer {name!r} does not exist in the rebuilt model") from exc
-        if type(m).__name__ != spec.get("type"):
-            raise CheckpointError(f"pruned layer {name!r} is a {type(m).__name__}, "
-                                  f"checkpoint says {spec.get('type')}")
-        attrs = _DIMS[type(m)]
-        if all(int(getattr(m, a)) == int(spec[a]) for a in attrs):
-            continue
-        if isinstance(m, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(spec["in_channels"], spec["out_channels"], m.kernel_size, m.stride,
-                                       m.padding, m.dilation, spec["groups"], bias=m.bias is not None,
-                                       padding_mode=m.padding_mode)
-        elif isinstance(m, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(spec["num_features"], eps=m.eps, momentum=m.momentum, affine=m.affine,
-                                 track_running_stats=m.track_running_stats)
-        else:
-            new = nn.Linear(spec["in_features"], spec["out_features"], bias=m.bias is not None)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-    return model
-
-
-def save_pruned_checkpoint(path: str | Path, model: nn.Module, meta: dict, prune_info: dict,
-                           extra: dict | None = None, metrics: dict | None = None) -> Path:
-    """Write a pruned model as a fedbrain checkpoint whose ``extra["pruned"]`` makes it loadable."""
-    return save_checkpoint(
-        path, model, meta["model"]["name"], meta["preprocessing"], meta["supervised_granularity"],
-        label_schemes=meta.get("label_schemes"), model_kwargs=meta["model"].get("kwargs"),
-        training=meta.get("training"), metrics=metrics or {},
-        extra={**(extra or {}), "variant": "pruned",
-               PRUNED_KEY: {**prune_info, "layers": layer_shapes(model)}},
-    )
-
-
-def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Load any fedbrain checkpoint, pruned or not (see :func:`fedbrain.checkpoint.load_checkpoint`)."""
-    from fedbrain.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
+def pruned_card(card: ModelCard, prune_info: dict) -> ModelCard:
+    """The card of a pruned variant (:func:`fedbrain.checkpoint.save_checkpoint` records its layer sizes)."""
+    return card.replace(variant="pruned", pruned=dict(prune_info), metrics={})

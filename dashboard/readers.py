@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedbrain.runs import RunDir, read_json, workspace_bench_models
+
 # What creates each output (shown by the pages when it is missing).
 CMD_SIMULATE = "fedbrain simulate"
 CMD_TRAIN = "fedbrain train"
@@ -50,13 +52,10 @@ class Run:
     def label(self) -> str:
         return f"{self.name} ({self.kind})"
 
-
-def read_json(path: str | Path):
-    """Parsed JSON, or None when the file is missing or not valid JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+    @property
+    def dir(self) -> RunDir:
+        """The run folder's named paths."""
+        return RunDir(self.path)
 
 
 def list_runs(workspace: str | Path) -> list[Run]:
@@ -66,7 +65,7 @@ def list_runs(workspace: str | Path) -> list[Run]:
         return []
     runs = []
     for d in ws.iterdir():
-        cfg_path = d / "config.json"
+        cfg_path = RunDir(d).config
         if not (d.is_dir() and cfg_path.is_file()):
             continue
         cfg = read_json(cfg_path)
@@ -150,7 +149,7 @@ def site_curves(df: pd.DataFrame) -> pd.DataFrame:
 
 def final_results(run: Run) -> dict[str, dict]:
     """``results.json``'s test metrics per evaluated site, or {}."""
-    res = read_json(run.path / "results.json")
+    res = read_json(run.dir.results)
     if not isinstance(res, dict):
         return {}
     test = res.get("test", res)
@@ -194,7 +193,7 @@ def read_table(json_path: Path, csv_path: Path | None = None) -> pd.DataFrame:
 
 def compare_rows(run: Run) -> pd.DataFrame:
     """A ``compare`` run's rows: mode, site, macro_f1, accuracy, tumour_auroc, budget."""
-    return read_table(run.path / "compare.json", run.path / "compare.csv")
+    return read_table(run.dir.compare_json, run.dir.compare_csv)
 
 
 def mode_of(run: Run) -> str:
@@ -243,7 +242,7 @@ def _cell(cell) -> dict:
 
 def cross_site(run: Run) -> dict:
     """``cross_site.json`` as ``{"models", "sites", "matrix"}`` (model labels made readable), or {}."""
-    cs = read_json(run.path / "cross_site.json")
+    cs = read_json(run.dir.cross_site)
     if not isinstance(cs, dict) or not isinstance(cs.get("matrix"), dict):
         return {}
     raw = {m: row for m, row in cs["matrix"].items() if isinstance(row, dict)}
@@ -276,7 +275,7 @@ def cross_site_grid(cs: dict, metric: str) -> tuple[list[str], list[str], list[l
 
 def data_summary(run: Run) -> pd.DataFrame:
     """Per-hospital data summary: images, distinct pictures, dropped duplicates, conflicts, split sizes."""
-    summ = read_json(run.path / "data_summary.json")
+    summ = read_json(run.dir.data_summary)
     if not isinstance(summ, dict) or not isinstance(summ.get("sites"), dict):
         return pd.DataFrame()
     rows = []
@@ -303,7 +302,7 @@ def data_summary(run: Run) -> pd.DataFrame:
 
 def label_schemes(run: Run) -> set[str]:
     """The hospitals' label schemes (``multiclass``, ``tumour_type``, ``binary``), from data_summary.json."""
-    summ = read_json(run.path / "data_summary.json")
+    summ = read_json(run.dir.data_summary)
     sites = summ.get("sites") if isinstance(summ, dict) else None
     return {str(s.get("scheme")) for s in sites.values() if isinstance(s, dict) and s.get("scheme")} \
         if isinstance(sites, dict) else set()
@@ -318,7 +317,7 @@ def default_metric_order(metrics: list[str], schemes: set[str]) -> list[str]:
 
 def class_counts(run: Run) -> pd.DataFrame:
     """Long frame site, split, label, count from ``data_summary.json``."""
-    summ = read_json(run.path / "data_summary.json")
+    summ = read_json(run.dir.data_summary)
     rows = []
     if isinstance(summ, dict) and isinstance(summ.get("sites"), dict):
         for name, s in summ["sites"].items():
@@ -330,7 +329,7 @@ def class_counts(run: Run) -> pd.DataFrame:
 
 def source_summary(run: Run) -> dict:
     """Federation-level data facts (the simulated source's dropped duplicates, clusters)."""
-    summ = read_json(run.path / "data_summary.json")
+    summ = read_json(run.dir.data_summary)
     if not isinstance(summ, dict):
         return {}
     out = {k: summ[k] for k in ("usable_images", "duplicate_clusters", "groups_spanning_sites",
@@ -347,8 +346,8 @@ def source_summary(run: Run) -> dict:
 
 def compression_report(run_or_dir: Run | Path) -> pd.DataFrame:
     """``compression/report.json`` (or ``.csv``) with the ratios vs fp32 filled in when absent."""
-    d = run_or_dir.path if isinstance(run_or_dir, Run) else Path(run_or_dir)
-    df = read_table(d / "compression" / "report.json", d / "compression" / "report.csv")
+    d = RunDir(run_or_dir.path if isinstance(run_or_dir, Run) else run_or_dir).compression
+    df = read_table(d / "report.json", d / "report.csv")
     if df.empty or "variant" not in df.columns:
         return pd.DataFrame()
     nested = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (dict, list))).any()]
@@ -378,10 +377,10 @@ def model_files(run: Run) -> dict[str, Path]:
     """The model variants of a run that exist on disk: label -> path (torch checkpoints first)."""
     out = {}
     for name in ("best", "last"):
-        p = run.path / "checkpoints" / f"{name}.pt"
+        p = run.dir.checkpoints / f"{name}.pt"
         if p.is_file():
             out[f"{name}.pt (torch)"] = p
-    comp = run.path / "compression"
+    comp = run.dir.compression
     p = comp / "pruned.pt"
     if p.is_file():
         out["pruned.pt (torch)"] = p
@@ -394,12 +393,12 @@ def model_files(run: Run) -> dict[str, Path]:
 
 def bench_models(workspace: str | Path) -> pd.DataFrame:
     """``<workspace>/bench_models.json`` rows (written by ``fedbrain bench models``), or empty."""
-    return read_table(Path(workspace) / "bench_models.json", Path(workspace) / "bench_models.csv")
+    return read_table(workspace_bench_models(workspace), workspace_bench_models(workspace).with_suffix(".csv"))
 
 
 def bench_models_meta(workspace: str | Path) -> dict:
     """The benchmark table's header: ``goal``, ``hardware``, ``commands``, ``created`` (or {})."""
-    doc = read_json(Path(workspace) / "bench_models.json")
+    doc = read_json(workspace_bench_models(workspace))
     return {k: v for k, v in doc.items() if k != "rows"} if isinstance(doc, dict) else {}
 
 

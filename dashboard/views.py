@@ -17,6 +17,7 @@ import streamlit as st
 
 from fedbrain.dashboard import MAX_UPLOAD_MB
 from fedbrain.dashboard import readers as R
+from fedbrain.runs import RunDir, workspace_bench_models
 
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 DISPLAY_MAX = 512  # uploaded slices are shown at most this many pixels on a side
@@ -58,12 +59,12 @@ def _runs(ws: str) -> list[R.Run]:
 @st.cache_data(show_spinner=False, max_entries=512)
 def _run_read(reader: str, run_path: str, kind: str, stamp: tuple):
     """One reader of ``readers`` over a run folder, re-read when a file in it changes."""
-    cfg = R.read_json(Path(run_path) / "config.json")
+    cfg = R.read_json(RunDir(run_path).config)
     return getattr(R, reader)(R.Run(Path(run_path), kind, cfg if isinstance(cfg, dict) else {}))
 
 
 def run_read(reader: str, run: R.Run):
-    return _run_read(reader, str(run.path), run.kind, _stamp(run.path, run.path / "compression"))
+    return _run_read(reader, str(run.path), run.kind, _stamp(run.path, run.dir.compression))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -72,7 +73,7 @@ def _metrics(path: str, stamp: tuple) -> pd.DataFrame:
 
 
 def metrics_of(run: R.Run) -> pd.DataFrame:
-    p = run.path / "metrics.jsonl"
+    p = run.dir.metrics
     return _metrics(str(p), _stamp(p))
 
 
@@ -224,7 +225,7 @@ def _comparison_section(ws: Path, runs: list[R.Run], run: R.Run, metric: str | N
     if not table.empty:
         st.caption(f"From `{compare_run.name}/compare.json` (`{R.CMD_COMPARE}`).")
     else:
-        stamp = tuple(_stamp(r.path / "results.json") for r in runs)
+        stamp = tuple(_stamp(r.dir.results) for r in runs)
         table = _comparison(str(ws), stamp)
         if not table.empty:
             st.caption(f"Assembled from the newest run of each mode (`results.json`); `{R.CMD_COMPARE}` "
@@ -301,10 +302,10 @@ def compression_page() -> None:
         _no_runs(ws, ("fedbrain simulate", "train a federated model"), ("fedbrain train", "train a baseline"),
                  (R.CMD_COMPRESS, "then prune, quantise and export it (`<run>/compression/report.json`)"))
         return
-    with_report = [r for r in runs if (r.path / "compression" / "report.json").is_file()
-                   or (r.path / "compression" / "report.csv").is_file()]
+    with_report = [r for r in runs if (r.dir.compression / "report.json").is_file()
+                   or (r.dir.compression / "report.csv").is_file()]
     if not with_report:
-        best = next((r for r in runs if (r.path / "checkpoints" / "best.pt").is_file()), None)
+        best = next((r for r in runs if r.dir.best.is_file()), None)
         cmd = f"fedbrain compress {best.path / 'checkpoints' / 'best.pt'}" if best else R.CMD_COMPRESS
         st.info(f"No compression report in `{ws}` yet. `{cmd}` writes the pruned, int8 and ONNX variants "
                 "with `compression/report.json` (size, MACs, macro-F1, latency per variant).")
@@ -436,8 +437,8 @@ def predict_page() -> None:
     except Exception as exc:  # a broken or foreign model file: say so, keep the app alive
         st.error(f"Cannot load `{path.name}`: {exc}")
         return
-    meta = predictor.meta or {}
-    granularity = meta.get("supervised_granularity", "multiclass")
+    card = predictor.card
+    granularity = card.supervised_granularity
     binary = granularity == "binary"
     if binary:
         st.info("This model never saw tumour-type labels (trained on tumour / no-tumour only), so it shows "
@@ -491,7 +492,7 @@ def predict_page() -> None:
                 target, what = ((list(TUMOUR_CLASSES), "tumour") if tumour >= 0.5
                                 else ([NO_TUMOR], "no tumour"))
             else:
-                classes = list(meta.get("classes") or probs)
+                classes = list(card.classes)
                 top = max(probs, key=probs.get)
                 target, what = classes.index(top), CLASS_LABELS.get(top, top)
             try:
@@ -522,9 +523,7 @@ def predict_page() -> None:
         _chart(fig)
         if not binary:
             st.caption(f"Tumour vs no tumour: {tumour:.1%} tumour, {1 - tumour:.1%} no tumour.")
-    arch = meta.get("model")
-    arch = arch.get("name") if isinstance(arch, dict) else arch
-    st.caption(f"Model: `{run.name}` / {variant} ({arch or 'unknown architecture'}).")
+    st.caption(f"Model: `{run.name}` / {variant} ({card.model}).")
 
 
 # ---------------------------------------------------------------- Models
@@ -543,7 +542,7 @@ def models_page() -> None:
     ws = workspace()
     _sidebar(ws)
     st.title("Models")
-    p = ws / "bench_models.json"
+    p = workspace_bench_models(ws)
     stamp = _stamp(p, ws / "bench_models.csv")
     table = _bench_models(str(ws), stamp)
     if table.empty:

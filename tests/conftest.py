@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import csv
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -17,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fedbrain.checkpoint import save_checkpoint
-from fedbrain.cli import main
+from fedbrain.checkpoint import ModelCard, save_checkpoint
+from fedbrain.cli.main import main
 from fedbrain.contract import CLASSES
 from fedbrain.models import create_model, default_preprocessing
 
@@ -33,8 +32,6 @@ _DASH_NOTES: dict[str, str | None] = {}
 
 def _dash_compress(run: Path) -> str | None:
     """Run the real ``fedbrain compress`` on the best checkpoint; returns the skip reason, or None."""
-    if importlib.util.find_spec("fedbrain.compression.cli") is None:
-        return "fedbrain.compression has no CLI yet (fedbrain.compression.cli is not importable)"
     cmd = [sys.executable, "-m", "fedbrain.cli", "compress", str(run / "checkpoints" / "best.pt")]
     quick = ["--finetune-epochs", "0", "--calib-images", "16", "--repeats", "10", "--warmup", "2",
              "--max-eval-images", "40"]
@@ -56,7 +53,7 @@ def _dash_compress(run: Path) -> str | None:
 @pytest.fixture(scope="session")
 def workspace_dir(tmp_path_factory) -> Path:
     """A workspace holding one small real run (see `small_run`)."""
-    from fedbrain.cli import main
+    from fedbrain.cli.main import main
 
     ws = tmp_path_factory.mktemp("dashboard_ws")
     rc = main(["train", "--max-images-per-site", "40", "--epochs", "1", "--batch-size", "32",
@@ -89,7 +86,7 @@ def small_run_compression(small_run) -> Path:
 @pytest.fixture(scope="session")
 def sim_run(tmp_path_factory) -> Path:
     """One real FedAvg run in the NVFlare simulator: embedded Br35H, 3 hospitals x 30 images, 2 rounds."""
-    from fedbrain.cli import main
+    from fedbrain.cli.main import main
 
     ws = tmp_path_factory.mktemp("sim_ws")
     rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "2", "--workspace", str(ws)])
@@ -168,8 +165,8 @@ def synthetic_run() -> Path:
     train_epochs(model, batches, TrainConfig(lr=3e-3, class_weighting=False), epochs=10)
     _recalibrate_bn(model, x)
     torch.set_num_threads(old)
-    save_checkpoint(run / "checkpoints" / "best.pt", model, "fedbrain_cnn", pre, "multiclass",
-                    label_schemes={"site-a": "multiclass"})
+    save_checkpoint(run / "checkpoints" / "best.pt", model,
+                    ModelCard("fedbrain_cnn", pre, "multiclass", label_schemes={"site-a": "multiclass"}))
     _COMPRESS_STATE["run"] = run
     return run
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedbrain.cli import main
-from fedbrain.fl import bench_models as bm
+from fedbrain.cli.main import main
+from fedbrain.experiments import bench_models as bm
 from fedbrain.models import apply_finetune, count_macs, count_parameters, create_model, default_preprocessing
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

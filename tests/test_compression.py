@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedbrain.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from fedbrain.cli import main
+from fedbrain.checkpoint import CheckpointError, ModelCard, load_checkpoint, read_card, save_checkpoint
+from fedbrain.cli.main import main
 from fedbrain.contract import CLASSES
 from fedbrain.models import count_macs, count_parameters, create_model, default_preprocessing
 
@@ -57,10 +57,10 @@ def _test_records(run: Path):
 
 
 def test_pruning_removes_channels_and_keeps_output_shape(run_dir):
-    from fedbrain.compression.prune import load_model, prune_copy
+    from fedbrain.compression.prune import prune_copy
 
-    model, meta = load_model(run_dir / "checkpoints" / "best.pt")
-    pre = meta["preprocessing"]
+    model, card = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    pre = card.preprocessing
     before_params, before_macs = count_parameters(model), count_macs(model, pre)
     pruned, info = prune_copy(model, pre, target_macs_ratio=0.55)
     assert count_parameters(model) == before_params  # the original is untouched
@@ -77,38 +77,39 @@ def test_pruning_removes_channels_and_keeps_output_shape(run_dir):
 
 
 def test_pruned_checkpoint_reloads_exactly(run_dir, tmp_path):
-    from fedbrain.compression.prune import load_model, prune_copy, save_pruned_checkpoint
+    from fedbrain.compression.prune import prune_copy, pruned_card
 
-    model, meta = load_model(run_dir / "checkpoints" / "best.pt")
-    pruned, info = prune_copy(model, meta["preprocessing"], target_macs_ratio=0.5, round_to=None,
+    model, card = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    pruned, info = prune_copy(model, card.preprocessing, target_macs_ratio=0.5, round_to=None,
                               step=0.1)
-    path = save_pruned_checkpoint(tmp_path / "p.pt", pruned, meta, info)
-    assert read_checkpoint(path)["format"] == "fedbrain-checkpoint/1"  # still a normal checkpoint
-    again, meta2 = load_model(path)
+    path = save_checkpoint(tmp_path / "p.pt", pruned, pruned_card(card, info))
+    assert torch.load(path, weights_only=True)["format"] == "fedbrain-checkpoint/1"  # still a normal checkpoint
+    again, card2 = load_checkpoint(path)
     assert count_parameters(again) == count_parameters(pruned)
     x = torch.randn(2, 1, 128, 128)
     with torch.no_grad():
         torch.testing.assert_close(again(x), pruned.eval()(x))
-    assert meta2["extra"]["variant"] == "pruned" and meta2["supervised_granularity"] == "multiclass"
+    assert card2.variant == "pruned" and card2.supervised_granularity == "multiclass"
+    assert card2.pruned["layers"]["features.1.0"]["out_channels"] == pruned.features[1][0].out_channels
 
 
 def test_pruned_checkpoint_with_wrong_layers_is_refused(run_dir, tmp_path):
-    from fedbrain.compression.prune import load_model, prune_copy, save_pruned_checkpoint
+    from fedbrain.compression.prune import prune_copy, pruned_card
 
-    model, meta = load_model(run_dir / "checkpoints" / "best.pt")
-    pruned, info = prune_copy(model, meta["preprocessing"])
-    path = save_pruned_checkpoint(tmp_path / "p.pt", pruned, meta, info)
+    model, card = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    pruned, info = prune_copy(model, card.preprocessing)
+    path = save_checkpoint(tmp_path / "p.pt", pruned, pruned_card(card, info))
     payload = torch.load(path, weights_only=True)
     payload["extra"]["pruned"]["layers"]["features.1.0"]["out_channels"] += 8
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="do not fit"):
-        load_model(path)
+        load_checkpoint(path)
 
 
 def test_unstructured_sparsity_is_reported_honestly(run_dir):
-    from fedbrain.compression.prune import load_model, magnitude_sparsify
+    from fedbrain.compression.prune import magnitude_sparsify
 
-    model, _ = load_model(run_dir / "checkpoints" / "best.pt")
+    model, _ = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     params = count_parameters(model)
     info = magnitude_sparsify(model, 0.5)
     assert count_parameters(model) == params  # nothing removed
@@ -135,14 +136,13 @@ def test_compress_writes_all_variants(comp):
 
 def test_report_numbers_are_computed_not_copied(comp, report, run_dir):
     from fedbrain.compression.data import arrays
-    from fedbrain.compression.prune import load_model
     from fedbrain.compression.report import evaluate_predictor
     from fedbrain.predict import load_predictor
 
     rows = {r["variant"]: r for r in report["rows"]}
-    fp32, _ = load_model(comp / "fp32.pt")
-    pruned, meta = load_model(comp / "pruned.pt")
-    pre = meta["preprocessing"]
+    fp32, _ = load_checkpoint(comp / "fp32.pt")
+    pruned, card = load_checkpoint(comp / "pruned.pt")
+    pre = card.preprocessing
     for v, f in (("fp32", "fp32.onnx"), ("pruned", "pruned.onnx"), ("int8", "int8.onnx"),
                  ("pruned+int8", "pruned_int8.onnx")):
         assert rows[v]["file_bytes"] == os.path.getsize(comp / f)
@@ -190,13 +190,13 @@ def test_onnx_matches_torch_probabilities(comp, run_dir):
 def test_onnx_metadata_carries_the_contract(comp):
     import onnx
 
-    ckpt = read_checkpoint(comp / "fp32.pt")
+    card = read_card(comp / "fp32.pt")
     for f, variant in (("fp32.onnx", "fp32"), ("int8.onnx", "int8"), ("pruned_int8.onnx", "pruned+int8")):
         props = {p.key: p.value for p in onnx.load(str(comp / f)).metadata_props}
         assert props["variant"] == variant
-        assert json.loads(props["preprocessing"]) == {**ckpt["preprocessing"],
-                                                      "mean": list(ckpt["preprocessing"]["mean"]),
-                                                      "std": list(ckpt["preprocessing"]["std"])}
+        pre = card.preprocessing.to_dict()
+        assert json.loads(props["preprocessing"]) == {**pre, "mean": list(pre["mean"]), "std": list(pre["std"])}
+        assert ModelCard.from_onnx_metadata(props).preprocessing == card.preprocessing
         assert json.loads(props["classes"]) == list(CLASSES)
         assert props["supervised_granularity"] == "multiclass"
 
@@ -208,8 +208,8 @@ def test_compress_errors_are_one_line(tmp_path, capsys):
     assert main(["compress", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     lone = tmp_path / "lone.pt"
-    save_checkpoint(lone, create_model("fedbrain_cnn"), "fedbrain_cnn", default_preprocessing("fedbrain_cnn"),
-                    "multiclass")
+    save_checkpoint(lone, create_model("fedbrain_cnn"),
+                    ModelCard("fedbrain_cnn", default_preprocessing("fedbrain_cnn"), "multiclass"))
     assert main(["compress", str(lone)]) == 2
     assert "--data-root" in capsys.readouterr().err
 

@@ -253,9 +253,9 @@ def test_gradcam_on_the_real_checkpoint(small_run):
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.contract import TUMOUR_CLASSES
 
-    model, meta = load_checkpoint(small_run / "checkpoints" / "best.pt")
-    size = meta["preprocessing"].image_size
-    x = torch.randn(1, meta["preprocessing"].channels, size, size)
+    model, card = load_checkpoint(small_run / "checkpoints" / "best.pt")
+    size = card.preprocessing.image_size
+    x = torch.randn(1, card.preprocessing.channels, size, size)
     layer = last_conv(model, x)
     assert isinstance(layer, nn.Conv2d)
     cam = gradcam(model, x, list(TUMOUR_CLASSES))
@@ -277,7 +277,7 @@ def test_overlay_keeps_cold_regions_and_colours_hot_ones():
 
 
 def test_dashboard_command_binds_loopback_headless_without_telemetry(capsys, tmp_path):
-    from fedbrain.cli import main
+    from fedbrain.cli.main import main
 
     assert main(["dashboard", "--workspace", str(tmp_path), "--port", "9123", "--print-command"]) == 0
     out = capsys.readouterr().out
@@ -443,7 +443,7 @@ def test_compression_page_over_the_real_report(workspace_dir, small_run_compress
 
 
 def _multiclass_workspace(ws: Path) -> Path:
-    from fedbrain.checkpoint import save_checkpoint
+    from fedbrain.checkpoint import ModelCard, save_checkpoint
     from fedbrain.models import create_model, default_preprocessing
 
     run = ws / "centralized-multiclass"
@@ -451,7 +451,7 @@ def _multiclass_workspace(ws: Path) -> Path:
     (run / "config.json").write_text(json.dumps({"kind": "centralized"}))
     torch.manual_seed(0)
     save_checkpoint(run / "checkpoints" / "best.pt", create_model("fedbrain_cnn", pretrained=False),
-                    "fedbrain_cnn", default_preprocessing("fedbrain_cnn"), "multiclass")
+                    ModelCard("fedbrain_cnn", default_preprocessing("fedbrain_cnn"), "multiclass"))
     return run
 
 

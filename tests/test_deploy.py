@@ -7,7 +7,6 @@ only, and always stops them (fixture finalizer), checking by PID that nothing is
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("nvflare", reason="NVFlare is not installed (pip install 'nvflare==2.9.0')")
+
+from processes import processes_mentioning, start_kit, stop_processes  # noqa: E402
 
 from fedbrain.fl import deploy as d  # noqa: E402
 
@@ -40,21 +41,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def run_cli(argv: list[str]) -> int:
-    """The real ``fedbrain`` CLI, with the deploy commands registered even before ``fedbrain.cli`` lists
-    ``fedbrain.fl.deploy_cli`` among its extensions."""
-    from fedbrain import cli
-    from fedbrain.fl import deploy_cli
+    """The real ``fedbrain`` entry point, exactly as installed."""
+    from fedbrain.cli.main import main
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "provision" not in sub.choices:
-        deploy_cli.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except cli.UsageError as exc:
-        print(f"fedbrain: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 def tail(path: Path, n: int = 40) -> str:
@@ -135,29 +125,36 @@ def test_site_split_resolution():
         d.parse_assignments(["hospital-a"], "--site-split")
 
 
-def test_prod_job_inputs_keep_site_paths_off_the_server():
-    from fedbrain.fl.job import JobSettings, build_recipe
+def test_prod_job_inputs_keep_site_paths_off_the_server(tmp_path):
+    from fedbrain.fl.recipes import build_recipe
+    from fedbrain.settings import JobSettings
 
     sites = ["hospital-a", "hospital-b"]
-    settings, splits, run_dir = d.prod_job_inputs(JobSettings(), sites, {"hospital-a": "/data/a b.csv"},
-                                                  site_dir="/srv/fb")
+    splits, run_dir, logs = d.prod_job_inputs(JobSettings.create(), sites, {"hospital-a": "/data/a.csv"},
+                                              site_dir="/srv/fb")
     assert run_dir is None  # build_recipe also gives run_dir to the server's aggregator
-    assert splits == {"hospital-a": "/data/a b.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
-    assert settings.extra_site_args == "--log-dir /srv/fb/logs"
-    settings, _, _ = d.prod_job_inputs(JobSettings(extra_site_args="--x 1"), sites, site_dir="/srv/fb",
-                                       site_log_dir="/var/log/fb dir")
-    assert settings.extra_site_args == "--x 1 --log-dir '/var/log/fb dir'"
-    # the recipe sends each site its own split file (quoted) and log dir
-    settings, splits, run_dir = d.prod_job_inputs(JobSettings(cross_site_eval=False), sites,
-                                                  {"hospital-a": "/data/a b.csv"}, site_dir="/srv/fb")
-    build_recipe(settings, sites, splits, run_dir=run_dir)  # accepted by the recipe
+    assert splits == {"hospital-a": "/data/a.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
+    assert logs == dict.fromkeys(sites, "/srv/fb/logs")
+    _, _, own_logs = d.prod_job_inputs(JobSettings.create(), sites, site_dir="/srv/fb", site_log_dir="/var/log/fb")
+    assert own_logs == dict.fromkeys(sites, "/var/log/fb")
+    # the recipe sends each site its own split file and log dir
+    settings = JobSettings.create(cross_site_eval=False)
+    build_recipe(settings, sites, splits, run_dir=run_dir, log_dirs=logs).export(job_dir=str(tmp_path))
+    configs = {p.read_text() for p in tmp_path.rglob("config_fed_client.json")}
+    for site in sites:
+        assert any(f"--split-file {splits[site]}" in c and "--log-dir /srv/fb/logs" in c for c in configs), site
+    assert not any("/srv/fb" in p.read_text() for p in tmp_path.rglob("config_fed_server.json"))
+    # NVFlare splits a site's arguments on whitespace: a path with a space is refused, not mangled
+    with pytest.raises(ValueError, match="whitespace"):
+        build_recipe(settings, sites, {"hospital-a": "/data/a b.csv", "hospital-b": "/b.csv"})
     # SCAFFOLD has no per-site apps: its sites need the shared --site-dir layout
-    _, splits, run_dir = d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites, site_dir="/srv/fb")
+    scaffold = JobSettings.create("scaffold")
+    splits, run_dir, _ = d.prod_job_inputs(scaffold, sites, site_dir="/srv/fb")
     assert splits is None and run_dir == "/srv/fb"
     with pytest.raises(d.DeployError, match="SCAFFOLD"):
-        d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites, {"hospital-a": "/a.csv"}, "/srv/fb")
+        d.prod_job_inputs(scaffold, sites, {"hospital-a": "/a.csv"}, "/srv/fb")
     with pytest.raises(d.DeployError, match="SCAFFOLD needs --site-dir"):
-        d.prod_job_inputs(JobSettings(algorithm="scaffold"), sites)
+        d.prod_job_inputs(scaffold, sites)
 
 
 def test_provision_cli_writes_mutual_tls_kits(tmp_path, capsys):
@@ -236,12 +233,12 @@ def launcher(tmp_path):
     procs: dict[str, subprocess.Popen] = {}
 
     def start(name: str, kit: Path) -> subprocess.Popen:
-        procs[name] = d.start_kit(kit, tmp_path / f"{name}.console.log")
+        procs[name] = start_kit(kit, tmp_path / f"{name}.console.log")
         return procs[name]
 
     start.procs = procs
     yield start
-    left = d.stop_processes(list(procs.values()), roots=[tmp_path], grace=5.0)
+    left = stop_processes(list(procs.values()), roots=[tmp_path], grace=5.0)
     assert not left, f"processes left behind after teardown: {left}"
 
 
@@ -287,9 +284,9 @@ def test_deployment_end_to_end(tmp_path, launcher):
     import psutil
     import torch
 
+    from fedbrain.checkpoint import global_state as load_global_state
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.federation import build_federation, embedded_spec
-    from fedbrain.fl.job import load_global_state
     from fedbrain.models import create_model
 
     blocker = _environment_blocker()
@@ -332,7 +329,7 @@ def test_deployment_end_to_end(tmp_path, launcher):
     assert any(e in _log_text(*rogue_logs) for e in CERT_ERRORS), \
         f"no TLS certificate error from the foreign kit:\n{tail(rogue_logs[0])}\n{tail(rogue_logs[1])}"
     assert d.connected_clients(kits.admin) == ["hospital-2"]
-    assert d.stop_processes([launcher.procs.pop("rogue-hospital-1")], roots=[rogue.root], grace=5.0) == []
+    assert stop_processes([launcher.procs.pop("rogue-hospital-1")], roots=[rogue.root], grace=5.0) == []
     assert not psutil.pid_exists(rogue_proc.pid) or psutil.Process(rogue_proc.pid).status() == "zombie"
 
     # 5. the real hospital-1 joins
@@ -366,8 +363,8 @@ def test_deployment_end_to_end(tmp_path, launcher):
     state = load_global_state(global_model)
     assert set(state) == set(create_model("fedbrain_cnn", pretrained=False).state_dict())
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    _model, meta = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert meta["training"]["job_id"] == res["job_id"] and meta["training"]["rounds"] == 2
+    _model, card = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert card.training["job_id"] == res["job_id"] and card.training["rounds"] == 2
 
     # each site logged its own metrics to its --log-dir (one folder here: both "machines" are this one)
     rows = [json.loads(x) for x in (site_logs / "metrics.jsonl").read_text().splitlines()]
@@ -390,11 +387,11 @@ def test_deployment_end_to_end(tmp_path, launcher):
     while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
     graceful = {n: p.returncode for n, p in procs.items()}
-    left = d.stop_processes(list(procs.values()), roots=[tmp_path], grace=5.0)
+    left = stop_processes(list(procs.values()), roots=[tmp_path], grace=5.0)
     assert left == [], f"still running after shutdown: {left}"
     for name, p in procs.items():
         assert not psutil.pid_exists(p.pid) or psutil.Process(p.pid).status() == "zombie", name
-    assert d.processes_mentioning(tmp_path) == []
+    assert processes_mentioning(tmp_path) == []
     print(f"\nup in {t_up:.0f} s, job done at {t_job:.0f} s ({res['seconds']:.0f} s), all stopped at "
           f"{time.monotonic() - t0:.0f} s; exit codes after `shutdown all`: {graceful}")
     assert all(code is not None for code in graceful.values()), f"not stopped by `shutdown all`: {graceful}"

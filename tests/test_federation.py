@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from fedbrain.checkpoint import load_checkpoint
-from fedbrain.experiment import read_metrics
 from fedbrain.fl.aggregator import check_update
 from fedbrain.fl.privacy import DPConfig, epsilon_after, privatize_update
 from fedbrain.models import create_model
+from fedbrain.runs import read_metrics
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 
@@ -30,8 +30,8 @@ def test_simulator_run_writes_the_documented_schema(sim_run):
     results = json.loads((sim_run / "results.json").read_text())
     assert results["failed_sites"] == {}
     assert set(results["test"]) == set(SITES) | {"union"}
-    model, meta = load_checkpoint(sim_run / "checkpoints" / "best.pt")
-    assert meta["training"]["mode"] == "federated" and meta["supervised_granularity"] == "binary"
+    model, card = load_checkpoint(sim_run / "checkpoints" / "best.pt")
+    assert card.training["mode"] == "federated" and card.supervised_granularity == "binary"
     assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
     cse = json.loads((sim_run / "cross_site.json").read_text())
     assert set(cse["sites"]) == set(SITES) and cse["models"]
@@ -83,11 +83,11 @@ def test_dp_clips_noises_and_accounts():
 def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path):
     """hospital-3 crashes in round 1; hospital-2 sends NaN weights in round 0; min_clients=2 of 3."""
     from fedbrain.data.federation import build_federation, embedded_spec
-    from fedbrain.fl.job import JobSettings
     from fedbrain.fl.simulate import run_simulation
+    from fedbrain.settings import JobSettings
 
     fed = build_federation(embedded_spec(max_images_per_site=30))
-    settings = JobSettings(rounds=3, min_clients=2, wait_after_min_s=5, cross_site_eval=False,
+    settings = JobSettings.create(rounds=3, min_clients=2, wait_after_min_s=5, cross_site_eval=False,
                            extra_site_args="--fail-site hospital-3 --fail-at-round 1 "
                                            "--corrupt-site hospital-2 --corrupt-at-round 0")
     out = run_simulation(fed, settings, tmp_path / "run")
@@ -104,7 +104,7 @@ def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_at_the_next_round(sim_run, tmp_path):
-    from fedbrain.cli import main
+    from fedbrain.cli.main import main
 
     rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "1", "--no-cross-site-eval",
                "--resume", str(sim_run), "--workspace", str(tmp_path)])
@@ -112,8 +112,8 @@ def test_resume_continues_at_the_next_round(sim_run, tmp_path):
     run = next(tmp_path.iterdir())
     rounds = {r["round"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"}
     assert rounds == {2}  # the fixture ran rounds 0 and 1
-    _, meta = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert meta["training"]["start_round"] == 2
+    _, card = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert card.training["start_round"] == 2
 
 
 @pytest.mark.parametrize("weighting, expected", [("steps", 0.75), ("equal", 0.5)])
@@ -133,7 +133,7 @@ def test_aggregator_site_weighting(weighting, expected):
 
 
 def test_site_weighting_is_not_offered_for_scaffold(tmp_path, capsys):
-    from fedbrain.cli import main
+    from fedbrain.cli.main import main
 
     assert main(["simulate", "--algorithm", "scaffold", "--site-weighting", "equal",
                  "--workspace", str(tmp_path)]) == 2

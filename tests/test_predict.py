@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from fedbrain.checkpoint import CheckpointError, save_checkpoint
-from fedbrain.cli import main
+from fedbrain.cli.main import main
 from fedbrain.contract import CLASSES, Preprocessing
 from fedbrain.data.images import ImageError, load_grayscale
 from fedbrain.predict import Prediction, Predictor, load_predictor
@@ -52,15 +52,15 @@ def test_every_variant_loads_with_its_contract(comp, compression_synthetic_run):
                              ("int8.onnx", "int8", "onnx"), ("pruned_int8.onnx", "pruned+int8", "onnx")):
         p = load_predictor(comp / f)
         assert isinstance(p, Predictor) and p.kind == kind
-        assert p.meta["variant"] == variant
-        assert p.meta["classes"] == list(CLASSES)
-        assert isinstance(p.meta["preprocessing"], Preprocessing)
-        assert p.meta["preprocessing"].image_size == 128
-        assert p.meta["supervised_granularity"] == "multiclass"
-        assert p.meta["model"]["name"] == "fedbrain_cnn"
+        assert p.card.variant == variant
+        assert p.card.classes == tuple(CLASSES)
+        assert isinstance(p.card.preprocessing, Preprocessing)
+        assert p.card.preprocessing.image_size == 128
+        assert p.card.supervised_granularity == "multiclass"
+        assert p.card.model == "fedbrain_cnn"
         assert (p.torch_model is None) == (kind == "onnx")
     plain = load_predictor(compression_synthetic_run / "checkpoints" / "best.pt")
-    assert plain.meta["variant"] == "torch"
+    assert plain.card.variant == "fp32"
 
 
 def test_prediction_fields_and_torch_onnx_agree(comp, images):
@@ -135,16 +135,16 @@ def test_predict_cli_on_a_corrupt_image_fails_clearly(comp, images, tmp_path, ca
 
 
 def test_binary_only_checkpoint_predicts_tumour_or_no_tumor(comp, images, tmp_path):
+    from fedbrain.checkpoint import load_checkpoint
     from fedbrain.compression.onnx_export import export_onnx
-    from fedbrain.compression.prune import load_model
 
-    model, meta = load_model(comp / "fp32.pt")
-    binary = save_checkpoint(tmp_path / "binary.pt", model, "fedbrain_cnn", meta["preprocessing"], "binary")
-    meta_b = {**meta, "supervised_granularity": "binary"}
-    onnx_b = export_onnx(model, meta_b, tmp_path / "binary.onnx", "fp32")
+    model, card = load_checkpoint(comp / "fp32.pt")
+    card_b = card.replace(supervised_granularity="binary")
+    binary = save_checkpoint(tmp_path / "binary.pt", model, card_b)
+    onnx_b = export_onnx(model, card_b, tmp_path / "binary.onnx")
     for path in (binary, onnx_b):
         p = load_predictor(path)
-        assert p.meta["supervised_granularity"] == "binary"
+        assert p.card.supervised_granularity == "binary"
         preds = {label: p.predict(img) for label, img in images.items()}
         assert {r.predicted for r in preds.values()} <= {"tumour", "no_tumor"}
         assert preds["no_tumor"].predicted == "no_tumor" and preds["glioma"].predicted == "tumour"

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from fedbrain.checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from fedbrain.cli import main
-from fedbrain.experiment import read_metrics
+from fedbrain.checkpoint import CheckpointError, load_checkpoint, read_card, read_checkpoint
+from fedbrain.cli.main import main
+from fedbrain.runs import read_metrics
 from fedbrain.training import compute_metrics
 
 
@@ -50,11 +50,11 @@ def test_centralised_run_writes_the_documented_schema(trained):
 
 
 def test_checkpoint_describes_itself(trained):
-    model, meta = load_checkpoint(trained / "checkpoints" / "best.pt")
-    assert meta["classes"] == ["glioma", "meningioma", "pituitary", "no_tumor"]
-    assert meta["supervised_granularity"] == "binary"  # Br35H has no tumour types
-    assert meta["preprocessing"].channels == 1 and meta["model"]["name"] == "fedbrain_cnn"
-    assert "test" in meta["metrics"]
+    model, card = load_checkpoint(trained / "checkpoints" / "best.pt")
+    assert card.classes == ("glioma", "meningioma", "pituitary", "no_tumor")
+    assert card.supervised_granularity == "binary"  # Br35H has no tumour types
+    assert card.preprocessing.channels == 1 and card.model == "fedbrain_cnn"
+    assert "test" in card.metrics
 
 
 def test_evaluate_cli_reproduces_the_stored_test_metrics(trained, tmp_path):
@@ -62,7 +62,7 @@ def test_evaluate_cli_reproduces_the_stored_test_metrics(trained, tmp_path):
     assert main(["evaluate", str(trained / "checkpoints" / "best.pt"), "--max-images-per-site", "40",
                  "--json", str(out)]) == 0
     again = json.loads(out.read_text())
-    stored = read_checkpoint(trained / "checkpoints" / "best.pt")["metrics"]["test"]
+    stored = read_card(trained / "checkpoints" / "best.pt").metrics["test"]
     assert again["union"]["tumour_accuracy"] == pytest.approx(stored["union"]["tumour_accuracy"])
 
 

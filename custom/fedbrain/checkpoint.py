@@ -1,8 +1,17 @@
-"""Self-describing checkpoints: the weights plus everything needed to use them correctly."""
+"""The model-file format, written once: a typed :class:`ModelCard` plus weights, in ``.pt`` and ONNX files.
+
+A checkpoint (``fedbrain-checkpoint/1``) is a ``torch.save`` dict of plain tensors and JSON-like values,
+read with ``weights_only=True`` only: the card's fields, then ``state_dict``. A pruned variant records its
+layer sizes in the card (``pruned["layers"]``), so :func:`load_checkpoint` rebuilds the registry model,
+shrinks those layers and loads the weights strictly. An ONNX variant carries the same card as
+``metadata_props`` (:meth:`ModelCard.to_onnx_metadata`); :func:`fedbrain.predict.load_predictor` reads both.
+"""
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -12,79 +21,245 @@ from fedbrain.contract import CLASSES, Preprocessing
 from fedbrain.models import create_model
 
 FORMAT = "fedbrain-checkpoint/1"
+ONNX_FORMAT = "fedbrain-onnx/1"
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "logits"
 
 
 class CheckpointError(ValueError):
-    pass
+    """A model file that is missing, unreadable or does not fit its recorded architecture."""
 
 
-def save_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    model_name: str,
-    preprocessing: Preprocessing,
-    supervised_granularity: str,
-    label_schemes: dict[str, str] | None = None,
-    model_kwargs: dict | None = None,
-    training: dict | None = None,
-    metrics: dict | None = None,
-    extra: dict | None = None,
-) -> Path:
-    """Write weights with the I/O contract, label granularity, training config and metrics."""
+@dataclass
+class ModelCard:
+    """Everything needed to use a model correctly: architecture, classes, input contract, provenance."""
+
+    model: str
+    preprocessing: Preprocessing
+    supervised_granularity: str  # what the model may claim to know: multiclass | tumour_type | binary
+    model_kwargs: dict = field(default_factory=dict)
+    classes: tuple[str, ...] = CLASSES
+    label_schemes: dict = field(default_factory=dict)  # site -> label scheme it trained on
+    training: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    variant: str = "fp32"  # fp32 | pruned | int8 | pruned+int8
+    pruned: dict | None = None  # pruning record; "layers" holds every resized layer's sizes
+    source_checkpoint: str = ""  # the checkpoint a compressed variant was made from
+    extra: dict = field(default_factory=dict)
+    created: str = ""
+
+    def replace(self, **changes) -> ModelCard:
+        return replace(self, **changes)
+
+    @property
+    def binary_only(self) -> bool:
+        return self.supervised_granularity == "binary"
+
+    # -------------------------------------------------------------- .pt payload
+
+    def to_payload(self) -> dict:
+        """The checkpoint dict without weights (the on-disk layout of format 1)."""
+        extra = dict(self.extra)
+        extra["variant"] = self.variant
+        if self.pruned is not None:
+            extra["pruned"] = self.pruned
+        if self.source_checkpoint:
+            extra["source_checkpoint"] = self.source_checkpoint
+        return {
+            "format": FORMAT,
+            "created": self.created or _now(),
+            "model": {"name": self.model, "kwargs": dict(self.model_kwargs)},
+            "classes": list(self.classes),
+            "preprocessing": self.preprocessing.to_dict(),
+            "supervised_granularity": self.supervised_granularity,
+            "label_schemes": dict(self.label_schemes),
+            "training": dict(self.training),
+            "metrics": dict(self.metrics),
+            "extra": extra,
+        }
+
+    @classmethod
+    def from_payload(cls, payload: dict, where: str = "") -> ModelCard:
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise CheckpointError(f"{where or 'this file'} is not a fedbrain checkpoint (format {FORMAT})")
+        try:
+            extra = dict(payload.get("extra") or {})
+            return cls(
+                model=payload["model"]["name"],
+                model_kwargs=dict(payload["model"].get("kwargs") or {}),
+                classes=tuple(payload["classes"]),
+                preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+                supervised_granularity=str(payload["supervised_granularity"]),
+                label_schemes=dict(payload.get("label_schemes") or {}),
+                training=dict(payload.get("training") or {}),
+                metrics=dict(payload.get("metrics") or {}),
+                variant=str(extra.pop("variant", "fp32")),
+                pruned=extra.pop("pruned", None),
+                source_checkpoint=str(extra.pop("source_checkpoint", "") or ""),
+                extra=extra,
+                created=str(payload.get("created", "")),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"{where or 'this file'}: incomplete model card ({exc})") from exc
+
+    # -------------------------------------------------------------- ONNX metadata_props
+
+    def to_onnx_metadata(self, variant: str | None = None) -> dict[str, str]:
+        """The string ``metadata_props`` written into every ONNX variant."""
+        return {
+            "fedbrain_format": ONNX_FORMAT,
+            "variant": variant or self.variant,
+            "classes": json.dumps(list(self.classes)),
+            "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "supervised_granularity": self.supervised_granularity,
+            "model": json.dumps({"name": self.model, "kwargs": self.model_kwargs}),
+            "label_schemes": json.dumps(self.label_schemes),
+            "source_checkpoint": self.source_checkpoint,
+            "output": ONNX_OUTPUT,
+        }
+
+    @classmethod
+    def from_onnx_metadata(cls, props: dict[str, str], where: str = "") -> ModelCard:
+        if props.get("fedbrain_format") != ONNX_FORMAT:
+            raise CheckpointError(f"{where or 'this ONNX file'} carries no fedbrain contract (metadata "
+                                  f"'fedbrain_format' != {ONNX_FORMAT!r}); export it with `fedbrain compress`")
+        try:
+            arch = json.loads(props["model"])
+            return cls(model=arch["name"], model_kwargs=dict(arch.get("kwargs") or {}),
+                       classes=tuple(json.loads(props["classes"])),
+                       preprocessing=Preprocessing.from_dict(json.loads(props["preprocessing"])),
+                       supervised_granularity=props["supervised_granularity"],
+                       label_schemes=json.loads(props.get("label_schemes") or "{}"),
+                       variant=props.get("variant", "onnx"), source_checkpoint=props.get("source_checkpoint", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where or 'this ONNX file'}: unreadable fedbrain metadata ({exc})") from exc
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    # -------------------------------------------------------------- the model
+
+    def build_model(self) -> nn.Module:
+        """The registry model this card describes, shrunk to its pruned layer sizes (random weights)."""
+        model = create_model(self.model, num_classes=len(self.classes), pretrained=False, **self.model_kwargs)
+        if self.pruned:
+            shrink_to(model, self.pruned["layers"])
+        return model
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:
+    """Write ``card`` and the model's weights atomically; a pruned card gets the model's current layer sizes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": FORMAT,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model_name, "kwargs": dict(model_kwargs or {})},
-        "classes": list(CLASSES),
-        "preprocessing": preprocessing.to_dict(),
-        "supervised_granularity": supervised_granularity,
-        "label_schemes": dict(label_schemes or {}),
-        "training": training or {},
-        "metrics": metrics or {},
-        "extra": extra or {},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
+    if card.pruned is not None:
+        card = card.replace(pruned={**card.pruned, "layers": layer_shapes(model)})
+    payload = card.to_payload()
+    payload["state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def load_weights(path: str | Path) -> dict:
+    """A ``torch.save`` file read with ``weights_only=True`` (plain tensors and containers, never code)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"model file {str(path)!r} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{str(path)!r} is not a readable fedbrain checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a fedbrain checkpoint (format {FORMAT})")
-    return payload
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{str(path)!r} is not a readable weights file: {first}") from exc
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model from its checkpoint, pruned or not; returns ``(model in eval mode, metadata)``.
+def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict]:
+    """``(card, state_dict)`` of a fedbrain checkpoint, without building the model."""
+    payload = load_weights(path)
+    card = ModelCard.from_payload(payload, repr(str(path)))
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} holds no weights")
+    return card, state
 
-    A pruned checkpoint (``fedbrain compress``) records its layer sizes in ``extra["pruned"]``; the
-    registry model is shrunk to them before the weights are loaded.
-    """
-    payload = read_checkpoint(path)
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    pruned = (meta.get("extra") or {}).get("pruned")
+
+def read_card(path: str | Path) -> ModelCard:
+    return read_checkpoint(path)[0]
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the model of a checkpoint (plain or pruned); returns ``(model in eval mode, card)``."""
+    card, state = read_checkpoint(path)
     try:
-        model = create_model(meta["model"]["name"], num_classes=len(meta["classes"]), pretrained=False,
-                             **meta["model"].get("kwargs", {}))
-        if pruned:
-            from fedbrain.compression.prune import shrink_to
-
-            shrink_to(model, pruned["layers"])
-        model.load_state_dict(payload["state_dict"])
-    except (RuntimeError, KeyError, TypeError) as exc:
+        model = card.build_model()
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(path)!r}: weights do not fit the recorded architecture: "
-                              f"{str(exc).splitlines()[0]}") from exc
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     model.eval()
-    meta["preprocessing"] = Preprocessing.from_dict(meta["preprocessing"])
-    return model, meta
+    return model, card
+
+
+def global_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from an NVFlare PT persistor file (``FL_global_model.pt``: ``{"model": state_dict, ...}``)."""
+    obj = load_weights(path)
+    sd = obj.get("model", obj) if isinstance(obj, dict) else obj
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{str(path)!r} holds no state dict")
+    return {k: torch.as_tensor(v) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------- pruned layer sizes
+
+_DIMS: dict[type, tuple[str, ...]] = {
+    nn.Conv2d: ("in_channels", "out_channels", "groups"),
+    nn.BatchNorm2d: ("num_features",),
+    nn.Linear: ("in_features", "out_features"),
+}
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict]:
+    """Sizes of every Conv2d / BatchNorm2d / Linear, by module name (what :func:`shrink_to` needs)."""
+    out = {}
+    for name, m in model.named_modules():
+        attrs = _DIMS.get(type(m))
+        if attrs:
+            out[name] = {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
+    return out
+
+
+def shrink_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
+    """Replace the layers of a freshly built model with ones of the recorded sizes (in place)."""
+    for name, spec in shapes.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"pruned layer {name!r} does not exist in the rebuilt model") from exc
+        if type(m).__name__ != spec.get("type"):
+            raise CheckpointError(f"pruned layer {name!r} is a {type(m).__name__}, "
+                                  f"checkpoint says {spec.get('type')}")
+        attrs = _DIMS[type(m)]
+        if all(int(getattr(m, a)) == int(spec[a]) for a in attrs):
+            continue
+        if isinstance(m, nn.Conv2d):
+            new: nn.Module = nn.Conv2d(spec["in_channels"], spec["out_channels"], m.kernel_size, m.stride,
+                                       m.padding, m.dilation, spec["groups"], bias=m.bias is not None,
+                                       padding_mode=m.padding_mode)
+        elif isinstance(m, nn.BatchNorm2d):
+            new = nn.BatchNorm2d(spec["num_features"], eps=m.eps, momentum=m.momentum, affine=m.affine,
+                                 track_running_stats=m.track_running_stats)
+        else:
+            new = nn.Linear(spec["in_features"], spec["out_features"], bias=m.bias is not None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    return model
+
+
+__all__ = ["ModelCard", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "read_card",
+           "load_weights", "global_state", "layer_shapes", "shrink_to", "FORMAT", "ONNX_FORMAT"]

@@ -4,8 +4,9 @@
 >>> r = p.predict("slice.png")          # a path, raw bytes, or an HxW uint8 array
 >>> r.probabilities, r.tumour_probability, r.predicted, r.latency_ms
 
-The preprocessing is read from the model file (checkpoint fields or ONNX ``metadata_props``) and
-applied exactly as in evaluation: decode to 8-bit greyscale, bilinear resize, normalise.
+The model card (:class:`fedbrain.checkpoint.ModelCard`) is read from the model file (checkpoint fields or
+ONNX ``metadata_props``) and its preprocessing applied exactly as in evaluation: decode to 8-bit
+greyscale, bilinear resize, normalise.
 Unreadable images raise :class:`fedbrain.data.images.ImageError`.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain.checkpoint import CheckpointError
+from fedbrain.checkpoint import CheckpointError, ModelCard, load_checkpoint
 from fedbrain.contract import NO_TUMOR, Preprocessing
 from fedbrain.data.images import ImageError, decode_grayscale, load_grayscale, resize
 
@@ -45,9 +46,9 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 class Predictor:
     """A loaded model plus its contract. Build it with :func:`load_predictor`."""
 
-    def __init__(self, meta: dict, kind: str, torch_model=None, session=None, path: str | Path | None = None,
+    def __init__(self, card: ModelCard, kind: str, torch_model=None, session=None, path: str | Path | None = None,
                  threads: int | None = None):
-        self.meta = meta
+        self.card = card
         self.kind = kind
         self.torch_model = torch_model
         self.session = session
@@ -59,18 +60,18 @@ class Predictor:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return list(self.card.classes)
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return self.meta["preprocessing"]
+        return self.card.preprocessing
 
     @property
     def variant(self) -> str:
-        return self.meta["variant"]
+        return self.card.variant
 
     def __repr__(self) -> str:
-        return f"Predictor({self.meta['model'].get('name')}, variant={self.variant}, kind={self.kind})"
+        return f"Predictor({self.card.model}, variant={self.variant}, kind={self.kind})"
 
     # ------------------------------------------------------------ inputs
 
@@ -134,7 +135,7 @@ class Predictor:
         classes = self.classes
         no_tumor = classes.index("no_tumor") if "no_tumor" in classes else NO_TUMOR
         p_tumour = float(1.0 - probs[no_tumor])
-        if self.meta.get("supervised_granularity") == "binary":
+        if self.card.binary_only:
             predicted = "tumour" if p_tumour >= 0.5 else "no_tumor"
         else:
             predicted = classes[int(np.argmax(probs))]
@@ -167,19 +168,12 @@ def load_predictor(path: str | Path, threads: int | None = None) -> Predictor:
     if not path.is_file():
         raise CheckpointError(f"model file {str(path)!r} does not exist")
     if path.suffix.lower() == ".onnx":
-        from fedbrain.compression.onnx_export import parse_metadata
-
         session = _onnx_session(path, threads or 1)
-        meta = parse_metadata(session.get_modelmeta().custom_metadata_map, str(path))
-        meta["path"] = str(path)
-        return Predictor(meta, "onnx", session=session, path=path, threads=threads or 1)
-    from fedbrain.compression.prune import load_model
-
-    model, meta = load_model(path)
-    meta["variant"] = (meta.get("extra") or {}).get("variant", "torch")
-    meta["path"] = str(path)
+        card = ModelCard.from_onnx_metadata(session.get_modelmeta().custom_metadata_map, str(path))
+        return Predictor(card, "onnx", session=session, path=path, threads=threads or 1)
+    model, card = load_checkpoint(path)
     if threads:
         import torch
 
         torch.set_num_threads(int(threads))
-    return Predictor(meta, "torch", torch_model=model, path=path, threads=threads)
+    return Predictor(card, "torch", torch_model=model, path=path, threads=threads)

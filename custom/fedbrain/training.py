@@ -6,7 +6,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -27,9 +27,26 @@ class TrainConfig:
     class_weighting: bool = True  # inverse-frequency weights: sites are skewed
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -90,9 +107,11 @@ def train_epochs(
     epochs = cfg.epochs if epochs is None else epochs
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model.to(device)
     optimizer = optimizer or make_optimizer(model, cfg)
     targets = getattr(getattr(loader, "ds", None), "targets", None)
-    weight = class_weights(targets) if (cfg.class_weighting and targets is not None) else None
+    weight = class_weights(targets).to(device) if (cfg.class_weighting and targets is not None) else None
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     total_steps = max(1, epochs * len(loader))
     step = 0
@@ -109,6 +128,7 @@ def train_epochs(
             if lr_schedule:
                 for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     g["lr"] = base * lr_schedule(step, total_steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = partial_label_loss(logits, y, weight, cfg.label_smoothing)
             if extra_loss is not None:
@@ -159,6 +179,7 @@ def train_keep_best(
     Returns ``(best_state, best_score, history)``; the model keeps its last-epoch weights.
     ``on_epoch(epoch, train_stats, val_metrics, score)`` runs after each epoch (logging).
     """
+    model.to(resolve_device(cfg.device))
     optimizer = make_optimizer(model, cfg)  # its state carries over between epochs
     schedule = cosine_schedule()
     best, best_score, history = None, -float("inf"), []
@@ -186,9 +207,10 @@ def train_keep_best(
 def predict_proba(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, 4) and targets (N,) over a loader, in eval mode."""
     model.eval()
+    device = model_device(model)
     probs, ys = [], []
     for x, y in loader:
-        probs.append(torch.softmax(model(x).float(), dim=1).numpy())
+        probs.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
         ys.append(np.asarray(y))
     if not probs:
         return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)

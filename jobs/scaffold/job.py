@@ -9,7 +9,7 @@ Examples:
 
 import sys
 
-from fedbrain.fl.job import job_main
+from fedbrain.cli.job import job_main
 
 if __name__ == "__main__":
     sys.exit(job_main("scaffold"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from fedbrain.contract import Augmentation, Preprocessing, target_index
 from fedbrain.data.cache import load_arrays
+from fedbrain.data.federation import SPLITS, SiteData
 from fedbrain.data.readers import Record
 
 
@@ -92,4 +94,46 @@ class BatchLoader:
             yield normalise(raw, pre), self.ds.targets[idx]
 
 
-__all__ = ["SliceDataset", "BatchLoader", "normalise", "to_tensor", "augment_batch"]
+UNION = "union"  # the pooled test split of every site: the headline of every results table
+
+
+@dataclass
+class SiteLoaders:
+    """Loaders of one site's splits at one preprocessing (decoded once, cached on disk)."""
+
+    site: SiteData
+    pre: Preprocessing
+    batch_size: int = 32
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    cache_dir: Path | None = None
+    _ds: dict = field(default_factory=dict)
+
+    def dataset(self, split: str) -> SliceDataset:
+        if split not in self._ds:
+            self._ds[split] = SliceDataset(self.site.splits[split], self.pre, self.cache_dir)
+        return self._ds[split]
+
+    def train(self, seed: int = 0) -> BatchLoader:
+        return BatchLoader(self.dataset("train"), self.batch_size, True, self.augmentation, seed)
+
+    def eval(self, split: str) -> BatchLoader:
+        return BatchLoader(self.dataset(split), max(64, self.batch_size), False)
+
+
+def pooled_site(name: str, sites: list[SiteData]) -> SiteData:
+    """All given sites' splits pooled into one (the centralised baseline's data, or the union test set)."""
+    splits = {s: [r for site in sites for r in site.splits[s]] for s in SPLITS}
+    return SiteData(name, "mixed", splits, {})
+
+
+def site_loaders(sites: dict[str, SiteData], pre: Preprocessing, batch_size: int = 64,
+                 cache_dir: Path | None = None, union: str | None = UNION) -> dict[str, SiteLoaders]:
+    """Evaluation loaders for every site and, with ``union``, for their pooled splits."""
+    out = {n: SiteLoaders(s, pre, batch_size, cache_dir=cache_dir) for n, s in sites.items()}
+    if union:
+        out[union] = SiteLoaders(pooled_site(union, list(sites.values())), pre, batch_size, cache_dir=cache_dir)
+    return out
+
+
+__all__ = ["UNION", "SliceDataset", "BatchLoader", "SiteLoaders", "normalise", "to_tensor", "augment_batch",
+           "pooled_site", "site_loaders"]

@@ -29,6 +29,7 @@ from fedbrain.data.readers import (
     infer_scheme,
     read_source,
 )
+from fedbrain.runs import RunDir, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -179,13 +180,13 @@ class Federation:
     sites: dict[str, SiteData]
     summary: dict
 
-    def write(self, out_dir: Path) -> None:
-        """Write each site's split file and the summaries into ``out_dir``."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def write(self, out: RunDir | Path) -> None:
+        """Write each site's split file and the data summary into a run folder."""
+        run = out if isinstance(out, RunDir) else RunDir(out)
+        run.root.mkdir(parents=True, exist_ok=True)
         for site in self.sites.values():
-            site.write_split_file(out_dir / "splits" / f"{site.name}.csv")
-        (out_dir / "data_summary.json").write_text(json.dumps(self.summary, indent=2))
+            site.write_split_file(run.split_file(site.name))
+        write_json(run.data_summary, self.summary)
 
 
 def _conflicting(labels: set[str]) -> bool:

@@ -2,7 +2,6 @@
 
 * :func:`provision` writes ``project.yml`` (one server, one client per hospital, one project admin) and
   provisions it with NVFlare's own provisioner: mutual-TLS startup kits signed by a fresh project CA.
-* :func:`start_kit` starts a server or client kit headless (its ``startup/sub_start.sh --once``).
 * :func:`wait_for_clients` / :func:`shutdown_all` talk to the running system through the admin kit.
 * :func:`submit` builds the same recipe as ``fedbrain simulate`` and runs it with
   ``ProdEnv(startup_kit_location=<admin kit>)``; each hospital's ``--split-file`` is a path on *its*
@@ -12,15 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from fedbrain.runs import RunDir
 
 DEFAULT_PROJECT = "fedbrain"
 DEFAULT_ORG = "fedbrain"
@@ -271,13 +268,14 @@ def recipe_component_classes() -> dict[str, set[str]]:
     asks the server and the sites to build: exported once here, so provisioning tracks the recipes."""
     import tempfile
 
-    from fedbrain.fl.job import ALGORITHMS, JobSettings, build_recipe
+    from fedbrain.fl.recipes import build_recipe
+    from fedbrain.settings import ALGORITHMS, JobSettings
 
     out: dict[str, set[str]] = {"server": set(), "client": set()}
     for algorithm in ALGORITHMS:
         for cse in (True, False):
             try:
-                recipe = build_recipe(JobSettings(algorithm=algorithm, cross_site_eval=cse),
+                recipe = build_recipe(JobSettings.create(algorithm, cross_site_eval=cse),
                                       ["site-a", "site-b"], {"site-a": "/a.csv", "site-b": "/b.csv"})
             except ValueError:  # a combination the recipes do not offer (e.g. SCAFFOLD + cross-site eval)
                 continue
@@ -314,100 +312,6 @@ def set_server_storage(server_kit: str | Path, storage: str | Path) -> Path:
             snap["storage"].setdefault("args", {})["root_dir"] = str(storage / "snapshot-storage")
 
     return _edit_resources(server_kit, edit)
-
-
-def start_kit(kit: str | Path, log_file: str | Path, env: dict | None = None) -> subprocess.Popen:
-    """Start a server or client kit headless in its own process group (no prompt, no restart daemon):
-    ``startup/sub_start.sh --once`` with this Python environment first on PATH."""
-    kit = Path(kit).resolve()
-    run_env = {**os.environ, **(env or {})}
-    run_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), run_env.get("PATH", "")])
-    run_env.setdefault("PYTHONUNBUFFERED", "1")
-    log = open(log_file, "ab")  # the child keeps its own copy of the descriptor
-    try:
-        return subprocess.Popen(["bash", str(kit / "startup" / "sub_start.sh"), "--once"], cwd=str(kit),
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=run_env,
-                                start_new_session=True)
-    finally:
-        log.close()
-
-
-def processes_mentioning(path: str | Path) -> list[int]:
-    """PIDs of live processes whose command line mentions ``path``: a kit's NVFlare parent and the job
-    processes it spawns (NVFlare starts those in their own sessions, outside the kit's process group)."""
-    import psutil
-
-    needle = str(Path(path).resolve())
-    out = []
-    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        try:
-            if proc.info["pid"] == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if any(part == needle or needle + os.sep in part for part in proc.info["cmdline"] or []):
-                out.append(proc.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return out
-
-
-def stop_processes(procs: list[subprocess.Popen], roots: list[str | Path] = (),
-                   grace: float = 10.0) -> list[int]:
-    """Stop started kits and everything they spawned: SIGTERM to each live kit's process group and to
-    every descendant / process running from ``roots``, SIGKILL after ``grace`` s.
-
-    Returns the PIDs still alive (empty when everything is gone)."""
-    import psutil
-
-    targets: dict[int, psutil.Process] = {}  # psutil.Process guards against PID reuse
-
-    def add(pid: int) -> None:
-        try:
-            targets.setdefault(pid, psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-
-    for p in procs:
-        add(p.pid)
-        try:
-            for child in psutil.Process(p.pid).children(recursive=True):
-                targets.setdefault(child.pid, child)
-        except psutil.NoSuchProcess:
-            pass
-    for root in roots:
-        for pid in processes_mentioning(root):
-            add(pid)
-
-    def alive() -> list[int]:
-        for p in procs:
-            p.poll()  # reap our own children
-        left = []
-        for pid, proc in targets.items():
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    left.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return sorted(left)
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        left = alive()
-        if not left:
-            return []
-        for p in procs:
-            if p.poll() is None:  # the leader is alive, so its process group is still ours
-                try:
-                    os.killpg(p.pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        for pid in left:
-            try:
-                targets[pid].send_signal(sig)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        deadline = time.monotonic() + wait
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return alive()
 
 
 # ---------------------------------------------------------------- the running system (admin kit)
@@ -502,21 +406,19 @@ def site_split_files(sites: list[str], site_splits: dict[str, str] | None,
         raise DeployError(f"no split file for {missing}: pass --site-split SITE=/path/on/that/site.csv for "
                           "each site, or --site-dir DIR where every site keeps DIR/splits/<site>.csv")
     for s in missing:
-        site_splits[s] = str(Path(site_dir) / "splits" / f"{s}.csv")
+        site_splits[s] = str(RunDir(site_dir).split_file(s))
     return site_splits
 
 
 def prod_job_inputs(settings, sites: list[str], site_splits: dict[str, str] | None = None,
                     site_dir: str | None = None, site_log_dir: str | None = None):
-    """``(settings, split_files, run_dir)`` for :func:`fedbrain.fl.job.build_recipe` in a deployment.
+    """``(split_files, run_dir, log_dirs)`` for :func:`fedbrain.fl.recipes.build_recipe` in a deployment.
 
     Every path is on the hospitals' machines. ``run_dir`` stays ``None`` for FedAvg/FedProx (the recipe
     also hands ``run_dir`` to the server's aggregator, and the server has no such folder): their sites
     get an explicit ``--split-file`` each. SCAFFOLD's recipe has no per-site apps, so its sites read
     ``<site_dir>/splits/<site>.csv`` (``run_dir=site_dir``). The sites' own metrics log goes to
     ``--log-dir site_log_dir`` (default ``<site_dir>/logs``), the same path at every site."""
-    import dataclasses
-
     if settings.algorithm == "scaffold":
         if site_splits:
             raise DeployError("SCAFFOLD has no per-site configuration in its recipe: drop --site-split and "
@@ -527,10 +429,7 @@ def prod_job_inputs(settings, sites: list[str], site_splits: dict[str, str] | No
     else:
         split_files, run_dir = site_split_files(sites, site_splits, site_dir), None
     log_dir = site_log_dir or (str(Path(site_dir) / "logs") if site_dir else None)
-    if log_dir:
-        extra = " ".join(x for x in (settings.extra_site_args, shlex.join(["--log-dir", log_dir])) if x)
-        settings = dataclasses.replace(settings, extra_site_args=extra)
-    return settings, split_files, run_dir
+    return split_files, run_dir, (dict.fromkeys(sites, log_dir) if log_dir else None)
 
 
 @dataclass
@@ -570,15 +469,16 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
     """
     from nvflare.recipe import ProdEnv
 
-    from fedbrain.fl.job import build_recipe, load_global_state
+    from fedbrain.checkpoint import global_state
+    from fedbrain.fl.recipes import build_recipe
 
     sites = parse_sites(sites)
     admin_kit = Path(admin_kit).resolve()
     if not (admin_kit / "startup" / "fed_admin.json").is_file():
         raise DeployError(f"{str(admin_kit)!r} is not an admin startup kit (no startup/fed_admin.json)")
     username = username or admin_username(admin_kit)
-    settings, split_files, run_dir = prod_job_inputs(settings, sites, site_splits, site_dir, site_log_dir)
-    recipe = build_recipe(settings, sites, split_files, run_dir=run_dir, cache_dir=cache_dir)
+    split_files, run_dir, log_dirs = prod_job_inputs(settings, sites, site_splits, site_dir, site_log_dir)
+    recipe = build_recipe(settings, sites, split_files, run_dir=run_dir, cache_dir=cache_dir, log_dirs=log_dirs)
     env = ProdEnv(startup_kit_location=str(admin_kit), username=username, login_timeout=login_timeout)
     t0 = time.perf_counter()
     run = recipe.run(env)
@@ -602,20 +502,18 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
         out.global_model = models[0] if models else None
         out.best_model = best[0] if best else None
     if out.global_model is not None:
-        bad = check_finite(load_global_state(out.global_model))
+        bad = check_finite(global_state(out.global_model))
         if bad:
             out.error = f"the global model has non-finite weights in {bad[:5]}"
     if out_dir:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        run_out = RunDir(out_dir)
+        run_out.root.mkdir(parents=True, exist_ok=True)
         if out.global_model is not None and not out.error:
-            out.checkpoint = save_global_checkpoint(load_global_state(out.global_model), settings,
-                                                    out_dir / "checkpoints" / "last.pt", label_schemes,
-                                                    job_id)
+            out.checkpoint = save_global_checkpoint(global_state(out.global_model), settings, run_out.last,
+                                                    label_schemes, job_id)
             if out.best_model is not None:
-                save_global_checkpoint(load_global_state(out.best_model), settings,
-                                       out_dir / "checkpoints" / "best.pt", label_schemes, job_id)
-        (out_dir / "deploy_result.json").write_text(json.dumps({
+                save_global_checkpoint(global_state(out.best_model), settings, run_out.best, label_schemes, job_id)
+        run_out.deploy_result.write_text(json.dumps({
             "job_id": job_id, "status": status, "ok": out.ok, "error": out.error, "seconds": seconds,
             "result_dir": str(out.result_dir) if out.result_dir else None,
             "global_model": str(out.global_model) if out.global_model else None,
@@ -627,7 +525,7 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
 def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
                            job_id: str) -> Path:
     """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``)."""
-    from fedbrain.checkpoint import save_checkpoint
+    from fedbrain.checkpoint import ModelCard, save_checkpoint
     from fedbrain.contract import supervised_granularity
     from fedbrain.models import create_model, default_preprocessing
 
@@ -635,9 +533,9 @@ def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dic
     model.load_state_dict(state)
     # without the sites' label schemes, claim no more than tumour / no tumour
     granularity = supervised_granularity(list((label_schemes or {}).values()) or ["binary"])
-    return save_checkpoint(path, model, model_name=settings.model,
-                           preprocessing=default_preprocessing(settings.model, settings.image_size),
-                           supervised_granularity=granularity, label_schemes=label_schemes,
-                           model_kwargs=settings.model_kwargs,
-                           training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
-                                     "job_id": job_id})
+    card = ModelCard(model=settings.model, model_kwargs=settings.model_kwargs,
+                     preprocessing=default_preprocessing(settings.model, settings.image_size),
+                     supervised_granularity=granularity, label_schemes=dict(label_schemes or {}),
+                     training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
+                               "job_id": job_id})
+    return save_checkpoint(path, model, card)

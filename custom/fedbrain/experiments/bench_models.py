@@ -19,11 +19,12 @@ import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from fedbrain.compression.data import LocalData, sample, sites_from_run
+from fedbrain.compression.data import LocalData, sample
 from fedbrain.contract import CLASSES
 from fedbrain.data.federation import Federation, SiteData
-from fedbrain.experiment import UNION, train_pooled, write_config
-from fedbrain.fl.job import JobSettings
+from fedbrain.evaluation import UNION
+from fedbrain.experiments.pooled import train_pooled
+from fedbrain.fl.simulate import run_simulation
 from fedbrain.models import (
     apply_finetune,
     count_macs,
@@ -31,6 +32,8 @@ from fedbrain.models import (
     default_preprocessing,
     weights_source,
 )
+from fedbrain.runs import RunDir, write_json
+from fedbrain.settings import JobSettings
 from fedbrain.training import TrainConfig
 
 FORMAT = "fedbrain-bench-models/1"
@@ -58,9 +61,12 @@ class Budget:
     local_epochs: int = 1
     max_train_per_site: int | None = None  # cap on each site's TRAIN split; val/test stay whole
     finetune: str = "all"
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
     seed: int = 0
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
 
     @property
     def epochs(self) -> int:
@@ -118,23 +124,23 @@ def profile_model(checkpoint: Path, out_dir: Path, train_records: list, test_rec
     batch-1 ONNX Runtime latency (median ms) at each thread count."""
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.compression import report as rep
-    from fedbrain.compression.data import arrays, normalise, sample
+    from fedbrain.compression.data import arrays, normalise
     from fedbrain.compression.latency import timed
-    from fedbrain.compression.onnx_export import contract_metadata, export_onnx
+    from fedbrain.compression.onnx_export import export_onnx
     from fedbrain.compression.quantize import quantize_int8
     from fedbrain.predict import load_predictor
 
-    model, meta = load_checkpoint(checkpoint)
-    pre = meta["preprocessing"]
+    model, card = load_checkpoint(checkpoint)
+    card = card.replace(source_checkpoint=str(checkpoint))
+    pre = card.preprocessing
     out: dict = {}
-    fp32 = export_onnx(model, meta, out_dir / "fp32.onnx", "fp32", source=checkpoint)
+    fp32 = export_onnx(model, card.replace(variant="fp32"), out_dir / "fp32.onnx")
     out["fp32_onnx_bytes"] = os.path.getsize(fp32)
     files = {"fp32": fp32}
     if int8:
         try:
             calib = normalise(arrays(sample(train_records, 64), pre, cache_dir)[0], pre)
-            files["int8"] = quantize_int8(fp32, out_dir / "int8.onnx", calib,
-                                          contract_metadata(meta, "int8", checkpoint))
+            files["int8"] = quantize_int8(fp32, out_dir / "int8.onnx", calib, card.to_onnx_metadata("int8"))
             out["int8_onnx_bytes"] = os.path.getsize(files["int8"])
             imgs, targets = arrays(test_records, pre, cache_dir)
             metrics, _ = rep.evaluate_predictor(load_predictor(files["int8"]), imgs, targets)
@@ -151,14 +157,12 @@ def profile_model(checkpoint: Path, out_dir: Path, train_records: list, test_rec
     return out
 
 
-def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: tuple[str, ...] = MODES,
+def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tuple[str, ...] = MODES,
               cache_dir: Path | None = None, int8: bool = True, latency_repeats: int = 50,
               progress: bool = True) -> list[dict]:
     """One model: its profile, then one row per mode (errors land in the row, never stop the others)."""
-    from fedbrain.fl.simulate import run_simulation
-
-    mdir = run_dir / name
-    mdir.mkdir(parents=True, exist_ok=True)
+    mdir = run.child(name)
+    mdir.root.mkdir(parents=True, exist_ok=True)
     pre = default_preprocessing(name, budget.image_size)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -183,26 +187,27 @@ def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: 
         t0 = time.perf_counter()
         row = {**base, "mode": mode}
         try:
+            mode_run = mdir.child(mode)
             if mode == "federated":
-                settings = JobSettings(algorithm="fedavg", model=name, image_size=budget.image_size,
-                                       rounds=budget.rounds, local_epochs=budget.local_epochs,
-                                       batch_size=budget.batch_size, lr=budget.lr, seed=budget.seed,
-                                       cross_site_eval=False, finetune=finetune)  # ImageNet start if any
-                summary = run_simulation(fed, settings, mdir / mode, cache_dir=cache_dir)
+                settings = JobSettings.create(
+                    "fedavg", train={"epochs": budget.local_epochs, "batch_size": budget.batch_size,
+                                     "lr": budget.lr, "seed": budget.seed},
+                    model=name, image_size=budget.image_size, rounds=budget.rounds, cross_site_eval=False,
+                    finetune=finetune)  # ImageNet start if any
+                summary = run_simulation(fed, settings, mode_run, cache_dir=cache_dir)
                 if summary.get("failed_sites") or "test" not in summary:
                     raise RuntimeError(str(summary.get("failed_sites") or summary.get("error"))[:400])
                 test = summary["test"]
             else:
-                cfg = TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr,
-                                  seed=budget.seed)
-                fed.write(mdir / mode)
-                write_config(mdir / mode, kind="centralized", model=name, train=cfg.to_dict(),
-                             federation=fed.spec.to_dict(), image_size=budget.image_size, finetune=finetune,
-                             weights=weights)
-                test = train_pooled(fed, name, cfg, mdir / mode, image_size=budget.image_size, pretrained=None,
+                cfg = budget.train_config(budget.epochs)
+                fed.write(mode_run.root)
+                mode_run.write_config(kind="centralized", model=name, train=cfg.to_dict(),
+                                      federation=fed.spec.to_dict(), image_size=budget.image_size,
+                                      finetune=finetune, weights=weights)
+                test = train_pooled(fed, name, cfg, mode_run, image_size=budget.image_size, pretrained=None,
                                     finetune=finetune, cache_dir=cache_dir, progress=progress)["test"]
             row.update(_metric_cells(test[UNION]))
-            best_ckpt = best_ckpt or mdir / mode / "checkpoints" / "best.pt"
+            best_ckpt = best_ckpt or mode_run.best
         except Exception as exc:  # one failing model or mode must not cost the rest of the table
             row["error"] = f"{type(exc).__name__}: {exc}"
             if progress:
@@ -212,10 +217,10 @@ def bench_one(fed: Federation, name: str, budget: Budget, run_dir: Path, modes: 
     if best_ckpt is not None:
         if progress:
             print(f"   {name}: ONNX export, int8 and CPU latency", flush=True)
-        local = LocalData(list(fed.sites.values()), str(run_dir))
+        local = LocalData(list(fed.sites.values()), str(run))
         try:
-            prof = profile_model(best_ckpt, mdir / "onnx", local.records("train"), local.records("test"), cache_dir,
-                                 int8=int8, repeats=latency_repeats)
+            prof = profile_model(best_ckpt, mdir.root / "onnx", local.records("train"), local.records("test"),
+                                 cache_dir, int8=int8, repeats=latency_repeats)
         except Exception as exc:
             prof = {"profile_error": f"{type(exc).__name__}: {exc}"}
         prof["profiled_checkpoint"] = str(best_ckpt)
@@ -236,12 +241,8 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
 def write_table(path: Path, rows: list[dict], meta: dict) -> tuple[Path, Path]:
     """``path`` (JSON: rows + meta + goal) and the same rows as CSV beside it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     commands = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))
-    doc = {"format": FORMAT, **meta, "commands": commands, "rows": rows, "goal": goal(rows)}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    tmp.replace(path)
+    write_json(path, {"format": FORMAT, **meta, "commands": commands, "rows": rows, "goal": goal(rows)})
     csv_path = path.with_suffix(".csv")
     with csv_path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(FIELDS), extrasaction="ignore")
@@ -330,37 +331,35 @@ def format_goal(g: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(fed: Federation, models: list[str], budget: Budget, run_dir: Path, outs: tuple[Path, ...] = (),
+def run_bench(fed: Federation, models: list[str], budget: Budget, run: RunDir, outs: tuple[Path, ...] = (),
               modes: tuple[str, ...] = MODES, cache_dir: Path | None = None, int8: bool = True,
               latency_repeats: int = 50, command: str = "", progress: bool = True) -> list[dict]:
-    """All ``models`` under one budget; rows saved after every model into ``run_dir/bench_models.json``
+    """All ``models`` under one budget; rows saved after every model into the run's ``bench_models.json``
     and merged into each of ``outs`` (rows of the same model, mode and budget are replaced)."""
-    run_dir = Path(run_dir)
     fed = cap_train(fed, budget.max_train_per_site, budget.seed)
-    fed.write(run_dir)
+    fed.write(run.root)
     meta = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "federation": fed.spec.to_dict(), "sites": list(fed.sites), "evaluated_on": "union of the sites' test "
             "splits (leak-free: duplicate clusters never cross splits)", "hardware": hardware()}
-    write_config(run_dir, kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(),
-                 command=command, **meta)
+    run.write_config(kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(),
+                     command=command, **meta)
     rows: list[dict] = []
     for name in models:
         rows += [{**r, "command": command}
-                 for r in bench_one(fed, name, budget, run_dir, modes, cache_dir, int8, latency_repeats, progress)]
-        write_table(run_dir / "bench_models.json", rows, meta)
+                 for r in bench_one(fed, name, budget, run, modes, cache_dir, int8, latency_repeats, progress)]
+        write_table(run.bench_models_json, rows, meta)
         for out in outs:
             write_table(out, merge_rows(_safe_read(out), rows), meta)
     return rows
 
 
-def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50, cache_dir: Path | None = None,
+def retime(run: RunDir, outs: tuple[Path, ...] = (), latency_repeats: int = 50, cache_dir: Path | None = None,
            progress: bool = True) -> list[dict]:
     """Measure size and latency again for every model of a finished benchmark run (e.g. on a quiet machine,
     or on the deployment hardware); its accuracy columns are kept."""
-    run_dir = Path(run_dir)
-    doc = json.loads((run_dir / "bench_models.json").read_text())
+    doc = json.loads(run.bench_models_json.read_text())
     rows = doc["rows"]
-    local = LocalData(sites_from_run(run_dir) or [], str(run_dir))
+    local = LocalData.of_run(run, str(run))
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         ckpt = next((r.get("profiled_checkpoint") for r in mine if r.get("profiled_checkpoint")), None)
@@ -368,13 +367,13 @@ def retime(run_dir: Path, outs: tuple[Path, ...] = (), latency_repeats: int = 50
             continue
         if progress:
             print(f"   {name}: timing {ckpt}", flush=True)
-        prof = profile_model(Path(ckpt), run_dir / name / "onnx", local.records("train"), local.records("test"),
+        prof = profile_model(Path(ckpt), run.child(name).root / "onnx", local.records("train"), local.records("test"),
                              cache_dir, int8=True, repeats=latency_repeats)
         for r in mine:
             r.update(prof, hardware=hardware())
     meta = {k: v for k, v in doc.items() if k not in ("rows", "goal", "format", "commands")}
     meta["retimed"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    write_table(run_dir / "bench_models.json", rows, meta)
+    write_table(run.bench_models_json, rows, meta)
     for out in outs:
         write_table(out, merge_rows(_safe_read(out), rows), meta)
     return rows

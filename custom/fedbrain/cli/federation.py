@@ -1,0 +1,195 @@
+"""Federation commands: ``simulate`` (the main job), ``compare``, ``bench federation`` and ``bench models``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedbrain.cli.options import (
+    UsageError,
+    add_federation_args,
+    add_job_args,
+    add_workspace_arg,
+    cache_dir,
+    check_finetune,
+    job_settings,
+    load_federation,
+)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedbrain.evaluation import results_table
+    from fedbrain.fl.simulate import run_simulation
+    from fedbrain.runs import RunDir
+
+    settings = job_settings(args)
+    fed = load_federation(args)
+    run_dir = RunDir.create(args.workspace, f"{settings.algorithm}-{settings.model}")
+    print(f"run: {run_dir}")
+    print(f"{settings.algorithm} with {len(fed.sites)} sites ({', '.join(fed.sites)}), {settings.rounds} rounds x "
+          f"{settings.local_epochs} local epoch(s), model {settings.model}", flush=True)
+    summary = run_simulation(fed, settings, run_dir, cache_dir=cache_dir(args))
+    if "rounds_table" in summary:
+        print("\n" + summary["rounds_table"])
+    if "test" in summary:
+        print("\nbest global model on each site's test split and their union:")
+        print(results_table(summary["test"]))
+    train = sum(summary.get("train_seconds_per_site", {}).values())
+    print(f"\nsimulator wall time {summary['wall_seconds']:.0f} s (site training {train:.0f} s summed over sites)")
+    print(f"run folder: {run_dir}")
+    if summary.get("failed_sites"):
+        for site, err in summary["failed_sites"].items():
+            print(f"\nsite {site} FAILED:\n{err}", file=sys.stderr)
+        print(f"\nfedbrain: {len(summary['failed_sites'])} site(s) failed; see {run_dir.nvflare}",
+              file=sys.stderr)
+        return 3
+    if "error" in summary:
+        print(f"fedbrain: error: {summary['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedbrain.experiments.compare import compare_table, run_compare
+    from fedbrain.runs import RunDir
+
+    settings = job_settings(args)
+    fed = load_federation(args)
+    settings.cross_site_eval = False
+    settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row
+    run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
+    print(f"run: {run_dir}\nbudget: {settings.rounds * settings.local_epochs} epochs per mode "
+          f"({settings.rounds} rounds x {settings.local_epochs} local epochs for federated modes)", flush=True)
+    dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
+    t0 = time.perf_counter()
+    rows = run_compare(fed, settings, run_dir, args.algorithms, dp=dp, cache_dir=cache_dir(args))
+    print("\n" + compare_table(rows, list(fed.sites)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s; results: {run_dir.compare_csv}")
+    return 0
+
+
+def cmd_bench_federation(args: argparse.Namespace) -> int:
+    """Simulator wall time vs. the same local epochs trained without NVFlare (one process, site by site)."""
+    from fedbrain.experiments.throughput import simulator_overhead
+    from fedbrain.runs import RunDir
+
+    settings = job_settings(args)
+    fed = load_federation(args)
+    settings.cross_site_eval = False
+    run_dir = RunDir.create(args.workspace, f"bench-federation-{settings.model}")
+    res = simulator_overhead(fed, settings, run_dir, cache_dir=cache_dir(args))
+    if res.get("failed_sites"):
+        print(f"fedbrain: error: sites failed: {list(res['failed_sites'])}", file=sys.stderr)
+        return 3
+    print(f"benchmark: {len(fed.sites)} sites, {settings.rounds} rounds x {settings.local_epochs} local epoch(s), "
+          f"model {settings.model}")
+    print(f"  NVFlare simulator wall time          {res['simulator_wall_s']:8.1f} s  (sites in parallel processes)")
+    print(f"  same epochs, plain PyTorch, in turn  {res['plain_local_s']:8.1f} s")
+    print(f"  overhead ratio (simulator / plain)   {res['ratio']:8.2f}")
+    return 0
+
+
+def _bench_command(args: argparse.Namespace) -> str:
+    """The command line that reruns this benchmark (data and budget flags only)."""
+    import shlex
+
+    parts = ["fedbrain", "bench", "models"]
+    for flag in ("data_root", "site_config", "sites", "max_images_per_site", "max_train_per_site"):
+        if getattr(args, flag, None):
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    parts += ["--models", *args.models, "--modes", *args.modes, "--image-size", str(args.image_size),
+              "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--finetune", args.finetune,
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed)]
+    return shlex.join(parts)
+
+
+def cmd_bench_models(args: argparse.Namespace) -> int:
+    from fedbrain.experiments import bench_models as bm
+    from fedbrain.models import list_models
+    from fedbrain.runs import RunDir, workspace_bench_models
+
+    outs = (workspace_bench_models(args.workspace),) + ((Path(args.out),) if args.out else ())
+    if args.show:
+        rows = bm.read_table(args.show)
+        print(bm.format_table(rows, markdown=args.markdown))
+        print(bm.format_goal(bm.goal(rows)))
+        return 0
+    if args.retime:
+        rows = bm.retime(RunDir(args.retime), outs, latency_repeats=args.latency_repeats, cache_dir=cache_dir(args))
+        print(bm.format_table(rows, markdown=args.markdown))
+        print(bm.format_goal(bm.goal(rows)))
+        return 0
+    unknown = [m for m in args.models if m not in list_models()]
+    if unknown:
+        raise UsageError(f"unknown model(s) {unknown}; choose from {list_models()}")
+    check_finetune(args.finetune)
+    budget = bm.Budget(image_size=args.image_size or None, rounds=args.rounds, local_epochs=args.local_epochs,
+                       max_train_per_site=args.max_train_per_site, finetune=args.finetune,
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    fed = load_federation(args)
+    run_dir = RunDir.create(args.workspace, "bench-models")
+    print(f"run: {run_dir}\nbudget: {budget.label()} (centralised: {budget.epochs} epochs), fine-tune "
+          f"{budget.finetune} for pretrained models; models: {', '.join(args.models)}", flush=True)
+    t0 = time.perf_counter()
+    rows = bm.run_bench(fed, args.models, budget, run_dir, outs=outs, modes=tuple(args.modes),
+                        cache_dir=cache_dir(args), int8=not args.no_int8,
+                        latency_repeats=args.latency_repeats, command=_bench_command(args))
+    print("\n" + bm.format_table(rows, markdown=args.markdown))
+    print(bm.format_goal(bm.goal(rows)))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s on {bm.hardware()}; rows: {run_dir.bench_models_json}; "
+          f"merged into {' and '.join(map(str, outs))} (the dashboard's Models page reads the first)")
+    failed = [r for r in rows if r.get("error")]
+    return 1 if failed and len(failed) == len(rows) else 0
+
+
+def register(groups) -> None:
+    from fedbrain.experiments.bench_models import DEFAULT_MODELS, MODES, Budget
+    from fedbrain.models import FINETUNE_HELP
+    from fedbrain.settings import ALGORITHMS
+
+    sub = groups.top
+    p = sub.add_parser("simulate", help="the main job: a federated run in the NVFlare simulator")
+    add_federation_args(p)
+    add_job_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("compare", help="federated vs centralised vs local-only at the same budget")
+    add_federation_args(p)
+    add_job_args(p)
+    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.set_defaults(func=cmd_compare)
+
+    bench = groups.group("bench")
+    p = bench.add_parser("federation", help="NVFlare simulator wall time vs plain local training")
+    add_federation_args(p)
+    add_job_args(p, rounds=3)
+    p.set_defaults(func=cmd_bench_federation)
+
+    p = bench.add_parser("models", help="every registry model, federated and centralised: accuracy, "
+                         "macro-F1, size, CPU latency at one budget")
+    add_federation_args(p)
+    g = p.add_argument_group("budget (the same for every model; written beside every number)")
+    g.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    g.add_argument("--image-size", type=int, default=Budget.image_size, help="input size for every model (0 = "
+                   "each model's own default: 224 for the ImageNet models); default %(default)s")
+    g.add_argument("--rounds", type=int, default=Budget.rounds, help="federated rounds; centralised trains rounds "
+                   "x local epochs epochs (default %(default)s)")
+    g.add_argument("--local-epochs", type=int, default=Budget.local_epochs)
+    g.add_argument("--max-train-per-site", type=int, default=None,
+                   help="cap each site's TRAIN split (val/test stay whole, so tables stay comparable)")
+    g.add_argument("--finetune", default="all", help=FINETUNE_HELP + "; applies to models that start from "
+                   "ImageNet weights (random-init models always train all layers)")
+    g.add_argument("--batch-size", type=int, default=Budget.batch_size)
+    g.add_argument("--lr", type=float, default=Budget.lr)
+    p.add_argument("--no-int8", action="store_true", help="skip int8 quantisation")
+    p.add_argument("--latency-repeats", type=int, default=50, help="timed batch-1 calls per variant and thread count")
+    add_workspace_arg(p)
+    p.add_argument("--out", help="another table to merge the rows into, besides <workspace>/bench_models.json")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--show", metavar="JSON", help="only print an existing table (and the goal check)")
+    p.add_argument("--retime", metavar="RUN", help="only measure sizes and latency again for a finished "
+                   "bench-models run folder (accuracy columns are kept), e.g. on a quiet or deployment machine")
+    p.set_defaults(func=cmd_bench_models)

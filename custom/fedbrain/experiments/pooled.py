@@ -1,0 +1,84 @@
+"""The non-federated modes over the training core: centralised (all sites pooled) and local-only (one site)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fedbrain.checkpoint import ModelCard, save_checkpoint
+from fedbrain.contract import supervised_granularity
+from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
+from fedbrain.data.federation import Federation
+from fedbrain.evaluation import UNION, evaluate_everywhere
+from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
+from fedbrain.runs import MetricsLog, RunDir
+from fedbrain.training import TrainConfig, seed_everything, train_keep_best
+
+
+def train_pooled(
+    fed: Federation,
+    model_name: str,
+    cfg: TrainConfig,
+    run: RunDir,
+    sites: list[str] | None = None,
+    image_size: int | None = None,
+    pretrained: bool | None = None,
+    model_kwargs: dict | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    finetune: str = "all",
+) -> dict:
+    """Centralised (all ``sites`` pooled) or local-only (one site) training with validation-based selection.
+
+    Evaluates the best checkpoint on every site's test split and on the union of them; writes the run's
+    checkpoints, metrics and results.
+    """
+    seed_everything(cfg.seed)
+    names = sites or list(fed.sites)
+    unknown = set(names) - set(fed.sites)
+    if unknown:
+        raise KeyError(f"unknown site(s) {sorted(unknown)}; this federation has {list(fed.sites)}")
+    pre = default_preprocessing(model_name, image_size)
+    model = create_model(model_name, pretrained=pretrained, **(model_kwargs or {}))
+    tuned = apply_finetune(model, model_name, finetune)
+    train_site = pooled_site("+".join(names), [fed.sites[n] for n in names])
+    if not train_site.splits["train"]:
+        raise ValueError(f"no training images at {names}")
+    pool = SiteLoaders(train_site, pre, cfg.batch_size, cache_dir=cache_dir)
+    every = site_loaders(fed.sites, pre, cfg.batch_size, cache_dir, union=UNION)
+    card = ModelCard(model=model_name, model_kwargs=dict(model_kwargs or {}), preprocessing=pre,
+                     supervised_granularity=supervised_granularity([fed.sites[n].scheme for n in names]),
+                     label_schemes={n: fed.sites[n].scheme for n in names},
+                     training={**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,
+                               "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
+                               "augmentation": pool.augmentation.to_dict()})
+    log = MetricsLog.of(run)
+
+    def on_epoch(epoch: int, stats: dict, val: dict, score: float) -> None:
+        log.log(epoch + 1, train_site.name, "train", stats)
+        if val:
+            log.log(epoch + 1, train_site.name, "val", val)
+        if progress:
+            print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  val {score:.4f}  "
+                  f"{stats['images_per_s']:.0f} img/s", flush=True)
+
+    t0 = time.perf_counter()
+    best, best_score, history = train_keep_best(
+        model, lambda epoch: pool.train(seed=cfg.seed + epoch), cfg,
+        val_loader=pool.eval("val") if train_site.splits["val"] else None, on_epoch=on_epoch,
+        progress="epoch" if progress else None)
+    train_seconds = time.perf_counter() - t0
+    save_checkpoint(run.last, model, card)
+    if best is not None:
+        model.load_state_dict(best)
+    results = evaluate_everywhere(model, every)
+    for name, m in results.items():
+        log.log(cfg.epochs, name, "test", m, checkpoint="best")
+    log.close()
+    save_checkpoint(run.best, model, card.replace(metrics={"test": results, "val_score": best_score}))
+    out = {"test": results, "history": history, "train_seconds": train_seconds, "best_val_score": best_score}
+    run.write_results(out)
+    return out
+
+
+__all__ = ["train_pooled"]

@@ -1,0 +1,312 @@
+"""The run folder: every path of the documented workspace schema (``workspace/README.md``), in one place.
+
+Commands create a :class:`RunDir` under the workspace and write through its named paths; the dashboard,
+``fedbrain compress`` and ``fedbrain evaluate`` read through the same names. Nothing else in fedbrain
+joins run-folder path parts by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+DEFAULT_WORKSPACE = Path(os.environ.get("FEDBRAIN_WORKSPACE", "workspace"))
+
+
+class RunDir:
+    """One run: ``workspace/<run-id>/`` (a compare or benchmark run nests ordinary runs as children)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    # -------------------------------------------------------------- creation / lookup
+
+    @classmethod
+    def create(cls, workspace: str | os.PathLike, prefix: str) -> RunDir:
+        """A new, empty ``<workspace>/<prefix>-<YYYYmmdd-HHMMSS>[-k]`` folder."""
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(workspace) / f"{prefix}-{stamp}"
+        path, k = base, 1
+        while path.exists():
+            k += 1
+            path = Path(f"{base}-{k}")
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | os.PathLike) -> RunDir | None:
+        """The run whose ``checkpoints/`` folder holds ``checkpoint``, or None."""
+        p = Path(checkpoint).resolve()
+        return cls(p.parent.parent) if p.parent.name == CHECKPOINTS else None
+
+    def child(self, name: str) -> RunDir:
+        """A nested run (a compare mode, a benchmarked model's mode)."""
+        return RunDir(self.root / name.replace(":", "-"))
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and self.root == other.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    # -------------------------------------------------------------- the schema
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return metrics_file(self.root)
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def data_summary(self) -> Path:
+        return self.root / "data_summary.json"
+
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits"
+
+    def split_file(self, site: str) -> Path:
+        return self.splits / f"{site}.csv"
+
+    def split_files(self, sites: list[str]) -> dict[str, str]:
+        return {s: str(self.split_file(s)) for s in sites}
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / "best.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / "last.pt"
+
+    @property
+    def rounds(self) -> Path:
+        """``checkpoints/rounds/``: the global model after every finished round (federated runs)."""
+        return self.checkpoints / "rounds"
+
+    def round_model(self, round_: int) -> Path:
+        return self.rounds / f"round-{round_:04d}.pt"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def sites(self) -> Path:
+        return self.root / "sites"
+
+    def site_log_dir(self, site: str) -> Path:
+        return self.sites / site
+
+    def site_metrics(self, site: str) -> Path:
+        return metrics_file(self.site_log_dir(site))
+
+    @property
+    def nvflare(self) -> Path:
+        return self.root / "nvflare"
+
+    @property
+    def cross_site(self) -> Path:
+        return self.root / "cross_site.json"
+
+    @property
+    def server_audit(self) -> Path:
+        return self.root / "server_audit.jsonl"
+
+    @property
+    def server_log(self) -> Path:
+        """``server_rounds.jsonl``: per round, each site's aggregation weight and update norm (server side)."""
+        return self.root / "server_rounds.jsonl"
+
+    @property
+    def initial_model(self) -> Path:
+        return self.root / "initial_model.pt"
+
+    @property
+    def simulator_stdout(self) -> Path:
+        return self.root / "simulator_stdout.txt"
+
+    @property
+    def nvflare_log_config(self) -> Path:
+        return self.root / "nvflare_log_config.json"
+
+    @property
+    def compare_json(self) -> Path:
+        return self.root / "compare.json"
+
+    @property
+    def compare_csv(self) -> Path:
+        return self.root / "compare.csv"
+
+    @property
+    def bench_models_json(self) -> Path:
+        return self.root / BENCH_MODELS
+
+    @property
+    def bench_federation_json(self) -> Path:
+        return self.root / "bench_federation.json"
+
+    @property
+    def deploy_result(self) -> Path:
+        return self.root / "deploy_result.json"
+
+    @property
+    def compression(self) -> Path:
+        return self.root / "compression"
+
+    # -------------------------------------------------------------- reading and writing
+
+    def write_config(self, **config) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.config, config)
+
+    def read_config(self) -> dict:
+        return read_json(self.config) or {}
+
+    def read_results(self) -> dict:
+        return read_json(self.results) or {}
+
+    def write_results(self, results: dict) -> None:
+        write_json(self.results, results)
+
+    def site_names(self) -> list[str]:
+        """Sites whose split file this run recorded."""
+        return sorted(p.stem for p in self.splits.glob("*.csv")) if self.splits.is_dir() else []
+
+    def has_splits(self) -> bool:
+        return bool(self.site_names())
+
+
+CHECKPOINTS = "checkpoints"
+BENCH_MODELS = "bench_models.json"
+
+
+def metrics_file(folder: str | os.PathLike) -> Path:
+    """``<folder>/metrics.jsonl``: a run's log, or a site's own log wherever the site keeps it."""
+    return Path(folder) / "metrics.jsonl"
+
+
+def default_compression_dir(checkpoint: str | os.PathLike) -> Path:
+    """``<run>/compression`` for run checkpoints, else ``<dir>/<stem>-compression``."""
+    run = RunDir.of_checkpoint(checkpoint)
+    p = Path(checkpoint)
+    return run.compression if run else p.parent / f"{p.stem}-compression"
+
+
+def workspace_bench_models(workspace: str | os.PathLike) -> Path:
+    """``<workspace>/bench_models.json``: every benchmark run's rows merged (the dashboard's Models page)."""
+    return Path(workspace) / BENCH_MODELS
+
+
+def write_json(path: Path, obj) -> None:
+    """Write atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def read_json(path: Path):
+    """The parsed file, or None when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl (a half-written last line is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Path(path).open("a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")
+
+
+def flat_scalars(metrics: dict) -> dict:
+    """The scalar entries of a metrics dict (drops nested tables and booleans)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class MetricsLog:
+    """Append-only JSONL of scalar metrics, one line per (round, site, split), mirrored to TensorBoard."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(tensorboard_dir))
+            except Exception:  # tensorboard missing: JSONL stays the source of truth
+                self.tb = None
+
+    @classmethod
+    def of(cls, run: RunDir) -> MetricsLog:
+        return cls(run.metrics, run.tensorboard)
+
+    def log(self, round_: int, site: str, split: str, metrics: dict, **extra) -> None:
+        row = {"round": round_, "site": site, "split": split, **extra, **flat_scalars(metrics)}
+        append_jsonl(self.path, row)
+        self.scalars(row)
+
+    def scalars(self, row: dict) -> None:
+        """A metrics row as TensorBoard scalars (``site/split/key``)."""
+        if self.tb is None:
+            return
+        for k, v in flat_scalars(row).items():
+            if k != "round" and math.isfinite(v):
+                self.tb.add_scalar(f"{row.get('site')}/{row.get('split')}/{k}", v, row.get("round", 0))
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+__all__ = ["RunDir", "MetricsLog", "DEFAULT_WORKSPACE", "read_metrics", "read_json", "write_json",
+           "flat_scalars", "default_compression_dir", "workspace_bench_models", "append_jsonl"]
