@@ -378,7 +378,15 @@ def _image_error_message(reason: str) -> str:
         "unreadable DICOM": "the DICOM file could not be parsed.",
         "unreadable DICOM pixel data": "the DICOM pixel data could not be decoded (compressed transfer "
                                        "syntax?); export it uncompressed.",
-        "blank image": "the image has constant pixel values.",
+        "blank image": "the image has (almost) constant pixel values.",
+        "file too large": "the file is larger than any single MRI slice should be.",
+        "unsupported image format": "this image format is not accepted; export the slice as DICOM, PNG or JPEG.",
+        "unsupported image mode": "the image's pixel format cannot be converted to greyscale.",
+        "invalid pixel values": "the image holds NaN or infinite pixel values.",
+        "extreme aspect ratio": "the image is far too narrow or wide to be an MRI slice.",
+        "colour image": "the image is in colour; an MRI slice is greyscale (is this a photo or a screenshot?).",
+        "random noise": "the image looks like random noise, not an MRI slice.",
+        "undecodable image": "the image could not be decoded.",
     }
     return f"This file cannot be used: {hints.get(reason, reason + '.')}"
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from fedbrain.checkpoint import CheckpointError, ModelCard, load_checkpoint
 from fedbrain.contract import NO_TUMOR, Preprocessing
-from fedbrain.data.images import ImageError, decode_grayscale, load_grayscale, resize
+from fedbrain.data.images import ImageError, check_slice, decode_grayscale, load_grayscale, resize
 
 __all__ = ["Prediction", "Predictor", "load_predictor", "ImageError"]
 
@@ -90,8 +90,7 @@ class Predictor:
             if arr.ndim != 2 or arr.dtype != np.uint8:
                 raise ImageError("unsupported array",
                                  f"expected an HxW uint8 array, got {arr.dtype} {arr.shape}")
-            if arr.shape[0] < 8 or arr.shape[1] < 8:
-                raise ImageError("image too small", f"{arr.shape[1]}x{arr.shape[0]}")
+            check_slice(arr)  # the same "is it a slice" checks as a decoded file
             return arr
         raise ImageError("unsupported input",
                          f"expected a path, bytes or a numpy array, got {type(image).__name__}")

@@ -2,11 +2,18 @@
 
 Each reader knows nothing of splits or training: it lists files and maps folder names to the
 canonical labels of :mod:`fedbrain.contract` (or ``tumour`` when only tumour/no-tumour is known).
+
+Folders are walked following symbolic links, each real folder at most once; what cannot be listed is skipped
+and counted in :attr:`ReadResult.problems`: "symlink loop", "dangling link", "unreadable folder",
+"unreadable file", "not a regular file" (FIFO, socket, device) and "folder linked twice".
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import os
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,26 +66,111 @@ class Record:
 @dataclass
 class ReadResult:
     records: list[Record]
-    problems: Counter = field(default_factory=Counter)  # reason -> count (folders, not images)
+    problems: Counter = field(default_factory=Counter)  # reason -> count (folders and unlistable files)
 
 
 def canonical_label(name: str) -> str | None:
     return LABEL_ALIASES.get(name.strip().lower().replace(" ", "_").replace("-", "_"))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+def _stat(path: str, problems: Counter) -> os.stat_result | None:
+    """``os.stat`` (links followed), or None after counting why the entry cannot be used."""
+    try:
+        return os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            problems["symlink loop"] += 1
+        elif exc.errno in (errno.ENOENT, errno.ENOTDIR) and os.path.islink(path):
+            problems["dangling link"] += 1
+        else:
+            problems["unreadable file"] += 1
+        return None
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _image_files(folder: Path, problems: Counter | None = None, outer: tuple[tuple[int, int], ...] = (),
+                 seen: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Regular, non-hidden files under ``folder`` (sorted); links are followed, each folder is read once.
+
+    Loops, dangling links, unreadable folders and special files are skipped and counted in ``problems``;
+    ``outer`` holds the ``(st_dev, st_ino)`` of folders above ``folder`` (a link back to them is a loop) and
+    ``seen`` those already read (shared by the class folders of one site, so no folder is read twice).
+    """
+    problems = Counter() if problems is None else problems
+    st = _stat(str(folder), problems)
+    if st is None:
+        return []
+    files: list[Path] = []
+    seen = set() if seen is None else seen
+    if _key(st) in seen:
+        problems["folder linked twice"] += 1
+        return []
+    seen.update((_key(st), *outer))
+    stack = [(str(folder), (*outer, _key(st)))]
+    while stack:
+        path, ancestors = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(e.name for e in it)
+        except OSError:
+            problems["unreadable folder"] += 1
+            continue
+        for name in entries:
+            full = os.path.join(path, name)
+            st = _stat(full, problems if not name.startswith(".") else Counter())  # hidden: skipped silently
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if _key(st) in ancestors:
+                    problems["symlink loop"] += 1
+                elif _key(st) in seen:
+                    problems["folder linked twice"] += 1
+                else:
+                    seen.add(_key(st))
+                    stack.append((full, (*ancestors, _key(st))))
+            elif name.startswith("."):
+                continue
+            elif stat.S_ISREG(st.st_mode):
+                files.append(Path(full))
+            else:
+                problems["not a regular file"] += 1
+    return sorted(files)
+
+
+def _subfolders(root: Path, problems: Counter) -> list[Path]:
+    """The visible folders in ``root`` (links followed), sorted; unusable entries are counted."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError as exc:
+        raise DataLayoutError(f"folder {str(root)!r} cannot be read: {exc.strerror or exc}") from exc
+    out = []
+    for name in names:
+        if name.startswith("."):
+            continue
+        st = _stat(str(root / name), problems)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            out.append(root / name)
+    return out
 
 
 def _read_class_folders(root: Path, mapping: Callable[[str], str | None], split: str | None,
-                        result: ReadResult) -> None:
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                        result: ReadResult, seen: set[tuple[int, int]] | None = None) -> None:
+    seen = set() if seen is None else seen
+    try:
+        outer = (_key(os.stat(root)),)
+    except OSError:
+        outer = ()
+    for sub in _subfolders(root, result.problems):
         label = mapping(sub.name)
         if label is None:
             result.problems[f"unknown class folder '{sub.name}' ignored"] += 1
             continue
-        files = _image_files(sub)
-        if not files:
+        unreadable = result.problems["unreadable folder"]
+        files = _image_files(sub, result.problems, outer, seen)
+        if not files and result.problems["unreadable folder"] == unreadable:
             result.problems[f"empty class folder '{sub.name}'"] += 1
         for f in files:
             if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -98,10 +190,13 @@ def read_folders(root: Path) -> ReadResult:
     """Generic layout: ``root/<class>/`` or ``root/<Training|Testing>/<class>/`` (class names or aliases)."""
     root = _require_dir(root, "folders")
     result = ReadResult([])
-    split_dirs = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_NAMES]
+    top = Counter()
+    split_dirs = [p for p in _subfolders(root, top) if p.name.lower() in SPLIT_NAMES]
     if split_dirs:
+        result.problems.update(top)
+        seen: set[tuple[int, int]] = set()
         for d in sorted(split_dirs):
-            _read_class_folders(d, canonical_label, SPLIT_NAMES[d.name.lower()], result)
+            _read_class_folders(d, canonical_label, SPLIT_NAMES[d.name.lower()], result, seen)
     else:
         _read_class_folders(root, canonical_label, None, result)
     if not result.records:
