@@ -10,6 +10,9 @@ from fedbrain.dashboard import MAX_UPLOAD_MB
 APP = Path(__file__).with_name("app.py")
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8501
+# Host headers the websocket accepts: loopback names only, so a page on another origin cannot reach the
+# dashboard through a DNS name that rebinds to 127.0.0.1.
+ALLOWED_HOSTS = ("127.0.0.1", "localhost")
 
 
 def streamlit_command(port: int = DEFAULT_PORT, max_upload_mb: int = MAX_UPLOAD_MB) -> list[str]:
@@ -18,6 +21,9 @@ def streamlit_command(port: int = DEFAULT_PORT, max_upload_mb: int = MAX_UPLOAD_
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", HOST,
         "--server.port", str(port),
+        *[arg for host in ALLOWED_HOSTS for arg in ("--server.allowedHosts", host)],
+        "--server.enableCORS", "true",
+        "--server.enableXsrfProtection", "true",
         "--server.headless", "true",
         "--browser.gatherUsageStats", "false",
         "--server.maxUploadSize", str(max_upload_mb),

@@ -65,7 +65,12 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture
-def dashboard_server(browser_ready, workspace_dir, tmp_path):
+def dashboard_server(browser_ready, dashboard_process):
+    return dashboard_process
+
+
+@pytest.fixture
+def dashboard_process(workspace_dir, tmp_path):
     """``fedbrain dashboard`` as a subprocess with its own TMPDIR and cwd; always stopped afterwards."""
     ws = Path(os.environ.get("FEDBRAIN_SCREENSHOTS_WORKSPACE") or workspace_dir)
     port = _free_port()
@@ -95,6 +100,30 @@ def dashboard_server(browser_ready, workspace_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def _websocket_handshake(url: str, host: str, origin: str) -> str:
+    """The status line the dashboard answers a websocket upgrade with, for the given Host and Origin."""
+    import base64
+
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        key = base64.b64encode(os.urandom(16)).decode()
+        s.sendall((f"GET /_stcore/stream HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                   f"Origin: {origin}\r\n\r\n").encode())
+        return s.recv(256).decode(errors="replace").splitlines()[0]
+
+
+@pytest.mark.slow
+def test_the_websocket_accepts_loopback_hosts_only(dashboard_process):
+    """DNS rebinding: a page served as evil.example that resolves to 127.0.0.1 must not get a session."""
+    url = dashboard_process.url
+    port = url.rsplit(":", 1)[1]
+    assert " 101 " in _websocket_handshake(url, f"127.0.0.1:{port}", url)
+    assert " 101 " in _websocket_handshake(url, f"localhost:{port}", f"http://localhost:{port}")
+    assert " 403 " in _websocket_handshake(url, f"evil.example:{port}", f"http://evil.example:{port}")
+    assert " 403 " in _websocket_handshake(url, f"127.0.0.1:{port}", "http://evil.example")
 
 
 def _settle(page) -> None:

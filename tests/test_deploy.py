@@ -130,31 +130,22 @@ def test_prod_job_inputs_keep_site_paths_off_the_server(tmp_path):
     from fedbrain.settings import JobSettings
 
     sites = ["hospital-a", "hospital-b"]
-    splits, run_dir, logs = d.prod_job_inputs(JobSettings.create(), sites, {"hospital-a": "/data/a.csv"},
-                                              site_dir="/srv/fb")
-    assert run_dir is None  # build_recipe also gives run_dir to the server's aggregator
-    assert splits == {"hospital-a": "/data/a.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
-    assert logs == dict.fromkeys(sites, "/srv/fb/logs")
-    _, _, own_logs = d.prod_job_inputs(JobSettings.create(), sites, site_dir="/srv/fb", site_log_dir="/var/log/fb")
+    for algorithm in ("fedavg", "scaffold"):  # SCAFFOLD has per-site apps too
+        settings = JobSettings.create(algorithm, cross_site_eval=False)
+        splits, logs = d.prod_job_inputs(settings, sites, {"hospital-a": "/data/a.csv"}, site_dir="/srv/fb")
+        assert splits == {"hospital-a": "/data/a.csv", "hospital-b": "/srv/fb/splits/hospital-b.csv"}
+        assert logs == dict.fromkeys(sites, "/srv/fb/logs")
+        out = tmp_path / algorithm
+        build_recipe(settings, sites, splits, log_dirs=logs).export(job_dir=str(out))
+        configs = {p.read_text() for p in out.rglob("config_fed_client.json")}
+        for site in sites:
+            assert any(f"--split-file {splits[site]}" in c and "--log-dir /srv/fb/logs" in c for c in configs), site
+        assert not any("/srv/fb" in p.read_text() for p in out.rglob("config_fed_server.json"))
+    _, own_logs = d.prod_job_inputs(JobSettings.create(), sites, site_dir="/srv/fb", site_log_dir="/var/log/fb")
     assert own_logs == dict.fromkeys(sites, "/var/log/fb")
-    # the recipe sends each site its own split file and log dir
-    settings = JobSettings.create(cross_site_eval=False)
-    build_recipe(settings, sites, splits, run_dir=run_dir, log_dirs=logs).export(job_dir=str(tmp_path))
-    configs = {p.read_text() for p in tmp_path.rglob("config_fed_client.json")}
-    for site in sites:
-        assert any(f"--split-file {splits[site]}" in c and "--log-dir /srv/fb/logs" in c for c in configs), site
-    assert not any("/srv/fb" in p.read_text() for p in tmp_path.rglob("config_fed_server.json"))
     # NVFlare splits a site's arguments on whitespace: a path with a space is refused, not mangled
     with pytest.raises(ValueError, match="whitespace"):
-        build_recipe(settings, sites, {"hospital-a": "/data/a b.csv", "hospital-b": "/b.csv"})
-    # SCAFFOLD has no per-site apps: its sites need the shared --site-dir layout
-    scaffold = JobSettings.create("scaffold")
-    splits, run_dir, _ = d.prod_job_inputs(scaffold, sites, site_dir="/srv/fb")
-    assert splits is None and run_dir == "/srv/fb"
-    with pytest.raises(d.DeployError, match="SCAFFOLD"):
-        d.prod_job_inputs(scaffold, sites, {"hospital-a": "/a.csv"}, "/srv/fb")
-    with pytest.raises(d.DeployError, match="SCAFFOLD needs --site-dir"):
-        d.prod_job_inputs(scaffold, sites)
+        build_recipe(JobSettings.create(), sites, {"hospital-a": "/data/a b.csv", "hospital-b": "/b.csv"})
 
 
 def test_provision_cli_writes_mutual_tls_kits(tmp_path, capsys):
@@ -372,7 +363,10 @@ def test_deployment_end_to_end(tmp_path, launcher):
         mine = [r for r in rows if r["site"] == site]
         assert {r["round"] for r in mine if r["split"] == "train"} == {0, 1}, rows
         assert {r["round"] for r in mine if r["split"] == "val" and r["model"] == "global"} == {0, 1}, rows
-    assert not list(tmp_path.glob("**/server_audit.jsonl"))  # nothing server-side was aimed at site paths
+    # the server keeps its audit and round log in its own job folder, never at a site's paths
+    audits = list(tmp_path.glob("**/server_audit.jsonl"))
+    assert audits and all(site_logs not in a.parents for a in audits)
+    assert any(result_dir in a.parents for a in audits)
 
     # what reached the server: no image path of any site appears in the downloaded server workspace
     image_paths = [r.path.encode() for s in fed.sites.values() for recs in s.splits.values() for r in recs]
@@ -395,3 +389,58 @@ def test_deployment_end_to_end(tmp_path, launcher):
     print(f"\nup in {t_up:.0f} s, job done at {t_job:.0f} s ({res['seconds']:.0f} s), all stopped at "
           f"{time.monotonic() - t0:.0f} s; exit codes after `shutdown all`: {graceful}")
     assert all(code is not None for code in graceful.values()), f"not stopped by `shutdown all`: {graceful}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_poc_federation_on_loopback_only(tmp_path):
+    """PocEnv (every participant a local process) runs a fedbrain FedAvg job; nothing listens beyond 127.0.0.1."""
+    import psutil
+
+    from fedbrain.data.federation import build_federation, embedded_spec
+    from fedbrain.fl.poc import loopback_poc_env
+    from fedbrain.fl.recipes import build_recipe
+    from fedbrain.runs import RunDir
+    from fedbrain.settings import JobSettings
+
+    fed = build_federation(embedded_spec(sites=2, max_images_per_site=30))
+    run = RunDir(tmp_path / "run")
+    fed.write(run)
+    settings = JobSettings.create(rounds=2, cross_site_eval=False)
+    recipe = build_recipe(settings, list(fed.sites), run.split_files(list(fed.sites)),
+                          log_dirs={s: str(run.site_log_dir(s)) for s in fed.sites})
+    fed_port, admin_port = free_ports(2)
+    env = loopback_poc_env(list(fed.sites), tmp_path / "poc", fed_port=fed_port, admin_port=admin_port)
+    try:
+        job = recipe.execute(env)
+        listening = [c for p in psutil.process_iter() if _mentions(p, tmp_path / "poc")
+                     for c in _tcp_listeners(p)]
+        assert listening, "no POC process listens"
+        assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+        result = job.get_result(timeout=300)
+        assert job.get_status() == "FINISHED:COMPLETED", (job.get_status(), result)
+    finally:
+        env.stop(clean_up=False)
+        left = stop_processes([], roots=[tmp_path / "poc"], grace=5.0)
+    assert left == []
+    rows = [json.loads(x) for s in fed.sites for x in run.site_metrics(s).read_text().splitlines()]
+    assert {(r["site"], r["round"]) for r in rows if r["split"] == "train"} == {(s, r) for s in fed.sites
+                                                                               for r in (0, 1)}
+
+
+def _mentions(proc, root: Path) -> bool:
+    import psutil
+
+    try:
+        return any(str(root) in part for part in proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _tcp_listeners(proc) -> list:
+    import psutil
+
+    try:
+        return [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []

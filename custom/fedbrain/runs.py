@@ -114,7 +114,16 @@ class RunDir:
         return self.checkpoints / "rounds"
 
     def round_model(self, round_: int) -> Path:
-        return self.rounds / f"round-{round_:04d}.pt"
+        return self.rounds / ROUND_FILE.format(round_)
+
+    @property
+    def rounds_best(self) -> Path:
+        """``checkpoints/rounds/best.pt``: the server's best global model by the pooled validation score."""
+        return self.rounds / ROUNDS_BEST
+
+    @property
+    def rounds_progress(self) -> Path:
+        return self.rounds / ROUNDS_PROGRESS
 
     @property
     def tensorboard(self) -> Path:
@@ -208,6 +217,10 @@ class RunDir:
 
 CHECKPOINTS = "checkpoints"
 BENCH_MODELS = "bench_models.json"
+# the server writes these into its checkpoint folder (a run's checkpoints/rounds/, or its own job folder)
+ROUND_FILE = "round-{:04d}.pt"
+ROUNDS_BEST = "best.pt"
+ROUNDS_PROGRESS = "progress.json"
 
 
 def metrics_file(folder: str | os.PathLike) -> Path:

@@ -191,7 +191,7 @@ def register(groups) -> None:
                    help="a site's split file, as a path ON THAT SITE's machine (repeatable)")
     g.add_argument("--site-dir", default=None,
                    help="a folder path valid at every site: sites without --site-split read "
-                        "DIR/splits/<site>.csv (SCAFFOLD: every site), and log to DIR/logs")
+                        "DIR/splits/<site>.csv, and log to DIR/logs")
     g.add_argument("--site-log-dir", default=None,
                    help="where each site appends its own per-round metrics (DIR/metrics.jsonl on that "
                         "site's machine; default <site-dir>/logs)")

@@ -20,13 +20,23 @@ from fedbrain.cli.options import (
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedbrain.data.federation import Federation
     from fedbrain.evaluation import results_table
-    from fedbrain.fl.simulate import run_simulation
+    from fedbrain.fl.simulate import continue_from, is_unfinished, resume_in_place, run_simulation
     from fedbrain.runs import RunDir
 
     settings = job_settings(args)
-    fed = load_federation(args)
-    run_dir = RunDir.create(args.workspace, f"{settings.algorithm}-{settings.model}")
+    if args.resume and is_unfinished(RunDir(args.resume)):
+        run_dir = RunDir(Path(args.resume).resolve())
+        settings = resume_in_place(run_dir)
+        fed = Federation.read(run_dir)  # the splits it recorded, whatever the data flags say now
+        print(f"resuming {run_dir} at round {settings.start_round} ({settings.rounds} round(s) left; the run's own "
+              "settings and splits are used)")
+    else:
+        fed = load_federation(args)
+        run_dir = RunDir.create(args.workspace, f"{settings.algorithm}-{settings.model}")
+        if args.resume:
+            continue_from(settings, Path(args.resume), run_dir)
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} with {len(fed.sites)} sites ({', '.join(fed.sites)}), {settings.rounds} rounds x "
           f"{settings.local_epochs} local epoch(s), model {settings.model}", flush=True)

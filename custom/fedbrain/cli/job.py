@@ -15,6 +15,8 @@ def job_main(algorithm: str, argv: list[str] | None = None) -> int:
     add_job_args(p)
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
     p.add_argument("--startup-kit", help="admin startup kit folder (prod)")
+    p.add_argument("--fed-port", type=int, default=8002, help="POC: the server's FL port on 127.0.0.1")
+    p.add_argument("--admin-port", type=int, default=8003, help="POC: the server's admin port on 127.0.0.1")
     p.add_argument("--export-to", help="write the NVFlare job folder here instead of running it")
     p.add_argument("--run-dir", default=None, help="where splits and site logs go (default: a new workspace run)")
     args = p.parse_args(argv)
@@ -48,9 +50,9 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
         print(f"exported NVFlare job to {args.export_to}")
         return 0
     if args.env == "poc":
-        from nvflare.recipe import PocEnv
+        from fedbrain.fl.poc import loopback_poc_env
 
-        env = PocEnv(clients=list(fed.sites))
+        env = loopback_poc_env(list(fed.sites), Path(args.workspace) / "poc", args.fed_port, args.admin_port)
     else:
         from nvflare.recipe import ProdEnv
 

@@ -156,7 +156,9 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
     g.add_argument("--dp-clip", type=float, default=0.0, help="differential privacy: L2 clip of each update")
     g.add_argument("--dp-noise", type=float, default=0.0, help="differential privacy: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
-    g.add_argument("--resume", help="a run folder (or checkpoint) whose last global model starts this run")
+    g.add_argument("--resume", metavar="RUN", help="an interrupted run folder: finish it in place from its last "
+                   "finished round; a finished run (or a checkpoint): start a new run from its last global model, "
+                   "numbering rounds after it")
     g.add_argument("--threads-per-site", type=int, default=None)
     add_workspace_arg(g)
 
@@ -169,18 +171,16 @@ def job_settings(args: argparse.Namespace):
     check_finetune(args.finetune)
     if args.algorithm == "scaffold" and args.site_weighting != "steps":
         raise UsageError("--site-weighting applies to fedavg and fedprox, not scaffold")
-    init = None
-    if args.resume:
+    if getattr(args, "resume", None):
         p = Path(args.resume)
-        init = str(RunDir(p).last) if p.is_dir() else str(p)
-        if not Path(init).is_file():
-            raise UsageError(f"--resume {args.resume!r}: no {init} to resume from")
+        if not (p.is_file() or RunDir(p).last.is_file() or RunDir(p).rounds.is_dir()):
+            raise UsageError(f"--resume {args.resume!r}: neither a checkpoint nor a run folder with a global model")
     try:
         return JobSettings.create(
             args.algorithm, train=train_overrides(args), model=args.model, image_size=args.image_size,
             rounds=args.rounds, fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-            cross_site_eval=not args.no_cross_site_eval, initial_checkpoint=init,
+            cross_site_eval=not args.no_cross_site_eval,
             pretrained=pretrained_flag(args), finetune=args.finetune, site_weighting=args.site_weighting)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -29,7 +29,7 @@ from fedbrain.data.readers import (
     infer_scheme,
     read_source,
 )
-from fedbrain.runs import RunDir, write_json
+from fedbrain.runs import RunDir, read_json, write_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -187,6 +187,19 @@ class Federation:
         for site in self.sites.values():
             site.write_split_file(run.split_file(site.name))
         write_json(run.data_summary, self.summary)
+
+    @classmethod
+    def read(cls, out: RunDir | Path) -> Federation:
+        """The federation a run recorded: its split files, data summary and spec (nothing re-split)."""
+        run = out if isinstance(out, RunDir) else RunDir(out)
+        names = run.site_names()
+        if not names:
+            raise DataLayoutError(f"{run} has no splits/<site>.csv to read a federation from")
+        summary = read_json(run.data_summary) or {}
+        spec = FederationSpec.from_dict(summary["spec"]) if isinstance(summary.get("spec"), dict) else FederationSpec()
+        order = list((summary.get("sites") or {}).keys())
+        names.sort(key=lambda n: order.index(n) if n in order else len(order))
+        return cls(spec, {n: SiteData.read_split_file(n, run.split_file(n)) for n in names}, summary)
 
 
 def _conflicting(labels: set[str]) -> bool:

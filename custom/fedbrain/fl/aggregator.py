@@ -1,15 +1,36 @@
-"""Server-side weighted averaging that rejects broken site updates (NaN/Inf, wrong keys or shapes)."""
+"""Server-side aggregation that trusts nothing a site sends: validated weights, float64 sums, finite results.
+
+Every update is checked against the server's own global model (names, shapes, finite values) and its
+weight (a site's step or sample count) must be a finite positive number within bounds; a rejected update
+is logged and left out, and the round goes on. Sums run in float64 and an aggregate that is not finite
+leaves the global model unchanged. BatchNorm running statistics are pooled as moments (mean and E[x²]
+weighted by samples), so the global statistics are those of the pooled data. SCAFFOLD's control-variate
+differences go through the same checks. Each round's per-site weight share and update norm is written
+to ``server_rounds.jsonl`` and each received update's structure (never its values) to the audit file.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
-from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
+from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
-from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+from nvflare.app_common.app_constant import AlgorithmConstants
+
+from fedbrain.fl.metrics import NUM_SAMPLES, pooled_validation
+
+WEIGHTINGS = ("steps", "samples", "equal")
+MAX_WEIGHT = 1e9  # a step or sample count above this is not a real site's
 
 
-def check_update(params: dict, reference: dict | None) -> str | None:
-    """Why an update must be rejected, or None when it is usable."""
+def as_array(v) -> np.ndarray:
+    return np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+
+
+def check_update(params: dict, reference: dict[str, tuple] | None) -> str | None:
+    """Why an update must be rejected, or None when it is usable (``reference``: name -> shape)."""
     if not params:
         return "empty update"
     if reference is not None:
@@ -17,12 +38,36 @@ def check_update(params: dict, reference: dict | None) -> str | None:
         if missing or extra:
             return f"keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
     for k, v in params.items():
-        arr = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+        try:
+            arr = as_array(v)
+        except Exception as exc:  # not an array at all
+            return f"{k} is not an array ({type(exc).__name__})"
         if reference is not None and tuple(arr.shape) != tuple(reference[k]):
             return f"shape of {k} is {tuple(arr.shape)}, expected {tuple(reference[k])}"
+        if arr.dtype.kind not in "fiub":
+            return f"{k} has dtype {arr.dtype}, not a number"
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             return f"non-finite values in {k}"
     return None
+
+
+def check_weight(value) -> tuple[float | None, str | None]:
+    """A site's reported count as an aggregation weight, or the reason it is unusable."""
+    if value is None:
+        return None, "no weight (step or sample count) reported"
+    if isinstance(value, bool):
+        return None, f"weight {value!r} is not a number"
+    try:
+        w = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None, f"weight {value!r} is not a number"
+    if not math.isfinite(w):
+        return None, f"weight {w} is not finite"
+    if w <= 0:
+        return None, f"weight {w} is not positive"
+    if w > MAX_WEIGHT:
+        return None, f"weight {w:g} exceeds {MAX_WEIGHT:g}"
+    return w, None
 
 
 def describe_update(model: FLModel) -> dict:
@@ -31,6 +76,8 @@ def describe_update(model: FLModel) -> dict:
     def kind(v) -> str:
         if hasattr(v, "dtype") and hasattr(v, "shape"):
             return f"array:{str(v.dtype).replace('torch.', '')}:{list(v.shape)}"
+        if isinstance(v, dict):
+            return "dict:" + ",".join(sorted(kind(x) for x in v.values())[:1])
         return type(v).__name__
 
     return {
@@ -41,64 +88,182 @@ def describe_update(model: FLModel) -> dict:
     }
 
 
-class ValidatingAggregator(ModelAggregator):
-    """FedAvg weighted by local steps (or every site alike); invalid updates are logged and left out.
+def _is_bn_stat(name: str) -> bool:
+    return name.endswith("running_mean") or name.endswith("running_var")
 
-    ``audit_file`` (optional, server-local) gets one JSON line per received update describing its
-    structure (never its values), so an operator can verify that only weights, counts and scalar
-    metrics arrive. ``site_weighting="equal"`` gives every accepted site the same weight, so a large
-    hospital cannot drown out the classes only the small ones have.
+
+class ValidatingAggregator(ModelAggregator):
+    """Weighted averaging of validated site updates (see the module docstring).
+
+    ``weighting``: ``steps`` (NVFlare's NUM_STEPS_CURRENT_ROUND), ``samples`` (the training images a site
+    used this round: with the same local work at every site, the federated objective is the pooled one)
+    or ``equal``. The controller sets :attr:`reference` (the global model sent this round) before each round.
     """
 
-    WEIGHTINGS = ("steps", "equal")
-
-    def __init__(self, audit_file: str | None = None, site_weighting: str = "steps"):
+    def __init__(self, audit_file: str | None = None, weighting: str = "steps", rounds_file: str | None = None,
+                 scaffold: bool = False):
         super().__init__()
-        if site_weighting not in self.WEIGHTINGS:
-            raise ValueError(f"site_weighting must be one of {self.WEIGHTINGS}, not {site_weighting!r}")
-        self.site_weighting = site_weighting
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
+        self.weighting = weighting
         self.audit_file = audit_file
-        self.reference_shapes: dict | None = None
+        self.rounds_file = rounds_file
+        self.scaffold = scaffold
+        self.reference: dict | None = None  # name -> array of the global model this round started from
         self.rejected: list[dict] = []
+        self.round: int | None = None
         self.reset_stats()
 
-    def reset_stats(self):
-        self.params = WeightedAggregationHelper()
-        self.metrics = WeightedAggregationHelper()
-        self.accepted = 0
+    def set_reference(self, params: dict | None, round_: int | None = None) -> None:
+        self.reference = {k: as_array(v) for k, v in (params or {}).items()} or None
+        self.round = round_
+
+    def reset_stats(self) -> None:
+        self._sum: dict[str, np.ndarray] = {}
+        self._ctrl_sum: dict[str, np.ndarray] = {}
+        self._bn_sq: dict[str, np.ndarray] = {}
+        self._total = 0.0
+        self._samples = 0.0
+        self._sites: list[dict] = []
+        self._val_rows: list[dict] = []
+        self._metric_sum: dict[str, float] = {}
         self.params_type = None
 
-    def accept_model(self, model: FLModel) -> None:
-        site = (model.meta or {}).get("client_name", "unknown site")
-        rnd = model.current_round
-        reason = check_update(model.params, self.reference_shapes)
-        if self.audit_file:
-            import json
+    # -------------------------------------------------------------- accepting
 
+    def _reason(self, model: FLModel) -> tuple[float | None, str | None]:
+        shapes = {k: tuple(v.shape) for k, v in self.reference.items()} if self.reference else None
+        reason = check_update(model.params, shapes)
+        if reason:
+            return None, reason
+        if model.params_type not in (None, ParamsType.FULL):
+            return None, f"params_type {model.params_type} (fedbrain sites send full weights)"
+        meta = model.meta or {}
+        steps, why = check_weight(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
+        if why:
+            return None, f"step count: {why}"
+        samples, why = check_weight(meta.get(NUM_SAMPLES, steps))
+        if why:
+            return None, f"sample count: {why}"
+        if self.scaffold:
+            diff = meta.get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF)
+            if not isinstance(diff, dict):
+                return None, "SCAFFOLD update without control-variate differences"
+            reason = check_update(diff, {k: s for k, s in (shapes or {}).items() if k in diff} if shapes else None)
+            if reason:
+                return None, f"SCAFFOLD control difference: {reason}"
+        return {"steps": steps, "samples": samples, "equal": 1.0}[self.weighting], None
+
+    def accept_model(self, model: FLModel) -> None:
+        meta = model.meta or {}
+        site = meta.get("client_name", "unknown site")
+        rnd = model.current_round if model.current_round is not None else self.round
+        weight, reason = self._reason(model)
+        if self.audit_file:
             with open(self.audit_file, "a") as fh:
                 fh.write(json.dumps({"site": site, "round": rnd, "rejected": reason, **describe_update(model)}) + "\n")
         if reason is not None:
             self.rejected.append({"site": site, "round": rnd, "reason": reason})
             self.error(f"rejected update from {site} in round {rnd}: {reason}")
             return
-        if self.reference_shapes is None:
-            self.reference_shapes = {k: tuple(np.shape(v)) for k, v in model.params.items()}
-        weight = 1.0
-        if self.site_weighting == "steps":
-            weight = float((model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND, 1.0))
-        self.params.add(data=model.params, weight=weight, contributor_name=site, contribution_round=rnd)
-        if model.metrics:
-            finite = {k: v for k, v in model.metrics.items()
-                      if isinstance(v, (int, float)) and np.isfinite(v)}
-            self.metrics.add(data=finite, weight=weight, contributor_name=site, contribution_round=rnd)
+        samples = float(meta.get(NUM_SAMPLES, meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as a non-finite aggregate
+            self._accumulate(model, meta, weight, samples, site)
+
+    def _accumulate(self, model: FLModel, meta: dict, weight: float, samples: float, site: str) -> None:
+        norm2 = 0.0
+        for k, v in model.params.items():
+            arr = as_array(v).astype(np.float64)
+            if _is_bn_stat(k):  # moments: weighted by samples whatever the weighting
+                self._add(self._sum, k, arr * samples)
+                if k.endswith("running_mean"):
+                    self._add(self._bn_sq, k, arr * arr * samples)
+                continue
+            self._add(self._sum, k, arr * weight)
+            if self.reference is not None and k in self.reference and arr.dtype.kind == "f":
+                norm2 += float(((arr - self.reference[k]) ** 2).sum())
+        if self.scaffold:
+            for k, v in meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF].items():
+                self._add(self._ctrl_sum, k, as_array(v).astype(np.float64) * weight)
+        for k, v in (model.metrics or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
+                    ("val_", "train_")) and not k.startswith("val_cm_") and not k.startswith("val_hist_"):
+                self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * weight
+        self._val_rows.append(dict(model.metrics or {}))
+        self._total += weight
+        self._samples += samples
+        norm = math.sqrt(norm2) if math.isfinite(norm2) else None
+        self._sites.append({"site": site, "weight": weight, "samples": samples, "update_norm": norm,
+                            "steps": float(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))})
         self.params_type = model.params_type
-        self.accepted += 1
+
+    @staticmethod
+    def _add(acc: dict, k: str, v: np.ndarray) -> None:
+        acc[k] = acc[k] + v if k in acc else v.copy()
+
+    # -------------------------------------------------------------- aggregating
+
+    def _unchanged(self, why: str) -> FLModel:
+        self.error(f"round {self.round}: {why}; the global model stays unchanged")
+        params = dict(self.reference or {})
+        self._log_round(accepted=False, why=why)
+        self.reset_stats()
+        return FLModel(params=params, params_type=ParamsType.FULL, metrics=None, meta={"unchanged": why})
 
     def aggregate_model(self) -> FLModel:
-        if self.accepted == 0:
-            raise RuntimeError("no valid site update this round: every update was rejected")
-        out = FLModel(params=self.params.get_result(), params_type=self.params_type,
-                      metrics=self.metrics.get_result() if self.metrics.get_len() else None)
-        self.info(f"aggregated {self.accepted} site update(s)")
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._aggregate()
+
+    def _aggregate(self) -> FLModel:
+        if not self._sites:
+            if self.reference is None:
+                raise RuntimeError("no valid site update this round: every update was rejected")
+            return self._unchanged("no valid site update this round (every update was rejected)")
+        out: dict[str, np.ndarray] = {}
+        for k, acc in self._sum.items():
+            if _is_bn_stat(k):
+                continue
+            out[k] = acc / self._total
+        for k, acc in self._sum.items():  # pooled moments of the BatchNorm statistics
+            if k.endswith("running_mean"):
+                mean = acc / self._samples
+                out[k] = mean
+                kv = k[: -len("running_mean")] + "running_var"
+                if kv in self._sum:
+                    ex2 = (self._sum[kv] + self._bn_sq[k]) / self._samples
+                    out[kv] = np.maximum(ex2 - mean * mean, 0.0)
+            elif k.endswith("running_var") and k[: -len("running_var")] + "running_mean" not in self._sum:
+                out[k] = acc / self._samples
+        bad = [k for k, v in out.items() if not np.isfinite(v).all()]
+        if bad:
+            return self._unchanged(f"the aggregate is not finite in {bad[:3]}")
+        ref_dtypes = {k: v.dtype for k, v in (self.reference or {}).items()}
+        params = {}
+        for k, v in out.items():
+            dtype = ref_dtypes.get(k, np.float32)
+            if np.dtype(dtype).kind in "iub":
+                v = np.rint(v)
+            params[k] = v.astype(dtype)
+        meta = {"nr_accepted": len(self._sites)}
+        if self.scaffold:
+            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = {
+                k: (acc / self._total).astype(ref_dtypes.get(k, np.float32)) for k, acc in self._ctrl_sum.items()}
+            if any(not np.isfinite(v).all() for v in meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF].values()):
+                return self._unchanged("the SCAFFOLD control aggregate is not finite")
+        metrics = {k: v / self._total for k, v in self._metric_sum.items()}
+        metrics.update(pooled_validation(self._val_rows))
+        self._log_round(accepted=True)
+        self.info(f"aggregated {len(self._sites)} site update(s)")
         self.reset_stats()
-        return out
+        return FLModel(params=params, params_type=self.params_type or ParamsType.FULL, metrics=metrics, meta=meta)
+
+    def _log_round(self, accepted: bool, why: str | None = None) -> None:
+        if not self.rounds_file:
+            return
+        total = sum(s["weight"] for s in self._sites) or 1.0
+        with open(self.rounds_file, "a") as fh:
+            for s in self._sites:
+                fh.write(json.dumps({"round": self.round, **s, "weight_share": s["weight"] / total,
+                                     "weighting": self.weighting, "aggregated": accepted}) + "\n")
+            if why:
+                fh.write(json.dumps({"round": self.round, "site": "server", "aggregated": False, "why": why}) + "\n")

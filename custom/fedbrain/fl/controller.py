@@ -1,25 +1,132 @@
-"""FedAvg that asks every site each round and carries on when at least ``min_responses`` answer."""
+"""fedbrain's server workflow: NVFlare's FedAvg loop, made fault tolerant, resumable and SCAFFOLD-capable.
+
+One controller serves FedAvg, FedProx and SCAFFOLD:
+
+- each round goes to every connected site and closes once all answered, or once ``min_responses`` did and
+  ``wait_after_min_s`` more seconds passed (a dead or disconnected site misses the round);
+- the validating aggregator checks every update against the global model sent this round;
+- after every round the global model (and SCAFFOLD's global control variates) is written to
+  ``checkpoint_dir/round-NNNN.pt``, so a run killed at any point resumes from its last finished round;
+- the best global model by the *pooled* validation score (the sites' summed validation counts, see
+  :mod:`fedbrain.fl.metrics`) is written to ``checkpoint_dir/best.pt``;
+- SCAFFOLD: the global control variates go out with the model and are updated from the validated,
+  aggregated control differences (scaled by the share of sites that answered).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+
+import numpy as np
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 
-class FaultTolerantFedAvg(FedAvg):
-    """Sends each round to all connected sites; the round closes once every site answered, or once
-    ``min_responses`` did and ``wait_after_min_s`` more seconds passed (a dead or disconnected site
-    then simply misses the round). A site's failure is ignored while ``min_responses`` stays reachable.
-    """
 
-    def __init__(self, *args, min_responses: int = 0, wait_after_min_s: int = 60, **kwargs):
+def save_round(path: str, params: dict, round_: int, extra: dict | None = None) -> None:
+    """Atomically write ``{"model": tensors, "round": r, ...}`` (loadable with ``weights_only=True``)."""
+    import torch
+
+    def tensors(d: dict) -> dict:
+        return {k: torch.as_tensor(np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)) for k, v in d.items()}
+
+    payload = {"model": tensors(params), "round": int(round_)}
+    for k, v in (extra or {}).items():
+        payload[k] = tensors(v) if k == "scaffold_control" else v
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+class FedbrainController(FedAvg):
+    """See the module docstring. ``num_sites``: the job's sites (for SCAFFOLD's control-variate scaling)."""
+
+    def __init__(self, *args, min_responses: int = 0, wait_after_min_s: int = 60, checkpoint_dir: str = "",
+                 scaffold: bool = False, num_sites: int = 0, initial_control: str = "", **kwargs):
         super().__init__(*args, **kwargs)
         self.min_responses = min_responses
         self.wait_after_min_s = wait_after_min_s
+        self.checkpoint_dir = checkpoint_dir
+        self.scaffold = scaffold
+        self.num_sites = num_sites
+        self.initial_control = initial_control
+        self._global_ctrl: dict | None = None
+        self._best_score = -math.inf
+
+    # -------------------------------------------------------------- where round files go
+
+    def _dir(self) -> str:
+        d = self.checkpoint_dir or os.path.join(self.get_run_dir(), "rounds")
+        os.makedirs(d, exist_ok=True)
+        return d
+
+    # -------------------------------------------------------------- sending
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
-        return super().sample_clients(None)  # every connected site, not a sample
+        if self.min_responses:
+            return super().sample_clients(None)  # every connected site, not a sample of them
+        return super().sample_clients(num_clients)
 
     def send_model(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0, callback=None):
+        agg = self.aggregator
+        if agg is not None and data is not None and hasattr(agg, "set_reference"):
+            agg.set_reference(data.params, self.current_round)
+            # a deployed server keeps its audit and round log in its own job folder
+            if getattr(agg, "audit_file", "") is None:
+                agg.audit_file = os.path.join(self.get_run_dir(), "server_audit.jsonl")
+            if getattr(agg, "rounds_file", "") is None:
+                agg.rounds_file = os.path.join(self.get_run_dir(), "server_rounds.jsonl")
+        if self.scaffold and data is not None:
+            if self._global_ctrl is None:
+                self._global_ctrl = self._load_control(data.params)
+            data.meta = data.meta or {}
+            data.meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL] = self._global_ctrl
+        self._sent = data
         self.broadcast_model(task_name=task_name, data=data, targets=targets,
                              min_responses=self.min_responses or min_responses, timeout=timeout,
-                             wait_time_after_min_received=self.wait_after_min_s, blocking=False, callback=callback)
+                             wait_time_after_min_received=self.wait_after_min_s if self.min_responses else 0,
+                             blocking=False, callback=callback)
+
+    def _load_control(self, params: dict) -> dict:
+        zeros = {k: np.zeros_like(np.asarray(v.detach().cpu() if hasattr(v, "detach") else v), dtype=np.float32)
+                 for k, v in params.items()}
+        if self.initial_control and os.path.isfile(self.initial_control):
+            import torch
+
+            saved = torch.load(self.initial_control, map_location="cpu", weights_only=True).get("scaffold_control")
+            if saved:
+                zeros.update({k: np.asarray(v, dtype=np.float32) for k, v in saved.items() if k in zeros})
+        return zeros
+
+    # -------------------------------------------------------------- after aggregation
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        sent_params = dict(model.params or {})
+        metrics = aggr_result.metrics or {}
+        score = metrics.get("val_score")
+        if isinstance(score, (int, float)) and math.isfinite(score) and score > self._best_score:
+            # the sites validated the model they received this round: that one is the new best
+            self._best_score = score
+            save_round(os.path.join(self._dir(), ROUNDS_BEST), sent_params, self.current_round,
+                       {"val_score": float(score), "metrics": {k: float(v) for k, v in metrics.items()
+                                                               if isinstance(v, (int, float))}})
+        model = super().update_model(model, aggr_result)
+        extra = {}
+        if self.scaffold and self._global_ctrl is not None:
+            diff = (aggr_result.meta or {}).get(AlgorithmConstants.SCAFFOLD_CTRL_DIFF) or {}
+            share = (aggr_result.meta or {}).get("nr_accepted", 0) / max(1, self.num_sites or 1)
+            for k, v in diff.items():
+                if k in self._global_ctrl:
+                    self._global_ctrl[k] = self._global_ctrl[k] + share * np.asarray(v, dtype=np.float32)
+            extra["scaffold_control"] = {k: v.copy() for k, v in self._global_ctrl.items()}
+        d = self._dir()
+        save_round(os.path.join(d, ROUND_FILE.format(self.current_round)), model.params, self.current_round, extra)
+        with open(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), "w") as fh:
+            json.dump({"last_round": self.current_round, "best_score": self._best_score
+                       if math.isfinite(self._best_score) else None}, fh)
+        os.replace(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), os.path.join(d, ROUNDS_PROGRESS))
+        return model

@@ -412,24 +412,14 @@ def site_split_files(sites: list[str], site_splits: dict[str, str] | None,
 
 def prod_job_inputs(settings, sites: list[str], site_splits: dict[str, str] | None = None,
                     site_dir: str | None = None, site_log_dir: str | None = None):
-    """``(split_files, run_dir, log_dirs)`` for :func:`fedbrain.fl.recipes.build_recipe` in a deployment.
+    """``(split_files, log_dirs)`` for :func:`fedbrain.fl.recipes.build_recipe` in a deployment.
 
-    Every path is on the hospitals' machines. ``run_dir`` stays ``None`` for FedAvg/FedProx (the recipe
-    also hands ``run_dir`` to the server's aggregator, and the server has no such folder): their sites
-    get an explicit ``--split-file`` each. SCAFFOLD's recipe has no per-site apps, so its sites read
-    ``<site_dir>/splits/<site>.csv`` (``run_dir=site_dir``). The sites' own metrics log goes to
-    ``--log-dir site_log_dir`` (default ``<site_dir>/logs``), the same path at every site."""
-    if settings.algorithm == "scaffold":
-        if site_splits:
-            raise DeployError("SCAFFOLD has no per-site configuration in its recipe: drop --site-split and "
-                              "keep each site's split at <site-dir>/splits/<site>.csv (--site-dir)")
-        if not site_dir:
-            raise DeployError("SCAFFOLD needs --site-dir DIR, where every site keeps DIR/splits/<site>.csv")
-        split_files, run_dir = None, site_dir
-    else:
-        split_files, run_dir = site_split_files(sites, site_splits, site_dir), None
+    Every path is on the hospitals' machines: each site gets its own ``--split-file`` and ``--log-dir``
+    (default ``<site_dir>/logs``). Nothing here is a server path (the server keeps its audit and round
+    checkpoints in its own job folder)."""
+    split_files = site_split_files(sites, site_splits, site_dir)
     log_dir = site_log_dir or (str(Path(site_dir) / "logs") if site_dir else None)
-    return split_files, run_dir, (dict.fromkeys(sites, log_dir) if log_dir else None)
+    return split_files, (dict.fromkeys(sites, log_dir) if log_dir else None)
 
 
 @dataclass
@@ -477,8 +467,8 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
     if not (admin_kit / "startup" / "fed_admin.json").is_file():
         raise DeployError(f"{str(admin_kit)!r} is not an admin startup kit (no startup/fed_admin.json)")
     username = username or admin_username(admin_kit)
-    split_files, run_dir, log_dirs = prod_job_inputs(settings, sites, site_splits, site_dir, site_log_dir)
-    recipe = build_recipe(settings, sites, split_files, run_dir=run_dir, cache_dir=cache_dir, log_dirs=log_dirs)
+    split_files, log_dirs = prod_job_inputs(settings, sites, site_splits, site_dir, site_log_dir)
+    recipe = build_recipe(settings, sites, split_files, cache_dir=cache_dir, log_dirs=log_dirs)
     env = ProdEnv(startup_kit_location=str(admin_kit), username=username, login_timeout=login_timeout)
     t0 = time.perf_counter()
     run = recipe.run(env)
@@ -497,10 +487,11 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
             pass
     out = SubmitResult(job_id, status, seconds, Path(result) if result else None)
     if out.result_dir is not None and out.result_dir.exists():
-        models = sorted(out.result_dir.rglob("FL_global_model.pt"))
-        best = sorted(out.result_dir.rglob("best_FL_global_model.pt"))
+        rounds = sorted(out.result_dir.rglob("round-*.pt"))  # the controller's per-round global models
+        models = rounds[-1:] or sorted(out.result_dir.rglob("FL_global_model.pt"))
+        best = [p for p in out.result_dir.rglob("best.pt") if p.parent.name == "rounds"]
         out.global_model = models[0] if models else None
-        out.best_model = best[0] if best else None
+        out.best_model = best[0] if best else None  # best by the pooled validation score
     if out.global_model is not None:
         bad = check_finite(global_state(out.global_model))
         if bad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -41,80 +42,116 @@ def site_args(s: JobSettings, split_file: str | None = None, run_dir: str | None
     return " ".join(a) + (" " + s.extra_site_args if s.extra_site_args else "")
 
 
+SITE_SCRIPT = "site.py"  # found in the job's custom/ copy at every site, wherever fedbrain is installed there
+
+
+@functools.cache
+def _site_script_runner():
+    """NVFlare's ScriptRunner, but the executor names the site script by a path relative to the job's
+    ``custom/`` folder (where the job carries a copy), not by this machine's absolute path."""
+    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+    from nvflare.client.config import ExchangeFormat
+    from nvflare.job_config.script_runner import ScriptRunner
+
+    class SiteScriptRunner(ScriptRunner):
+        def add_to_fed_job(self, job, ctx, **kwargs):
+            if self._launch_external_process:
+                return super().add_to_fed_job(job, ctx, **kwargs)
+            executor = ClientAPIExecutor(
+                task_script_path=SITE_SCRIPT, task_script_args=self._script_args, execution_mode=self._execution_mode,
+                params_exchange_format=self._params_exchange_format or ExchangeFormat.PYTORCH,
+                server_expected_format=self._server_expected_format, params_transfer_type=self._params_transfer_type,
+                memory_gc_rounds=self._memory_gc_rounds, cuda_empty_cache=self._cuda_empty_cache)
+            job.add_executor(executor, tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
+            job.add_resources(resources=[self._script], ctx=ctx)
+            return {}
+
+    return SiteScriptRunner
+
+
+def _recipe_class():
+    """NVFlare's PyTorch FedAvgRecipe with fedbrain's controller (every algorithm) and portable site script."""
+    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+
+    from fedbrain.fl.controller import FedbrainController
+
+    class FedbrainRecipe(FedAvgRecipe):
+        def __init__(self, *, controller_args: dict, **kwargs):
+            self._fedbrain_controller_args = controller_args
+            super().__init__(**kwargs)
+
+        def _create_controller(self, persistor_id, model_params, model_aggregator):
+            # the arguments NVFlare's FedAvgRecipe gives its FedAvg controller, plus fedbrain's
+            return FedbrainController(
+                num_clients=self.min_clients, num_rounds=self.num_rounds, persistor_id=persistor_id,
+                model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
+                stop_cond=self.stop_cond, patience=self.patience, task_name="train", exclude_vars=self.exclude_vars,
+                aggregation_weights=self.aggregation_weights, memory_gc_rounds=self.server_memory_gc_rounds,
+                enable_tensor_disk_offload=self.enable_tensor_disk_offload, **self._get_controller_kwargs(),
+                **self._fedbrain_controller_args)
+
+        def _create_client_runner(self, site_config):
+            runner = super()._create_client_runner(site_config)
+            runner.__class__ = _site_script_runner()
+            return runner
+
+    return FedbrainRecipe
+
+
 def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] | None = None,
                  run_dir: str | None = None, cache_dir: str | None = None, name: str | None = None,
-                 log_dirs: dict[str, str] | None = None):
-    """A recipe with one client app per site (per-site split file), for SimEnv, PocEnv or ProdEnv."""
+                 log_dirs: dict[str, str] | None = None, checkpoint_dir: str | None = None):
+    """One recipe for FedAvg, FedProx and SCAFFOLD: a client app per site (its own split file and log
+    folder), fedbrain's validating aggregator and controller; for SimEnv, PocEnv or ProdEnv.
+
+    ``run_dir`` / ``checkpoint_dir`` are folders on the *server* (audit, round log, round checkpoints;
+    default: the server's job folder); ``split_files`` and ``log_dirs`` are paths on each site's machine.
+    """
     from nvflare.recipe import add_cross_site_evaluation
+
+    from fedbrain.runs import RunDir
 
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
     if s.algorithm == "scaffold" and s.site_weighting != "steps":
-        raise ValueError("--site-weighting applies to fedavg and fedprox (NVFlare's SCAFFOLD recipe takes no "
-                         "custom aggregator)")
+        raise ValueError("--site-weighting applies to fedavg and fedprox; SCAFFOLD weights by local steps")
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
              "args": {"name": s.model, "num_classes": 4}}
     if s.model_kwargs:
         model["args"]["model_kwargs"] = json.dumps(s.model_kwargs)
+    run = RunDir(run_dir) if run_dir else None
     min_clients = s.min_clients or len(sites)
-    common = dict(name=name or f"fedbrain-{s.algorithm}", model=model, min_clients=min_clients,
+    controller_args = {
+        "min_responses": min_clients if min_clients < len(sites) else 0, "wait_after_min_s": s.wait_after_min_s,
+        "checkpoint_dir": checkpoint_dir or (str(run.rounds) if run else ""), "scaffold": s.algorithm == "scaffold",
+        "num_sites": len(sites), "start_round": s.start_round,
+        "initial_control": str(Path(s.initial_checkpoint).resolve()) if s.initial_checkpoint else "",
+        "fedprox_mu": s.fedprox_mu if s.algorithm == "fedprox" else None,
+    }
+    from fedbrain.fl.aggregator import ValidatingAggregator
+
+    aggregator = ValidatingAggregator(audit_file=str(run.server_audit) if run else None,
+                                      rounds_file=str(run.server_log) if run else None,
+                                      weighting=s.site_weighting, scaffold=s.algorithm == "scaffold")
+    recipe_cls = _recipe_class()
+    kwargs = dict(name=name or f"fedbrain-{s.algorithm}", model=model, min_clients=len(sites),
                   num_rounds=s.rounds, train_script=site_module.__file__,
-                  train_args=site_args(s, None, run_dir, cache_dir))
+                  train_args=site_args(s, None, run_dir, cache_dir), aggregator=aggregator,
+                  key_metric="val_score", controller_args=controller_args)
     if s.initial_checkpoint:
-        common["initial_ckpt"] = str(Path(s.initial_checkpoint).resolve())
-    if s.algorithm in ("fedavg", "fedprox"):
-        from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-        from nvflare.app_opt.pt.recipes.fedprox import FedProxRecipe
-
-        base = FedAvgRecipe if s.algorithm == "fedavg" else FedProxRecipe
-        extra = {"fedprox_mu": s.fedprox_mu} if s.algorithm == "fedprox" else {}
-        if min_clients < len(sites) or s.start_round:
-            base = _custom_controller(base, min_clients if min_clients < len(sites) else 0, s.wait_after_min_s,
-                                      s.start_round)
-            common["min_clients"] = len(sites)
-        recipe = base(**common, **extra, key_metric="val_score",
-                      aggregator=_safe_aggregator(run_dir, s.site_weighting))
-    else:
-        from nvflare.app_opt.pt.recipes.scaffold import ScaffoldRecipe
-
-        recipe = ScaffoldRecipe(**common)
-    if split_files and hasattr(recipe, "set_per_site_config") and s.algorithm != "scaffold":
+        kwargs["initial_ckpt"] = str(Path(s.initial_checkpoint).resolve())
+    recipe = recipe_cls(**kwargs)
+    if split_files or log_dirs:
         recipe.set_per_site_config({
-            site: {"train_args": site_args(s, split_files[site], run_dir, cache_dir,
+            site: {"train_args": site_args(s, (split_files or {}).get(site), run_dir, cache_dir,
                                            (log_dirs or {}).get(site))} for site in sites
         })
-    # SCAFFOLD's recipe has no per-site apps: sites find their split under --run-dir/splits/<site>.csv
     # fedbrain is installed at every site (pip install fedbrain): NVFlare must not copy its modules
     # into the job's custom/ folder, where a partial copy would shadow the installed package.
     recipe._job.set_app_packages(["fedbrain"])
-    # NVFlare 2.9's ScaffoldRecipe exposes no persistor id, which add_cross_site_evaluation needs
-    if s.cross_site_eval and s.algorithm != "scaffold":
+    if s.cross_site_eval:
         add_cross_site_evaluation(recipe)
     return recipe
 
 
-def _custom_controller(recipe_class, min_responses: int, wait_after_min_s: int, start_round: int):
-    """The recipe with its FedAvg controller made fault tolerant (min_responses > 0) and/or resumed."""
-    from fedbrain.fl.controller import FaultTolerantFedAvg
-
-    class CustomRecipe(recipe_class):
-        def _create_controller(self, persistor_id, model_params, model_aggregator):
-            ctrl = super()._create_controller(persistor_id, model_params, model_aggregator)
-            if min_responses:
-                ctrl.__class__ = FaultTolerantFedAvg  # same state, plus the two settings below
-                ctrl.min_responses, ctrl.wait_after_min_s = min_responses, wait_after_min_s
-            ctrl.start_round = start_round
-            return ctrl
-
-    return CustomRecipe
-
-
-def _safe_aggregator(run_dir: str | None, site_weighting: str = "steps"):
-    from fedbrain.fl.aggregator import ValidatingAggregator
-    from fedbrain.runs import RunDir
-
-    return ValidatingAggregator(audit_file=str(RunDir(run_dir).server_audit) if run_dir else None,
-                                site_weighting=site_weighting)
-
-
-__all__ = ["RegistryModel", "build_recipe", "site_args"]
+__all__ = ["RegistryModel", "build_recipe", "site_args", "SITE_SCRIPT"]

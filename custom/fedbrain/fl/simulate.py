@@ -12,7 +12,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from fedbrain.checkpoint import ModelCard, global_state, read_checkpoint, save_checkpoint
+from fedbrain.checkpoint import ModelCard, global_state, load_weights, read_checkpoint, save_checkpoint
 from fedbrain.contract import Augmentation, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
@@ -164,18 +164,78 @@ def round_table(rows: list[dict], sites: list[str]) -> str:
     return "\n".join(lines)
 
 
-def prepare_resume(settings: JobSettings, run: RunDir) -> None:
-    """Turn ``settings.initial_checkpoint`` (a fedbrain checkpoint) into NVFlare's initial model and set the
-    round numbering to continue after the rounds that checkpoint has already seen."""
+def finished_rounds(run: RunDir) -> list[int]:
+    """The rounds whose global model the server persisted (``checkpoints/rounds/round-NNNN.pt``)."""
+    return sorted(int(p.stem.split("-")[1]) for p in run.rounds.glob("round-*.pt")) if run.rounds.is_dir() else []
+
+
+def is_unfinished(run: RunDir) -> bool:
+    """A federated run that stopped before writing its results (killed, crashed machine)."""
+    return run.config.is_file() and not run.results.is_file() and run.read_config().get("kind") == "federated"
+
+
+def _write_initial_model(source: Path, run: RunDir) -> dict:
+    """Copy a round file's (or checkpoint's) weights, and SCAFFOLD controls, into ``initial_model.pt``."""
     import torch
 
-    card, state = read_checkpoint(settings.initial_checkpoint)
+    from fedbrain.checkpoint import load_weights
+
+    obj = load_weights(source)
+    if obj.get("format"):  # a fedbrain checkpoint
+        _card, state = read_checkpoint(source)
+        payload = {"model": state}
+    else:
+        payload = {"model": obj["model"], **({"scaffold_control": obj["scaffold_control"]}
+                                             if "scaffold_control" in obj else {})}
+    torch.save(payload, run.initial_model)
+    return obj
+
+
+def continue_from(settings: JobSettings, source: Path, run: RunDir) -> None:
+    """Start ``settings`` from another run's last global model (or a checkpoint), numbering rounds after it."""
+    source = Path(source)
+    if source.is_dir():
+        src = RunDir(source)
+        rounds = finished_rounds(src)
+        if rounds:
+            _write_initial_model(src.round_model(rounds[-1]), run)
+            settings.start_round = rounds[-1] + 1
+            settings.initial_checkpoint = str(run.initial_model)
+            return
+        source = src.last
+    card, _ = read_checkpoint(source)
     if card.model != settings.model:
         raise ValueError(f"--resume checkpoint holds {card.model}, not {settings.model}")
-    torch.save({"model": state}, run.initial_model)
+    _write_initial_model(source, run)
     previous = card.training
     settings.start_round = int(previous.get("start_round", 0)) + int(previous.get("rounds", 0))
     settings.initial_checkpoint = str(run.initial_model)
+
+
+def resume_in_place(run: RunDir) -> JobSettings:
+    """The settings that finish an interrupted run in its own folder: from its last persisted round to its
+    planned last one. Site logs lose the rows of the round that was cut short."""
+    config = run.read_config()
+    settings = JobSettings.from_dict(config["job"])
+    planned_end = settings.start_round + settings.rounds
+    done = finished_rounds(run)
+    if done:
+        _write_initial_model(run.round_model(done[-1]), run)
+        settings.initial_checkpoint = str(run.initial_model)
+        settings.start_round = done[-1] + 1
+    settings.rounds = planned_end - settings.start_round
+    settings.cross_site_eval = settings.cross_site_eval and settings.rounds > 0
+    cut = settings.start_round
+    for site in config.get("sites", []):
+        path = run.site_metrics(site)
+        if path.is_file():
+            keep = [r for r in read_metrics(path) if r.get("round", 0) < cut]
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    log = run.server_log
+    if log.is_file():
+        keep = [r for r in read_metrics(log) if (r.get("round") or 0) < cut]
+        log.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    return settings
 
 
 def pretrained_start(settings: JobSettings, run: RunDir) -> str:
@@ -202,9 +262,7 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
 
     run = RunDir(Path(run).resolve())
     fed.write(run.root)
-    if settings.initial_checkpoint and settings.start_round == 0:
-        prepare_resume(settings, run)
-    elif not settings.initial_checkpoint:
+    if not settings.initial_checkpoint:
         pretrained_start(settings, run)
     sites = list(fed.sites)
     if settings.threads_per_site is None:
@@ -222,7 +280,8 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     sim_error = None
     try:
         with ProgressPrinter(run, sites, settings.start_round + settings.rounds), redirect:
-            recipe.execute(env)
+            if settings.rounds > 0:  # a resumed run may only lack its final evaluation
+                recipe.execute(env)
     except RuntimeError as exc:  # the simulator reports a failed run this way (server aborted)
         sim_error = str(exc)
     finally:
@@ -241,17 +300,22 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
                      supervised_granularity=supervised_granularity([s.scheme for s in fed.sites.values()]),
                      label_schemes={n: s.scheme for n, s in fed.sites.items()},
                      training={**settings.to_dict(), "mode": "federated", "augmentation": Augmentation().to_dict()})
-    last = _find(run.nvflare, "FL_global_model.pt")
-    best = _find(run.nvflare, "best_FL_global_model.pt") or last
-    if not last:
+    done = finished_rounds(run)
+    if not done:
         summary["error"] = "the simulator produced no global model"
         return summary
+    best = run.rounds_best
     model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
-    model.load_state_dict(global_state(last[0]))
-    save_checkpoint(run.last, model, card)
-    model.load_state_dict(global_state(best[0]))
+    model.load_state_dict(global_state(run.round_model(done[-1])))
+    save_checkpoint(run.last, model, card.replace(training={**card.training, "last_round": done[-1]}))
+    best_round = done[-1]
+    if best.is_file():
+        model.load_state_dict(global_state(best))
+        best_round = int(load_weights(best).get("round", done[-1]))
+    summary["best_round"] = best_round
     results = evaluate_everywhere(model, site_loaders(fed.sites, pre, 64, cache_dir, union=UNION))
-    save_checkpoint(run.best, model, card.replace(metrics={"test": results}))
+    save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
+        **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts"}))
     log = MetricsLog.of(run)
     for r in rows:  # the per-round site and global rows, as TensorBoard scalars too
         log.scalars(r)

@@ -18,11 +18,20 @@ import torch
 
 from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
+from fedbrain.fl.metrics import NUM_SAMPLES, validation_counts
 from fedbrain.fl.privacy import DPConfig, privatize_update
 from fedbrain.models import apply_finetune, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
 from fedbrain.settings import JobSettings
-from fedbrain.training import evaluate, headline, make_optimizer, seed_everything, train_epochs
+from fedbrain.training import (
+    compute_metrics,
+    evaluate,
+    headline,
+    make_optimizer,
+    predict_proba,
+    seed_everything,
+    train_epochs,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(flare.FLModel(metrics={"val_score": headline(test) if test else float("nan"),
                                               **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
             continue
-        val = evaluate(model, loaders.eval("val")) if data.splits["val"] else {}
+        val, val_counts = {}, {}
+        if data.splits["val"]:
+            probs, targets = predict_proba(model, loaders.eval("val"))
+            val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val)})
         if rnd == args.fail_at_round and site == args.fail_site:
@@ -127,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd), cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step)
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"]}  # counts and algorithm state, never data
+        # counts and algorithm state, never data
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: stats["samples"]}
         if scaffold is not None:
             g = create_model(job.model, pretrained=False, **job.model_kwargs)
             g.load_state_dict(global_state)
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
         metrics = {"val_score": headline(val) if val else float("nan"), "train_loss": stats["loss"],
-                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}}
+                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 

@@ -1,0 +1,106 @@
+"""Validation counts a site may send, and the pooled validation the server computes from them.
+
+A site sends counts, never images or per-image scores: its validation confusion matrix (rows: the true
+class, or "tumour of unknown type"; columns: the predicted class) and a histogram of the predicted tumour
+probability for tumour and for healthy slices. Summed over sites they give the macro-F1 of the pooled
+validation split exactly and its tumour-vs-healthy AUROC to within the histogram's resolution: the same
+selection criterion centralised training uses, with no site weighted by its size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedbrain.contract import NO_TUMOR, NUM_CLASSES
+
+NUM_SAMPLES = "num_samples"  # update meta key: the training images a site used this round
+ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
+BINS = 50
+
+
+def validation_counts(probs: np.ndarray, targets: np.ndarray, prefix: str = "val") -> dict[str, int]:
+    """``{prefix}_cm_{true}_{pred}`` and ``{prefix}_hist_{pos|neg}_{bin}`` counts of one site's split."""
+    out: dict[str, int] = {}
+    if len(targets) == 0:
+        return out
+    pred = probs.argmax(1)
+    cm = np.zeros((ROWS, NUM_CLASSES), np.int64)
+    np.add.at(cm, (np.asarray(targets), pred), 1)
+    for t in range(ROWS):
+        for p in range(NUM_CLASSES):
+            out[f"{prefix}_cm_{t}_{p}"] = int(cm[t, p])
+    p_tumour = np.clip(1.0 - probs[:, NO_TUMOR], 0.0, 1.0)
+    bins = np.minimum((p_tumour * BINS).astype(int), BINS - 1)
+    is_tumour = np.asarray(targets) != NO_TUMOR
+    for name, mask in (("pos", is_tumour), ("neg", ~is_tumour)):
+        h = np.bincount(bins[mask], minlength=BINS)
+        for b in range(BINS):
+            out[f"{prefix}_hist_{name}_{b}"] = int(h[b])
+    return out
+
+
+def _sum_counts(rows: list[dict], prefix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    cm = np.zeros((ROWS, NUM_CLASSES), np.int64)
+    pos, neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+    seen = False
+    for r in rows:
+        if f"{prefix}_cm_0_0" not in r:
+            continue
+        seen = True
+        for t in range(ROWS):
+            for p in range(NUM_CLASSES):
+                cm[t, p] += int(r.get(f"{prefix}_cm_{t}_{p}", 0))
+        for b in range(BINS):
+            pos[b] += int(r.get(f"{prefix}_hist_pos_{b}", 0))
+            neg[b] += int(r.get(f"{prefix}_hist_neg_{b}", 0))
+    return (cm, pos, neg) if seen else None
+
+
+def macro_f1_from_confusion(cm: np.ndarray) -> float | None:
+    """Macro-F1 over the classes present (typed rows only), as :func:`fedbrain.training.compute_metrics`."""
+    typed = cm[:NUM_CLASSES]
+    f1s = []
+    for c in range(NUM_CLASSES):
+        support = typed[c].sum()
+        if support == 0:
+            continue
+        tp = typed[c, c]
+        fp = typed[:, c].sum() - tp
+        fn = support - tp
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return float(np.mean(f1s)) if f1s else None
+
+
+def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """AUROC of binned scores (ties within a bin count one half)."""
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return None
+    below = np.concatenate([[0], np.cumsum(neg)[:-1]])
+    return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]:
+    """Pooled metrics of the sites' counts: macro-F1, tumour AUROC, no_tumor recall, n, and ``val_score``.
+
+    ``val_score`` is the pooled macro-F1 where any site labels tumour types, else the pooled tumour AUROC:
+    the same headline centralised training selects by.
+    """
+    summed = _sum_counts(rows, prefix)
+    if summed is None:
+        return {}
+    cm, pos, neg = summed
+    out: dict[str, float] = {f"{prefix}_pooled_n": float(cm.sum())}
+    f1 = macro_f1_from_confusion(cm)
+    auc = auroc_from_histograms(pos, neg)
+    if f1 is not None and cm[:NUM_CLASSES].sum() and cm[[c for c in range(NUM_CLASSES) if c != NO_TUMOR]].sum():
+        out[f"{prefix}_pooled_macro_f1"] = f1
+    if auc is not None:
+        out[f"{prefix}_pooled_tumour_auroc"] = auc
+    healthy = cm[NO_TUMOR].sum()
+    if healthy:
+        out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
+    score = out.get(f"{prefix}_pooled_macro_f1", out.get(f"{prefix}_pooled_tumour_auroc"))
+    if score is not None:
+        out[f"{prefix}_score"] = score
+    return out
