@@ -12,6 +12,7 @@ A pruned model no longer matches ``create_model(...)`` shapes. Its checkpoint st
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -49,6 +50,11 @@ def prune_channels(model: nn.Module, pre: Preprocessing, target_macs_ratio: floa
     example = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
     macs0, params0 = count_macs(model, pre), count_parameters(model)
     widths0 = conv_widths(model)
+    # GroupNorm: torch-pruning keeps its number of groups and prunes whole groups, which no multiple of
+    # round_to satisfies; prune it as one group, then give it groups of its original size again
+    group_sizes = {m: m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    for m in group_sizes:
+        m.num_groups = 1
     steps = max(1, int(round(max_ratio / step)))
     pruner = tp.pruner.MetaPruner(
         model, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
@@ -64,6 +70,8 @@ def prune_channels(model: nn.Module, pre: Preprocessing, target_macs_ratio: floa
             break
     else:
         raise RuntimeError(f"could not reach {target_macs_ratio:.0%} of the MACs (got {macs / macs0:.0%})")
+    for m, size in group_sizes.items():
+        m.num_groups = m.num_channels // size if m.num_channels % size == 0 else math.gcd(m.num_channels, size)
     with torch.no_grad():
         out = model(example)
     if out.shape != (1, num_classes):

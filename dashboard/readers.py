@@ -147,6 +147,44 @@ def site_curves(df: pd.DataFrame) -> pd.DataFrame:
     return df[mask].sort_values(["site", "round"])
 
 
+HEADLINES = (("macro_f1", "macro-F1"), ("tumour_auroc", "tumour AUROC"), ("no_tumor_recall", "no_tumor recall"),
+             ("accuracy", "accuracy"))
+
+
+def with_interval(m: dict, key: str) -> str | None:
+    """``0.812 [0.78, 0.84]``, with `` ⚠`` when the metric rests on fewer than 10 images of a class."""
+    v = m.get(key)
+    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+        return None
+    text = f"{v:.3f}"
+    ci = (m.get("ci") or {}).get(key)
+    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
+        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    if key in (m.get("unreliable") or {}):
+        text += " ⚠"
+    return text
+
+
+def test_table(run: Run) -> pd.DataFrame:
+    """The best model's test metrics per site and on the union, with 95 % intervals and small-n warnings."""
+    rows = []
+    for site, m in final_results(run).items():
+        row = {"site": site, "n": m.get("n"), "healthy n": m.get("n_no_tumor")}
+        for key, label in HEADLINES:
+            row[label] = with_interval(m, key)
+        flags = m.get("unreliable") or {}
+        row["unreliable"] = "; ".join(f"{k}: {v}" for k, v in flags.items()) if isinstance(flags, dict) else ""
+        rows.append(row)
+    return pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+def aggregation_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Per round and site: the site's share of the aggregation weight and its update's norm."""
+    if df.empty or "split" not in df.columns:
+        return pd.DataFrame()
+    return df[df["split"] == "aggregation"].sort_values(["site", "round"])
+
+
 def final_results(run: Run) -> dict[str, dict]:
     """``results.json``'s test metrics per evaluated site, or {}."""
     res = read_json(run.dir.results)
@@ -217,8 +255,13 @@ def comparison_from_runs(runs: list[Run]) -> pd.DataFrame:
             continue
         seen.add(mode)
         for site, m in res.items():
-            rows.append({"mode": mode, "site": site, "run": run.name,
-                         **{k: m.get(k) for k in ("macro_f1", "accuracy", "tumour_auroc", "n")}})
+            row = {"mode": mode, "site": site, "run": run.name, "n": m.get("n"), "healthy n": m.get("n_no_tumor")}
+            for k, _label in HEADLINES:
+                row[k] = m.get(k)
+                ci = (m.get("ci") or {}).get(k)
+                row[f"{k} 95% CI"] = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if isinstance(ci, list) and len(ci) == 2 else None
+            row["unreliable"] = ", ".join(sorted(m.get("unreliable") or {}))
+            rows.append(row)
     return pd.DataFrame(rows).dropna(axis=1, how="all")
 
 

@@ -206,6 +206,8 @@ def federation_page() -> None:
         else:
             st.info(f"No per-site metrics in this run. `{R.CMD_SIMULATE}` writes them for every hospital.")
 
+    _test_section(run)
+    _aggregation_section(df)
     _comparison_section(ws, runs, run, metric)
     _cross_site_section(run, metric)
     _data_section(run)
@@ -216,6 +218,35 @@ def federation_page() -> None:
         st.json(cfg, expanded=False)
     else:
         st.info("`config.json` is unreadable.")
+
+
+def _test_section(run: R.Run) -> None:
+    st.subheader("Best model on each site's test split and their union")
+    table = run_read("test_table", run)
+    if table.empty:
+        st.info(f"No test results in this run yet (`results.json`); `{R.CMD_SIMULATE}` writes them when it ends.")
+        return
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("[95 % bootstrap interval]. ⚠ = rests on fewer than 10 images of a class (the `unreliable` "
+               "column says which): shown with its n, never a headline. The union is the headline.")
+
+
+def _aggregation_section(df: pd.DataFrame) -> None:
+    agg = R.aggregation_curves(df)
+    if agg.empty:
+        return
+    st.subheader("Who drives the global model")
+    c1, c2 = st.columns(2)
+    with c1:
+        if "weight_share" in agg.columns:
+            fig = px.line(agg, x="round", y="weight_share", color="site", markers=True,
+                          title="share of the aggregation weight per round")
+            _chart(_rounds_axis(fig, agg["round"]), height=320)
+    with c2:
+        if "update_norm" in agg.columns:
+            fig = px.line(agg, x="round", y="update_norm", color="site", markers=True,
+                          title="norm of each site's update (its weights minus the global model)")
+            _chart(_rounds_axis(fig, agg["round"]), height=320)
 
 
 def _comparison_section(ws: Path, runs: list[R.Run], run: R.Run, metric: str | None) -> None:

@@ -321,13 +321,17 @@ def test_federation_page_over_the_real_run(workspace_dir, small_run, use_ws):
     at = page_app("federation_page").run()
     assert_ok(at)
     assert [s.value for s in at.subheader] == [
-        "Training curve per epoch", "Per-site curves", "Federated vs centralised vs local-only",
-        "Cross-site evaluation", "Per-hospital data", "Run config"]
+        "Training curve per epoch", "Per-site curves", "Best model on each site's test split and their union",
+        "Federated vs centralised vs local-only", "Cross-site evaluation", "Per-hospital data", "Run config"]
+    tests = at.dataframe[0].value  # every headline with its 95 % interval, small-n metrics flagged
+    assert "union" in list(tests["site"]) and "[" in str(tests["tumour AUROC"].iloc[0])
+    flagged = tests[tests["unreliable"].astype(str) != ""]
+    assert all("⚠" in " ".join(map(str, row)) for row in flagged.values), flagged.to_dict("records")
     info = texts(at, "info")
     assert "cross_site.json" in info and "fedbrain simulate" in info  # a centralised run has none
     assert "fedbrain simulate" in texts(at, "caption")  # missing modes say how to add them
     assert len(charts(at)) >= 4  # global curve, per-site bars, comparison bars, label counts
-    summary = at.dataframe[1].value
+    summary = at.dataframe[2].value
     assert list(summary["site"]) == ["hospital-1", "hospital-2", "hospital-3"]
     at.selectbox(key="fed_metric").set_value("tumour_auroc").run()
     assert_ok(at)
@@ -388,7 +392,7 @@ def test_federation_page_over_the_real_simulator_run(sim_run, use_ws):
     specs = charts(at)
     assert any('"heatmap"' in s for s in specs), "cross-site heatmap missing"
     assert "cross_site.json" not in texts(at, "info")  # the simulator wrote it
-    summary = at.dataframe[1].value
+    summary = at.dataframe[2].value
     assert list(summary["site"]) == ["hospital-1", "hospital-2", "hospital-3"]
 
 

@@ -23,6 +23,7 @@ pytest.importorskip("nvflare", reason="NVFlare is not installed (pip install 'nv
 from processes import processes_mentioning, start_kit, stop_processes  # noqa: E402
 
 from fedbrain.fl import deploy as d  # noqa: E402
+from fedbrain.settings import FEDERATED_MODEL  # noqa: E402
 
 SITES = ["hospital-1", "hospital-2"]  # the names embedded_spec(sites=2) gives its simulated hospitals
 CERT_ERRORS = ("CERTIFICATE_VERIFY_FAILED", "SSLCertVerificationError", "certificate verify failed",
@@ -140,6 +141,8 @@ def test_prod_job_inputs_keep_site_paths_off_the_server(tmp_path):
         configs = {p.read_text() for p in out.rglob("config_fed_client.json")}
         for site in sites:
             assert any(f"--split-file {splits[site]}" in c and "--log-dir /srv/fb/logs" in c for c in configs), site
+        # every site runs fedbrain's executor (NVFlare's with a short result poll)
+        assert all("fedbrain.fl.executor.FedbrainClientAPIExecutor" in c for c in configs)
         assert not any("/srv/fb" in p.read_text() for p in out.rglob("config_fed_server.json"))
     _, own_logs = d.prod_job_inputs(JobSettings.create(), sites, site_dir="/srv/fb", site_log_dir="/var/log/fb")
     assert own_logs == dict.fromkeys(sites, "/var/log/fb")
@@ -352,7 +355,7 @@ def test_deployment_end_to_end(tmp_path, launcher):
 
     # the global model: finite weights of the registry model, and a loadable fedbrain checkpoint
     state = load_global_state(global_model)
-    assert set(state) == set(create_model("fedbrain_cnn", pretrained=False).state_dict())
+    assert set(state) == set(create_model(FEDERATED_MODEL, pretrained=False).state_dict())
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     _model, card = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert card.training["job_id"] == res["job_id"] and card.training["rounds"] == 2

@@ -12,6 +12,7 @@ from fedbrain.checkpoint import load_checkpoint
 from fedbrain.fl.privacy import DPConfig, epsilon_after, privatize_update
 from fedbrain.models import create_model
 from fedbrain.runs import read_metrics
+from fedbrain.settings import FEDERATED_MODEL
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
 
@@ -28,6 +29,8 @@ def test_simulator_run_writes_the_documented_schema(sim_run):
     results = json.loads((sim_run / "results.json").read_text())
     assert results["failed_sites"] == {}
     assert set(results["test"]) == set(SITES) | {"union"}
+    probe = results["site_probe"]  # can the global model's features tell the hospitals apart?
+    assert probe["chance"] == pytest.approx(1 / 3) and 0 <= probe["site_probe_balanced_accuracy"] <= 1
     model, card = load_checkpoint(sim_run / "checkpoints" / "best.pt")
     assert card.training["mode"] == "federated" and card.supervised_granularity == "binary"
     assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
@@ -41,7 +44,7 @@ def test_sites_send_only_weights_counts_and_scalar_metrics(sim_run):
     """The server-side audit of every update received: structure only, checked against the model."""
     audit = [json.loads(line) for line in (sim_run / "server_audit.jsonl").read_text().splitlines()]
     assert len(audit) == 2 * len(SITES)  # 2 rounds x 3 sites
-    own = create_model("fedbrain_cnn").state_dict()
+    own = create_model(FEDERATED_MODEL).state_dict()
     expected = {k: list(v.shape) for k, v in own.items()}
     allowed_meta = {"NUM_STEPS_CURRENT_ROUND", "num_samples", "client_name", "current_round", "job_id",
                     "initial_metrics", "site_name", "props"}
@@ -93,7 +96,7 @@ def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path, algorithm
     assert {a["site"] for a in audit if a["round"] == 2} == {"hospital-1", "hospital-2"}
     assert "test" in out  # a global model exists and was evaluated
     rounds = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "rounds").glob("round-*.pt"))
-    assert rounds == ["round-0000.pt", "round-0001.pt", "round-0002.pt"]  # persisted after every round
+    assert rounds == ["round-0001.pt", "round-0002.pt"]  # persisted after every round; the newest two kept
     if algorithm == "scaffold":
         ctrl = torch.load(tmp_path / "run" / "checkpoints" / "rounds" / "round-0002.pt", weights_only=True)
         assert ctrl["scaffold_control"] and all(torch.isfinite(v).all() for v in ctrl["scaffold_control"].values())
@@ -116,8 +119,8 @@ def test_resume_continues_at_the_next_round(sim_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
-    """The whole simulation is killed (SIGKILL) after round 1 of 4 finished; --resume completes rounds 2-3
-    in the same run folder: each round trained exactly once per site, and the results written."""
+    """The whole simulation is killed (SIGKILL) once round 1 of 8 finished; --resume completes the rest in the
+    same run folder: each round trained exactly once per site, and the results written."""
     import os
     import signal
     import subprocess
@@ -127,7 +130,7 @@ def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
     from processes import stop_processes
 
     ws = tmp_path / "ws"
-    argv = [sys.executable, "-m", "fedbrain.cli", "simulate", "--max-images-per-site", "30", "--rounds", "4",
+    argv = [sys.executable, "-m", "fedbrain.cli", "simulate", "--max-images-per-site", "30", "--rounds", "8",
             "--algorithm", "scaffold", "--no-cross-site-eval", "--workspace", str(ws)]
     env = {**os.environ, "FEDBRAIN_OFFLINE": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -135,7 +138,7 @@ def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
     deadline = time.monotonic() + 300
     marker = None
     while time.monotonic() < deadline and proc.poll() is None:
-        found = list(ws.glob("*/checkpoints/rounds/round-0001.pt"))
+        found = [p for p in ws.glob("*/checkpoints/rounds/round-*.pt") if int(p.stem.split("-")[1]) >= 1]
         if found:
             marker = found[0]
             break
@@ -152,19 +155,32 @@ def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
     assert main(["simulate", "--resume", str(run)]) == 0
     rows = read_metrics(run / "metrics.jsonl")
     trained = sorted((r["site"], r["round"]) for r in rows if r["split"] == "train")
-    assert trained == sorted((s, r) for s in SITES for r in range(4))  # every round once, none twice
+    assert trained == sorted((s, r) for s in SITES for r in range(8))  # every round once, none twice
     server = [json.loads(x) for x in (run / "server_rounds.jsonl").read_text().splitlines()]
     assert sorted((r["site"], r["round"]) for r in server if r.get("aggregated")) == trained
     assert sorted(p.name for p in (run / "checkpoints" / "rounds").glob("round-*.pt")) == [
-        f"round-{r:04d}.pt" for r in range(4)]
+        f"round-{r:04d}.pt" for r in (6, 7)]
     _, card = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert card.training["last_round"] == 3
+    assert card.training["last_round"] == 7
     assert json.loads((run / "results.json").read_text())["failed_sites"] == {}
 
 
-def test_site_weighting_is_not_offered_for_scaffold(tmp_path, capsys):
+def test_a_bad_lever_is_a_usage_error(tmp_path, capsys):
     from fedbrain.cli.main import main
 
-    assert main(["simulate", "--algorithm", "scaffold", "--site-weighting", "equal",
-                 "--workspace", str(tmp_path)]) == 2
-    assert "not scaffold" in capsys.readouterr().err
+    assert main(["simulate", "--rounds", "0", "--workspace", str(tmp_path)]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+    assert main(["simulate", "--budget-epochs", "0", "--workspace", str(tmp_path)]) == 2
+    assert "--budget-epochs must be positive" in capsys.readouterr().err
+
+
+def test_the_site_executor_shortens_nvflare_result_poll():
+    from nvflare.app_common.executors.client_api import in_process_backend
+
+    from fedbrain.fl.executor import POLL_INTERVAL_S, shorten_result_poll
+
+    old = in_process_backend._RESULT_POLL_INTERVAL
+    try:
+        assert shorten_result_poll() and in_process_backend._RESULT_POLL_INTERVAL == POLL_INTERVAL_S < 0.5
+    finally:
+        in_process_backend._RESULT_POLL_INTERVAL = old

@@ -220,12 +220,13 @@ def global_state(path: str | Path) -> dict[str, torch.Tensor]:
 _DIMS: dict[type, tuple[str, ...]] = {
     nn.Conv2d: ("in_channels", "out_channels", "groups"),
     nn.BatchNorm2d: ("num_features",),
+    nn.GroupNorm: ("num_groups", "num_channels"),
     nn.Linear: ("in_features", "out_features"),
 }
 
 
 def layer_shapes(model: nn.Module) -> dict[str, dict]:
-    """Sizes of every Conv2d / BatchNorm2d / Linear, by module name (what :func:`shrink_to` needs)."""
+    """Sizes of every Conv2d / BatchNorm2d / GroupNorm / Linear, by module name (what :func:`shrink_to` needs)."""
     out = {}
     for name, m in model.named_modules():
         attrs = _DIMS.get(type(m))
@@ -254,6 +255,8 @@ def shrink_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
         elif isinstance(m, nn.BatchNorm2d):
             new = nn.BatchNorm2d(spec["num_features"], eps=m.eps, momentum=m.momentum, affine=m.affine,
                                  track_running_stats=m.track_running_stats)
+        elif isinstance(m, nn.GroupNorm):
+            new = nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=m.eps, affine=m.affine)
         else:
             new = nn.Linear(spec["in_features"], spec["out_features"], bias=m.bias is not None)
         parent_name, _, child = name.rpartition(".")

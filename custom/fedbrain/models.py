@@ -22,11 +22,21 @@ from fedbrain.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, Preproce
 log = logging.getLogger(__name__)
 
 
+def norm_layer(channels: int, norm: str = "batch") -> nn.Module:
+    """BatchNorm (folds into the convolution at export), or GroupNorm of 8-channel groups (no batch statistics)."""
+    if norm == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    if norm != "batch":
+        raise ValueError(f"norm must be 'batch' or 'group', not {norm!r}")
+    return nn.BatchNorm2d(channels)
+
+
 class ConvBNAct(nn.Sequential):
-    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True,
+                 norm: str = "batch"):
         layers: list[nn.Module] = [
             nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),
+            norm_layer(cout, norm),
         ]
         if act:
             layers.append(nn.ReLU(inplace=True))
@@ -36,10 +46,10 @@ class ConvBNAct(nn.Sequential):
 class SepBlock(nn.Module):
     """Depthwise 3x3 + pointwise 1x1, with a residual connection when shapes allow."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, cin: int, cout: int, stride: int = 1, norm: str = "batch"):
         super().__init__()
-        self.dw = ConvBNAct(cin, cin, 3, stride, groups=cin)
-        self.pw = ConvBNAct(cin, cout, 1, act=False)
+        self.dw = ConvBNAct(cin, cin, 3, stride, groups=cin, norm=norm)
+        self.pw = ConvBNAct(cin, cout, 1, act=False, norm=norm)
         self.act = nn.ReLU(inplace=True)
         self.residual = stride == 1 and cin == cout
 
@@ -52,18 +62,19 @@ class FedBrainCNN(nn.Module):
     """Lightweight CNN for MRI slices: greyscale input, a full-conv stem, separable stages, GAP head."""
 
     def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 1, width: float = 1.0,
-                 dropout: float = 0.2):
+                 dropout: float = 0.2, norm: str = "batch"):
         super().__init__()
 
         def c(n: int) -> int:
             return max(8, int(round(n * width / 8)) * 8)
 
         stages = [(c(32), 2), (c(64), 2), (c(128), 2), (c(256), 2)]
-        layers: list[nn.Module] = [ConvBNAct(in_channels, c(24), 3, 2), ConvBNAct(c(24), c(24), 3, 1)]
+        layers: list[nn.Module] = [ConvBNAct(in_channels, c(24), 3, 2, norm=norm),
+                                   ConvBNAct(c(24), c(24), 3, 1, norm=norm)]
         cin = c(24)
         for cout, reps in stages:
-            layers.append(SepBlock(cin, cout, stride=2))
-            layers += [SepBlock(cout, cout) for _ in range(reps - 1)]
+            layers.append(SepBlock(cin, cout, stride=2, norm=norm))
+            layers += [SepBlock(cout, cout, norm=norm) for _ in range(reps - 1)]
             cin = cout
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -164,8 +175,14 @@ def _load_backbone(model: nn.Module, sd: dict) -> None:
 
 @register("fedbrain_cnn", GREY, False, "fedbrain's own lightweight CNN (greyscale, separable convs)")
 def _fedbrain_cnn(num_classes: int = NUM_CLASSES, pretrained: bool = False, width: float = 1.0,
-                  in_channels: int = 1, **_) -> nn.Module:
-    return FedBrainCNN(num_classes, in_channels=in_channels, width=width)
+                  in_channels: int = 1, norm: str = "batch", **_) -> nn.Module:
+    return FedBrainCNN(num_classes, in_channels=in_channels, width=width, norm=norm)
+
+
+@register("fedbrain_cnn_gn", GREY, False, "fedbrain_cnn with GroupNorm (no batch statistics; for label-skewed sites)")
+def _fedbrain_cnn_gn(num_classes: int = NUM_CLASSES, pretrained: bool = False, width: float = 1.0,
+                     in_channels: int = 1, **_) -> nn.Module:
+    return FedBrainCNN(num_classes, in_channels=in_channels, width=width, norm="group")
 
 
 def _tv(builder_name: str, weights_name: str, head: Callable[[nn.Module, int], None]):

@@ -13,17 +13,39 @@ from fedbrain.training import TrainConfig
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
-# What each algorithm changes in the local training config; everything else is TrainConfig's default.
-# SCAFFOLD's control variates assume plain SGD steps (NVFlare's PTScaffoldHelper), hence its own optimiser.
+# The local training config of a federated round, for every algorithm: one plain SGD step (lr 1, no momentum),
+# so each site's update is its gradient on its share of a stratified batch and the server's optimiser (FedAdam,
+# below) takes the step centralised AdamW would take (issue 11). SCAFFOLD's control variates (plain SGD steps,
+# NVFlare's PTScaffoldHelper) fit it as they are. What each algorithm changes on top goes in ALGORITHM_DEFAULTS.
+FEDERATED_TRAIN: dict = {"steps": 1, "optimizer": "sgd", "momentum": 0.0, "lr": 1.0}
 ALGORITHM_DEFAULTS: dict[str, dict] = {
     "fedavg": {},
     "fedprox": {},
-    "scaffold": {"optimizer": "sgd", "lr": 0.05},
+    "scaffold": {},
 }
+BUDGET_EPOCHS = 8  # the default training budget: passes over the federation's training data
+FEDERATED_MODEL = "fedbrain_cnn_gn"  # GroupNorm: no batch statistics, which site-pure batches get wrong
 
 # Fields the server needs but a site does not (never sent in the site's arguments).
-SERVER_ONLY = ("min_clients", "wait_after_min_s", "cross_site_eval", "initial_checkpoint", "start_round",
-               "site_weighting", "rounds", "pretrained", "extra_site_args", "threads_per_site", "user_train")
+SERVER_ONLY = ("min_clients", "wait_after_min_s", "cross_site_eval", "initial_checkpoint",
+               "site_weighting", "pretrained", "extra_site_args", "threads_per_site", "user_train", "server_lr",
+               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum")
+LEVER_CHOICES = {"server_optimizer": ("sgd", "adam"), "class_balance": ("site", "federation"),
+                 "missing_classes": ("keep", "restrict"), "lr_schedule": ("constant", "cosine"),
+                 "site_weighting": ("steps", "samples", "equal"),
+                 "bn_statistics": ("batch", "pooled", "frozen", "renorm"), "batch_split": ("site", "proportional")}
+
+
+def legacy_overrides() -> dict:
+    """fedbrain's federation before the label-skew levers (issue 11): one local epoch of AdamW per round (its
+    state kept across rounds), FedAvg weighted by local steps, each site's own batches and class weights.
+    ``--legacy`` reproduces the old numbers (with ``--model fedbrain_cnn``, the old BatchNorm model);
+    ``JobSettings`` fields and ``train`` fields."""
+    return {"train": {"steps": 0, "epochs": 1, "norm": "batch", "optimizer": "adamw", "lr": TrainConfig.lr,
+                      "momentum": TrainConfig.momentum},
+            "site_weighting": "steps", "class_balance": "site", "bn_statistics": "batch", "missing_classes": "keep",
+            "reset_optimizer": False, "batch_split": "site", "eval_every": 1,
+            "lr_schedule": "constant", "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.0}
 
 
 def algorithm_train_config(algorithm: str, **overrides) -> TrainConfig:
@@ -34,7 +56,7 @@ def algorithm_train_config(algorithm: str, **overrides) -> TrainConfig:
     unknown = set(overrides) - known
     if unknown:
         raise ValueError(f"unknown training setting(s) {sorted(unknown)}")
-    base = {"epochs": 1, **ALGORITHM_DEFAULTS[algorithm]}  # one local epoch per round unless told otherwise
+    base = {"epochs": 1, **FEDERATED_TRAIN, **ALGORITHM_DEFAULTS[algorithm]}
     return TrainConfig(**{**base, **overrides})
 
 
@@ -43,25 +65,68 @@ class JobSettings:
     """A federated job: the algorithm, the model, the rounds and each site's local training config."""
 
     algorithm: str = "fedavg"
-    model: str = "fedbrain_cnn"
+    model: str = FEDERATED_MODEL
     model_kwargs: dict = field(default_factory=dict)
     image_size: int | None = None
     pretrained: bool | None = None  # start from ImageNet weights (None: the registry model's default)
     finetune: str = "all"  # all | head | last-N (see fedbrain.models.apply_finetune)
-    rounds: int = 20
+    rounds: int = 650  # ~BUDGET_EPOCHS on the benchmark federation; the CLI sizes it for the federation at hand
     train: TrainConfig = field(default_factory=lambda: algorithm_train_config("fedavg"))
     user_train: dict = field(default_factory=dict)  # the training settings the user chose explicitly
     fedprox_mu: float = 0.01
+    # levers against label skew (issue 11): see the README's federation section for what each one bought
+    class_balance: str = "federation"  # class weights from the pooled counts the server sends | "site": its own
+    missing_classes: str = "keep"  # "restrict": a site's softmax covers only the classes its labels can show
+    reset_optimizer: bool = False  # restart the local optimiser every round (no stale moments across rounds)
+    lr_schedule: str = "constant"  # "cosine": the local lr (and the server lr) follow one cosine over all rounds
+    # BatchNorm across sites: "batch" (batch statistics at every site; the server pools the sites' running
+    # moments), "pooled" (every round, sites estimate their moments, the server pools them, and everyone trains
+    # with the pooled statistics), "frozen" (FixBN: batch statistics until bn_freeze_round, then the pooled
+    # moments of that round are frozen and every site trains with them)
+    # "renorm": sites train with batch renormalisation (forward by the global running statistics, gradients
+    # through the batch's), send their last batch's moments, and the server keeps an EMA of the pooled moments
+    bn_statistics: str = "batch"
+    bn_freeze_round: int | None = None  # "frozen": the round the statistics are pooled and frozen (default: 1/4)
+    bn_images: int = 512  # images a site uses to estimate its BatchNorm moments
+    server_bn_momentum: float = 0.1  # "renorm": the server's EMA rate for the pooled BatchNorm moments
+    eval_every: int = 25  # sites validate the received global model every N rounds (and in the last one)
+    # "site": every site trains on batches of train.batch_size; "proportional": the federation's batch of
+    # train.batch_size images is split across sites in proportion to their training-set sizes (at least 2 each),
+    # so one round's sample-weighted average is a gradient of a stratified batch of the pooled data
+    batch_split: str = "proportional"
+    server_optimizer: str = "adam"  # how the server applies the averaged update: "adam" (FedAdam) | "sgd" (FedAvg)
+    server_lr: float = TrainConfig.lr  # FedAdam's step: centralised AdamW's (FedAvg: plain SGD with lr 1)
+    server_momentum: float = 0.0  # FedAvgM: server momentum on the averaged update
+    server_eps: float = 1e-8  # FedAdam's epsilon
     min_clients: int | None = None  # sites that must answer each round (default: all)
     wait_after_min_s: int = 60  # with min_clients < sites: how long a round waits for the others
     threads_per_site: int | None = None
-    site_weighting: str = "steps"  # FedAvg/FedProx average: by local steps, or every site alike ("equal")
+    site_weighting: str = "samples"  # the average weighted by training-set size | "steps" (NVFlare's) | "equal"
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     cross_site_eval: bool = True
     initial_checkpoint: str | None = None  # a plain {"model": state_dict} file NVFlare starts from
     start_round: int = 0  # resume: round numbering continues from here
     extra_site_args: str = ""  # appended to every site's args (fault injection in tests)
+
+    def __post_init__(self) -> None:
+        for name, choices in LEVER_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
+        if self.train.norm not in ("batch", "running"):
+            raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
+
+    def freeze_round(self) -> int:
+        """FixBN: the round whose pooled BatchNorm moments are frozen for the rest of the job."""
+        if self.bn_freeze_round is not None:
+            return self.bn_freeze_round
+        return self.start_round + max(1, self.rounds // 4) if self.rounds else 0
+
+    def norm_in_round(self, rnd: int) -> str:
+        """How the sites' BatchNorm normalises during local training in round ``rnd`` (TrainConfig.norm)."""
+        if self.bn_statistics == "pooled" or (self.bn_statistics == "frozen" and rnd >= self.freeze_round()):
+            return "running"
+        return self.train.norm
 
     @classmethod
     def create(cls, algorithm: str = "fedavg", train: dict | None = None, **settings) -> JobSettings:

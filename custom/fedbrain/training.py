@@ -23,11 +23,15 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9  # SGD's momentum (0: plain SGD steps, e.g. for a server-side optimiser)
     label_smoothing: float = 0.0
     class_weighting: bool = True  # inverse-frequency weights: sites are skewed
     seed: int = 0
     threads: int | None = None
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
+    steps: int | None = None  # optimiser steps per call of train_epochs (reshuffling as needed), instead of epochs
+    # (0 or None: epochs)
+    norm: str = "batch"  # batch: BatchNorm normalises by batch statistics | running: by the running statistics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,8 +61,19 @@ def seed_everything(seed: int) -> None:
 
 
 def partial_label_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None,
-                       label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy where target 4 means 'some tumour': -log(p_glioma + p_meningioma + p_pituitary)."""
+                       label_smoothing: float = 0.0, present: torch.Tensor | None = None,
+                       normalise: str = "weights") -> torch.Tensor:
+    """Cross-entropy where target 4 means 'some tumour': -log(p_glioma + p_meningioma + p_pituitary).
+
+    With ``weight``: the weighted sum over the batch divided by the batch's weight sum (``"weights"``, as
+    PyTorch's weighted cross-entropy) or by the batch size (``"count"``: for a site's share of a federation-wide
+    batch, whose weights have mean 1 over the pooled data).
+
+    ``present`` (bool, one per class): a restricted softmax over the classes this data can show, so a site
+    without healthy scans does not push the no_tumor logit down (the model's outputs are not changed).
+    """
+    if present is not None:
+        logits = logits.masked_fill(~present.to(logits.device), -1e4)
     logp = F.log_softmax(logits, dim=1)
     known = targets < NUM_CLASSES
     safe = torch.where(known, targets, torch.zeros_like(targets))
@@ -69,22 +84,140 @@ def partial_label_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torc
     loss = torch.where(known, nll_known, nll_tumour)
     if weight is not None:
         w = weight[targets]
+        if normalise == "count":
+            return (loss * w).mean()
         return (loss * w).sum() / w.sum().clamp_min(1e-8)
     return loss.mean()
 
 
-def class_weights(targets: torch.Tensor) -> torch.Tensor:
-    """Inverse-frequency weights over the 5 target kinds (4 classes + 'some tumour'), mean 1 over present ones."""
-    counts = torch.bincount(targets, minlength=NUM_CLASSES + 1).float()
+def target_counts(targets: torch.Tensor) -> torch.Tensor:
+    """How many targets of each of the 5 kinds (4 classes + 'some tumour')."""
+    return torch.bincount(targets, minlength=NUM_CLASSES + 1).float()
+
+
+def class_weights(targets: torch.Tensor | None = None, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse-frequency weights over the 5 target kinds (4 classes + 'some tumour'), mean 1 over present ones.
+
+    ``counts`` (e.g. the federation's pooled counts) replaces the counts of ``targets``."""
+    counts = target_counts(targets) if counts is None else torch.as_tensor(counts, dtype=torch.float32)
     w = torch.where(counts > 0, counts.sum() / (counts.clamp_min(1) * (counts > 0).sum()), torch.zeros_like(counts))
     return w
 
 
+def present_classes(targets: torch.Tensor) -> torch.Tensor:
+    """Which of the 4 classes a set of targets can show ('some tumour' stands for every tumour type)."""
+    counts = target_counts(targets)
+    present = counts[:NUM_CLASSES] > 0
+    if counts[TUMOUR_ANY] > 0:
+        present[list(TUMOUR_CLASSES)] = True
+    return present
+
+
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class BatchRenorm2d(nn.BatchNorm2d):
+    """Batch renormalisation (Ioffe 2017): in training, the forward pass normalises by the running statistics
+    (batch statistics corrected by r = σ_B/σ, d = (μ_B-μ)/σ, clipped, no gradient through them) while gradients
+    flow through the batch statistics. Batches drawn from one site alone are then normalised as the pooled
+    data will be at test time. Evaluation, the state dict and ONNX export are those of BatchNorm2d."""
+
+    rmax: float = 3.0
+    dmax: float = 5.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.track_running_stats:
+            return super().forward(x)
+        mu = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        sd = (var + self.eps).sqrt()
+        rsd = (self.running_var + self.eps).sqrt()
+        r = (sd / rsd).clamp(1 / self.rmax, self.rmax).detach()
+        d = ((mu - self.running_mean) / rsd).clamp(-self.dmax, self.dmax).detach()
+        shape = (1, -1, 1, 1)
+        xh = (x - mu.view(shape)) / sd.view(shape) * r.view(shape) + d.view(shape)
+        with torch.no_grad():
+            n = x.numel() // x.shape[1]
+            m = 0.1 if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - m).add_(mu, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * n / max(1, n - 1), alpha=m)
+            self.num_batches_tracked += 1
+        if self.affine:
+            xh = xh * self.weight.view(shape) + self.bias.view(shape)
+        return xh
+
+
+def use_batch_renorm(model: nn.Module, momentum: float = 1.0) -> int:
+    """Turn every trainable BatchNorm2d into :class:`BatchRenorm2d` in place (same parameters and buffers).
+
+    ``momentum`` 1 leaves the last batch's statistics in the running buffers (the federated server pools those).
+    Returns the number of layers converted."""
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d and any(p.requires_grad for p in m.parameters()):
+            m.__class__ = BatchRenorm2d
+            m.momentum = momentum
+            n += 1
+    return n
+
+
+def use_running_statistics(model: nn.Module) -> None:
+    """Train mode, but BatchNorm normalises by its running statistics (which then stay fixed)."""
+    model.train()
+    for m in _batchnorms(model):
+        m.eval()
+
+
+@torch.no_grad()
+def estimate_bn_statistics(model: nn.Module, loader: Iterable, max_images: int | None = None) -> int:
+    """Replace every trainable BatchNorm's running statistics by the exact mean and (unbiased) variance of its
+    inputs over ``loader`` (no grad; earlier layers normalise by batch statistics, as in training).
+
+    Returns the number of images used. The model's weights and mode are unchanged otherwise."""
+    # frozen blocks (fine-tuning) keep their own statistics, e.g. ImageNet's
+    layers = [m for m in _batchnorms(model) if not list(m.parameters()) or any(p.requires_grad for p in m.parameters())]
+    if not layers:
+        return 0
+    sums: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in layers}
+
+    def hook(m: nn.Module, inputs) -> None:
+        x = inputs[0].detach().double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        acc = sums[m]
+        acc[0] = acc[0] + x.sum(dims)
+        acc[1] = acc[1] + (x * x).sum(dims)
+        acc[2] += x.numel() // x.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    was_training = model.training
+    model.train()
+    device, n = model_device(model), 0
+    try:
+        for x, _ in loader:
+            model(x.to(device))
+            n += len(x)
+            if max_images and n >= max_images:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for m, (s1, s2, count) in sums.items():
+        if count > 1 and m.running_mean is not None:
+            mean = s1 / count
+            var = (s2 / count - mean * mean).clamp_min(0) * count / (count - 1)
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+            m.num_batches_tracked += 1
+    return n
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (or SGD with momentum) over the trainable parameters (frozen blocks stay out)."""
+    """AdamW (or SGD with ``cfg.momentum``) over the trainable parameters (frozen blocks stay out)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -98,11 +231,15 @@ def train_epochs(
     after_step: Callable[[nn.Module, float], None] | None = None,
     lr_schedule: Callable[[int, int], float] | None = None,
     progress: str | None = None,
+    class_counts: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
 ) -> dict:
-    """Train in place for ``epochs``; returns loss, seen samples, steps and images/s.
+    """Train in place for ``epochs`` (or ``cfg.steps`` optimiser steps); returns loss, samples, steps, images/s.
 
     ``extra_loss`` adds a term (FedProx's proximal term), ``after_step`` runs after each optimizer
     step with the current lr (SCAFFOLD's correction), ``lr_schedule(step, total)`` scales the lr.
+    ``class_counts`` (5 kinds) sets the class weights instead of the loader's own targets (the federation's
+    pooled counts); ``present`` restricts the softmax to the classes the data can show.
     """
     epochs = cfg.epochs if epochs is None else epochs
     if cfg.threads:
@@ -111,41 +248,49 @@ def train_epochs(
     model.to(device)
     optimizer = optimizer or make_optimizer(model, cfg)
     targets = getattr(getattr(loader, "ds", None), "targets", None)
-    weight = class_weights(targets).to(device) if (cfg.class_weighting and targets is not None) else None
+    weight = None
+    if cfg.class_weighting and (class_counts is not None or targets is not None):
+        weight = class_weights(targets, class_counts).to(device)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    total_steps = max(1, epochs * len(loader))
+    total_steps = cfg.steps if cfg.steps else max(1, epochs * len(loader))
     step = 0
     seen, loss_sum = 0, 0.0
-    model.train()
+    if cfg.norm == "running":
+        use_running_statistics(model)
+    else:
+        model.train()
     t0 = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=progress, unit="batch", leave=False, disable=None)
-    for _ in range(epochs):
-        for x, y in loader:
-            if lr_schedule:
-                for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    g["lr"] = base * lr_schedule(step, total_steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = partial_label_loss(logits, y, weight, cfg.label_smoothing)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step(model, optimizer.param_groups[0]["lr"])
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            step += 1
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+    for x, y in _batches(loader, epochs, cfg.steps):
+        if lr_schedule:
+            for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                g["lr"] = base * lr_schedule(step, total_steps)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        # with the federation's counts, each site's batch is part of one pooled batch: normalise by the batch
+        # size (E[w] = 1 over the pooled data), not by this batch's own weight sum, which would undo the
+        # up-weighting of a class that lives at one site (sartaj's healthy scans)
+        loss = partial_label_loss(logits, y, weight, cfg.label_smoothing, present,
+                                  normalise="count" if class_counts is not None else "weights")
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(model, optimizer.param_groups[0]["lr"])
+        seen += len(y)
+        loss_sum += loss.item() * len(y)
+        step += 1
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
     if bar:
         bar.close()
     for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -153,6 +298,25 @@ def train_epochs(
     elapsed = time.perf_counter() - t0
     return {"loss": loss_sum / max(1, seen), "samples": seen, "steps": step, "seconds": elapsed,
             "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+
+
+def _batches(loader: Iterable, epochs: int, steps: int | None):
+    """``epochs`` passes over ``loader``, or exactly ``steps`` batches (passing over it again as needed)."""
+    if not steps:
+        for _ in range(epochs):
+            yield from loader
+        return
+    done = 0
+    while done < steps:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            done += 1
+            if done >= steps:
+                return
+        if empty:
+            return
 
 
 def cosine_schedule(warmup_fraction: float = 0.05) -> Callable[[int, int], float]:
@@ -266,6 +430,10 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     is_tumour = (targets != NO_TUMOR).astype(int)
     p_tumour = 1.0 - probs[:, NO_TUMOR]
     pred_tumour = (pred != NO_TUMOR).astype(int)
+    healthy = targets == NO_TUMOR
+    out["n_no_tumor"] = int(healthy.sum())
+    if healthy.any():
+        out["no_tumor_recall"] = float((pred[healthy] == NO_TUMOR).mean())
     out["tumour_accuracy"] = float((pred_tumour == is_tumour).mean())
     auc = _auroc(is_tumour, p_tumour)
     if auc is not None:

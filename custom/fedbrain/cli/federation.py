@@ -25,8 +25,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedbrain.fl.simulate import continue_from, is_unfinished, resume_in_place, run_simulation
     from fedbrain.runs import RunDir
 
-    settings = job_settings(args)
     if args.resume and is_unfinished(RunDir(args.resume)):
+        job_settings(args)  # the flags are still validated
         run_dir = RunDir(Path(args.resume).resolve())
         settings = resume_in_place(run_dir)
         fed = Federation.read(run_dir)  # the splits it recorded, whatever the data flags say now
@@ -34,12 +34,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
               "settings and splits are used)")
     else:
         fed = load_federation(args)
+        settings = job_settings(args, fed)
         run_dir = RunDir.create(args.workspace, f"{settings.algorithm}-{settings.model}")
         if args.resume:
             continue_from(settings, Path(args.resume), run_dir)
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} with {len(fed.sites)} sites ({', '.join(fed.sites)}), {settings.rounds} rounds x "
-          f"{settings.local_epochs} local epoch(s), model {settings.model}", flush=True)
+          f"{_local_work(settings)}, model {settings.model}", flush=True)
     summary = run_simulation(fed, settings, run_dir, cache_dir=cache_dir(args))
     if "rounds_table" in summary:
         print("\n" + summary["rounds_table"])
@@ -61,20 +62,28 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_work(settings) -> str:
+    t = settings.train
+    return f"{t.steps} local step(s)" if t.steps else f"{t.epochs} local epoch(s)"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from fedbrain.experiments.compare import compare_table, run_compare
+    from fedbrain.experiments.compare import budget_epochs, compare_table, plan_modes, run_compare
     from fedbrain.runs import RunDir
 
-    settings = job_settings(args)
     fed = load_federation(args)
+    settings = job_settings(args, fed)
     settings.cross_site_eval = False
     settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row
     run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
-    print(f"run: {run_dir}\nbudget: {settings.rounds * settings.local_epochs} epochs per mode "
-          f"({settings.rounds} rounds x {settings.local_epochs} local epochs for federated modes)", flush=True)
     dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
+    modes = plan_modes(fed, settings, args.algorithms, dp=dp, iid_control=args.iid_control, ablation=args.ablation,
+                       legacy=args.legacy_row, baselines=args.baselines)
+    print(f"run: {run_dir}\nbudget: {budget_epochs(settings, fed)} epochs over the data for every mode "
+          f"(federated: {settings.rounds} rounds); {len(modes)} modes x {len(args.seeds)} seed(s): "
+          f"{', '.join(m.name for m in modes)}", flush=True)
     t0 = time.perf_counter()
-    rows = run_compare(fed, settings, run_dir, args.algorithms, dp=dp, cache_dir=cache_dir(args))
+    rows = run_compare(fed, settings, run_dir, modes, seeds=tuple(args.seeds), cache_dir=cache_dir(args))
     print("\n" + compare_table(rows, list(fed.sites)))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; results: {run_dir.compare_csv}")
     return 0
@@ -85,15 +94,15 @@ def cmd_bench_federation(args: argparse.Namespace) -> int:
     from fedbrain.experiments.throughput import simulator_overhead
     from fedbrain.runs import RunDir
 
-    settings = job_settings(args)
     fed = load_federation(args)
+    settings = job_settings(args, fed)
     settings.cross_site_eval = False
     run_dir = RunDir.create(args.workspace, f"bench-federation-{settings.model}")
     res = simulator_overhead(fed, settings, run_dir, cache_dir=cache_dir(args))
     if res.get("failed_sites"):
         print(f"fedbrain: error: sites failed: {list(res['failed_sites'])}", file=sys.stderr)
         return 3
-    print(f"benchmark: {len(fed.sites)} sites, {settings.rounds} rounds x {settings.local_epochs} local epoch(s), "
+    print(f"benchmark: {len(fed.sites)} sites, {settings.rounds} rounds x {_local_work(settings)}, "
           f"model {settings.model}")
     print(f"  NVFlare simulator wall time          {res['simulator_wall_s']:8.1f} s  (sites in parallel processes)")
     print(f"  same epochs, plain PyTorch, in turn  {res['plain_local_s']:8.1f} s")
@@ -169,6 +178,18 @@ def register(groups) -> None:
     add_federation_args(p)
     add_job_args(p)
     p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    c = p.add_argument_group("comparison")
+    c.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds; every mode runs once per seed (the splits stay those of --seed)")
+    c.add_argument("--iid-control", action="store_true",
+                   help="add a row: the same sites and sizes with the training images shuffled across sites")
+    c.add_argument("--ablation", action="store_true",
+                   help="add rows that switch each label-skew lever off on its own (leave-one-out)")
+    c.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="the centralised and local-only rows (--no-baselines: federated rows only, e.g. an ablation "
+                        "run beside a main comparison)")
+    c.add_argument("--legacy-row", action="store_true",
+                   help="add a row with fedbrain's federation before the levers (see --legacy)")
     p.set_defaults(func=cmd_compare)
 
     bench = groups.group("bench")
@@ -185,8 +206,9 @@ def register(groups) -> None:
     g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     g.add_argument("--image-size", type=int, default=Budget.image_size, help="input size for every model (0 = "
                    "each model's own default: 224 for the ImageNet models); default %(default)s")
-    g.add_argument("--rounds", type=int, default=Budget.rounds, help="federated rounds; centralised trains rounds "
-                   "x local epochs epochs (default %(default)s)")
+    g.add_argument("--rounds", type=int, default=Budget.rounds, help="the budget: rounds x local epochs = epochs "
+                   "over the data; centralised trains that many epochs, the federation (the default one-step "
+                   "rounds) as many rounds as give the same epochs (default %(default)s)")
     g.add_argument("--local-epochs", type=int, default=Budget.local_epochs)
     g.add_argument("--max-train-per-site", type=int, default=None,
                    help="cap each site's TRAIN split (val/test stay whole, so tables stay comparable)")

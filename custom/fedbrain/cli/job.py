@@ -32,8 +32,8 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
     from fedbrain.fl.recipes import build_recipe
     from fedbrain.runs import RunDir
 
-    settings = job_settings(args)
     fed = load_federation(args, progress=False)
+    settings = job_settings(args, fed)
     if args.env == "sim" and not args.export_to:
         from fedbrain.fl.simulate import run_simulation
 

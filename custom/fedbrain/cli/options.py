@@ -77,8 +77,9 @@ def add_workspace_arg(p) -> None:
 
 def add_model_args(g, what: str = "ImageNet weights for baselines") -> None:
     from fedbrain.models import FINETUNE_HELP, list_models
+    from fedbrain.settings import FEDERATED_MODEL
 
-    g.add_argument("--model", default="fedbrain_cnn", choices=list_models())
+    g.add_argument("--model", default=FEDERATED_MODEL, choices=list_models(), help="default %(default)s")
     g.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
     g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
                    help=f"{what} (auto: the model's default)")
@@ -91,7 +92,8 @@ def add_finetune_arg(g, help_text: str | None = None) -> None:
     g.add_argument("--finetune", default="all", help=(help_text or FINETUNE_HELP) + " (default all)")
 
 
-def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: int | None = None) -> None:
+def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: int | None = None,
+                       local: bool = False) -> None:
     """Training options; defaults are None and come from TrainConfig / the algorithm table when unset."""
     from fedbrain.training import TrainConfig
 
@@ -105,13 +107,19 @@ def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: 
     g.add_argument("--weight-decay", type=float, default=None, help=f"default {TrainConfig.weight_decay:g}")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help=f"local optimiser (default {TrainConfig.optimizer}, SCAFFOLD: sgd)")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
     g.add_argument("--device", default=None,
                    help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {TrainConfig.device})")
+    if local:
+        g.add_argument("--local-steps", dest="steps", type=int, default=None,
+                       help="local work per round as optimiser steps, the same at every site (instead of "
+                            "--local-epochs)")
+
 
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """The training settings the user gave explicitly (None = keep the default)."""
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "device")
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum", "device", "steps")
     out = {k: getattr(args, k, None) for k in keys}
     out["seed"] = getattr(args, "seed", None)
     out["threads"] = getattr(args, "threads", None)
@@ -141,18 +149,53 @@ def pretrained_flag(args: argparse.Namespace) -> bool | None:
 
 
 def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
-    from fedbrain.settings import ALGORITHMS, JobSettings
+    from fedbrain.settings import ALGORITHMS, BUDGET_EPOCHS, JobSettings
 
-    rounds = JobSettings.rounds if rounds is None else rounds
     g = p.add_argument_group("federated job")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     add_model_args(g, "start the federation from ImageNet weights")
-    g.add_argument("--rounds", type=int, default=rounds, help=f"default {rounds}")
-    add_optimizer_args(g, "--local-epochs", 1)
+    g.add_argument("--rounds", type=int, default=rounds,
+                   help="federated rounds (default: " + (str(rounds) if rounds else "as many as --budget-epochs "
+                        "needs on this federation") + ")")
+    g.add_argument("--budget-epochs", type=float, default=BUDGET_EPOCHS,
+                   help="without --rounds: the training budget in passes over the federation's training data "
+                        "(default %(default)s)")
+    add_optimizer_args(g, "--local-epochs", 1, local=True)
     g.add_argument("--fedprox-mu", type=float, default=JobSettings.fedprox_mu)
+    levers = p.add_argument_group("levers against label skew (defaults: fedbrain.settings.JobSettings)")
+    levers.add_argument("--batch-split", choices=["site", "proportional"], default=None,
+                        help="proportional: the --batch-size images of a round are split across sites in proportion "
+                             "to their training-set sizes (the round's average is a pooled-data gradient)")
+    levers.add_argument("--eval-every", type=int, default=None,
+                        help="sites validate the global model every N rounds (default 1; the best model is chosen "
+                             "among validated rounds)")
+    levers.add_argument("--legacy", action="store_true",
+                        help="the federation as fedbrain ran it before these levers (1 local epoch, steps-weighted, "
+                             "batch BatchNorm, site class weights); explicit flags still apply on top")
+    levers.add_argument("--class-balance", choices=["site", "federation"], default=None,
+                        help="class weights from each site's own label counts, or the federation's pooled counts "
+                             "(sites send their counts; the server sends back the sum)")
+    levers.add_argument("--missing-classes", choices=["keep", "restrict"], default=None,
+                        help="restrict: a site's softmax covers only the classes its labels can show")
+    levers.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                        help="restart the local optimiser every round")
+    levers.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
+                        help="the local learning rate over the rounds")
+    levers.add_argument("--bn-statistics", choices=["batch", "pooled", "frozen", "renorm"], default=None,
+                        help="BatchNorm across sites: batch statistics; the pooled statistics re-estimated every "
+                             "round; frozen (FixBN: pooled once, at --bn-freeze-round, then fixed); or renorm "
+                             "(batch renormalisation by the server's running pooled statistics)")
+    levers.add_argument("--bn-freeze-round", type=int, default=None,
+                        help="with --bn-statistics frozen: the round the statistics are pooled (default: 1/4 in)")
+    levers.add_argument("--server-optimizer", choices=["sgd", "adam"], default=None,
+                        help="how the server applies the averaged update: sgd (FedAvg / FedAvgM) or adam (FedAdam)")
+    levers.add_argument("--server-lr", type=float, default=None, help="server step on the averaged update")
+    levers.add_argument("--server-momentum", type=float, default=None, help="FedAvgM server momentum")
     g.add_argument("--min-clients", type=int, default=None, help="sites that must answer each round (default all)")
-    g.add_argument("--site-weighting", choices=["steps", "equal"], default=JobSettings.site_weighting,
-                   help="FedAvg/FedProx average weighted by each site's local steps (default) or equal per site")
+    g.add_argument("--site-weighting", choices=["steps", "samples", "equal"], default=None,
+                   help="the average (and SCAFFOLD's control update) weighted by each site's local steps, its "
+                        "training images, or "
+                        f"equally (default {JobSettings.site_weighting})")
     g.add_argument("--dp-clip", type=float, default=0.0, help="differential privacy: L2 clip of each update")
     g.add_argument("--dp-noise", type=float, default=0.0, help="differential privacy: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
@@ -163,24 +206,42 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
     add_workspace_arg(g)
 
 
-def job_settings(args: argparse.Namespace):
-    """The :class:`JobSettings` the job flags describe (validated)."""
+def job_settings(args: argparse.Namespace, fed=None):
+    """The :class:`JobSettings` the job flags describe (validated). Without ``--rounds``, the rounds give
+    ``--budget-epochs`` passes over ``fed``'s training data (without ``fed``: JobSettings' default rounds)."""
     from fedbrain.runs import RunDir
-    from fedbrain.settings import JobSettings
+    from fedbrain.settings import JobSettings, legacy_overrides
 
     check_finetune(args.finetune)
-    if args.algorithm == "scaffold" and args.site_weighting != "steps":
-        raise UsageError("--site-weighting applies to fedavg and fedprox, not scaffold")
+    base = legacy_overrides() if getattr(args, "legacy", False) else {"train": {}}
+    levers = {k: v for k, v in base.items() if k != "train"}
+    levers.update({k: getattr(args, k) for k in ("class_balance", "missing_classes", "reset_optimizer", "lr_schedule",
+                                                 "server_lr", "server_momentum", "site_weighting",
+                                                 "server_optimizer", "bn_statistics", "bn_freeze_round", "eval_every",
+                                                 "batch_split")
+                   if getattr(args, k, None) is not None})
     if getattr(args, "resume", None):
         p = Path(args.resume)
         if not (p.is_file() or RunDir(p).last.is_file() or RunDir(p).rounds.is_dir()):
             raise UsageError(f"--resume {args.resume!r}: neither a checkpoint nor a run folder with a global model")
     try:
-        return JobSettings.create(
-            args.algorithm, train=train_overrides(args), model=args.model, image_size=args.image_size,
-            rounds=args.rounds, fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
+        settings = JobSettings.create(
+            args.algorithm, train={**base["train"], **train_overrides(args)}, model=args.model,
+            image_size=args.image_size,
+            fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
             cross_site_eval=not args.no_cross_site_eval,
-            pretrained=pretrained_flag(args), finetune=args.finetune, site_weighting=args.site_weighting)
+            pretrained=pretrained_flag(args), finetune=args.finetune, **levers)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.rounds is not None:
+        if args.rounds < 1:
+            raise UsageError(f"--rounds must be at least 1, not {args.rounds}")
+        settings.rounds = args.rounds
+    elif fed is not None:
+        from fedbrain.experiments.compare import rounds_for_budget
+
+        if not args.budget_epochs > 0:
+            raise UsageError(f"--budget-epochs must be positive, not {args.budget_epochs}")
+        settings.rounds = rounds_for_budget(settings, fed, args.budget_epochs)
+    return settings

@@ -76,17 +76,22 @@ def _evaluation_data(args: argparse.Namespace, checkpoint: Path):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.dataset import site_loaders
-    from fedbrain.evaluation import evaluate_everywhere, results_table
+    from fedbrain.evaluation import evaluate_everywhere, results_table, site_separability
     from fedbrain.runs import RunDir
 
     target = Path(args.target)
     checkpoint = RunDir(target).best if target.is_dir() else target
     model, card = load_checkpoint(checkpoint)
     sites, source = _evaluation_data(args, checkpoint)
-    res = evaluate_everywhere(model, site_loaders({s.name: s for s in sites}, card.preprocessing, 64,
-                                                  cache_dir(args)), args.split)
+    loaders = site_loaders({s.name: s for s in sites}, card.preprocessing, 64, cache_dir(args))
+    res = evaluate_everywhere(model, loaders, args.split)
     print(f"model {card.model} (supervised: {card.supervised_granularity}) on split {args.split} of {source}:")
     print(results_table(res))
+    probe = site_separability(model, card.model, loaders, args.split)
+    if probe:
+        print(f"\nsite probe: a linear probe tells the sites apart from the model's features with balanced accuracy "
+              f"{probe['site_probe_balanced_accuracy']:.3f} (chance {probe['chance']:.3f}; {probe['n']} images, "
+              f"{probe['folds']}-fold)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

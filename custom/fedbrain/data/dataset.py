@@ -113,8 +113,8 @@ class SiteLoaders:
             self._ds[split] = SliceDataset(self.site.splits[split], self.pre, self.cache_dir)
         return self._ds[split]
 
-    def train(self, seed: int = 0) -> BatchLoader:
-        return BatchLoader(self.dataset("train"), self.batch_size, True, self.augmentation, seed)
+    def train(self, seed: int = 0, batch_size: int | None = None) -> BatchLoader:
+        return BatchLoader(self.dataset("train"), batch_size or self.batch_size, True, self.augmentation, seed)
 
     def eval(self, split: str) -> BatchLoader:
         return BatchLoader(self.dataset(split), max(64, self.batch_size), False)

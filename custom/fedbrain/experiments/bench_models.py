@@ -23,6 +23,7 @@ from fedbrain.compression.data import LocalData, sample
 from fedbrain.contract import CLASSES
 from fedbrain.data.federation import Federation, SiteData
 from fedbrain.evaluation import UNION
+from fedbrain.experiments.compare import rounds_for_budget
 from fedbrain.experiments.pooled import train_pooled
 from fedbrain.fl.simulate import run_simulation
 from fedbrain.models import (
@@ -189,11 +190,13 @@ def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tu
         try:
             mode_run = mdir.child(mode)
             if mode == "federated":
+                # the default federation at the same budget in epochs; the server takes the budget's lr
                 settings = JobSettings.create(
-                    "fedavg", train={"epochs": budget.local_epochs, "batch_size": budget.batch_size,
-                                     "lr": budget.lr, "seed": budget.seed},
-                    model=name, image_size=budget.image_size, rounds=budget.rounds, cross_site_eval=False,
-                    finetune=finetune)  # ImageNet start if any
+                    "fedavg", train={"batch_size": budget.batch_size, "seed": budget.seed}, model=name,
+                    image_size=budget.image_size, cross_site_eval=False, finetune=finetune,
+                    server_lr=budget.lr)  # ImageNet start if any
+                settings.rounds = rounds_for_budget(settings, fed, budget.epochs)
+                row["rounds"] = settings.rounds
                 summary = run_simulation(fed, settings, mode_run, cache_dir=cache_dir)
                 if summary.get("failed_sites") or "test" not in summary:
                     raise RuntimeError(str(summary.get("failed_sites") or summary.get("error"))[:400])

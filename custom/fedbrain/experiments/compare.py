@@ -1,108 +1,272 @@
-"""Federated vs centralised vs local-only, at the same budget (equal total local epochs per picture)."""
+"""Federated vs centralised vs each hospital alone, at the same budget (epochs over the data), over seeds.
+
+Rows: one per (mode, seed, evaluated site), every metric with its 95 % bootstrap interval and small-n flag.
+Modes: the federated algorithms; optionally an IID control (the same site sizes, training images shuffled
+across sites: what is left of the gap is the federated loop, not the label skew), the DP row, and an
+ablation ladder that switches the label-skew levers off one at a time; then centralised (all sites pooled)
+and every site alone. The summary gives mean ± sd over seeds of the union metrics and each federated
+mode's gap to centralised.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
+import random
+import statistics
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fedbrain.data.federation import Federation
+from fedbrain.data.federation import Federation, SiteData
 from fedbrain.evaluation import UNION
 from fedbrain.experiments.pooled import train_pooled
+from fedbrain.fl.metrics import CLASS_COUNTS, site_batch_size
 from fedbrain.fl.privacy import epsilon_after
 from fedbrain.fl.simulate import run_simulation
 from fedbrain.runs import RunDir, write_json
-from fedbrain.settings import JobSettings
+from fedbrain.settings import JobSettings, legacy_overrides
+from fedbrain.training import TrainConfig
 
-FIELDS = ["mode", "site", "n", "macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "budget_epochs",
-          "seconds", "dp_epsilon"]
+METRICS = ("macro_f1", "tumour_auroc", "no_tumor_recall", "accuracy")
+FIELDS = (["mode", "kind", "seed", "site", "n", "n_no_tumor"]
+          + [f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")]
+          + ["tumour_accuracy", "unreliable", "site_probe", "budget_epochs", "rounds", "seconds", "dp_epsilon",
+             "error"])
+
+# The label-skew levers, each switched back to the old behaviour on its own (leave-one-out from the default),
+# and all of them together ("legacy"): what each lever buys, at the same budget.
+ABLATION: tuple[tuple[str, dict], ...] = (
+    ("- GroupNorm (BatchNorm model)", {"model": "fedbrain_cnn"}),
+    ("- proportional batches", {"batch_split": "site"}),
+    ("- federation class balance", {"class_balance": "site"}),
+    ("- FedAdam (FedAvg of local AdamW steps)", {"server_optimizer": "sgd", "server_lr": 1.0,
+                                                 "train": {"optimizer": "adamw", "lr": TrainConfig.lr}}),
+    ("- one step per round (1 local epoch)", {"train": {"steps": 0, "epochs": 1, "lr": 0.01}}),
+)
 
 
-def _rows(mode: str, results: dict, budget: int, seconds: float, dp_epsilon: float | None = None) -> list[dict]:
-    return [{"mode": mode, "site": site, "n": m.get("n"), "macro_f1": m.get("macro_f1"),
-             "accuracy": m.get("accuracy"), "tumour_accuracy": m.get("tumour_accuracy"),
-             "tumour_auroc": m.get("tumour_auroc"), "budget_epochs": budget, "seconds": round(seconds, 1),
-             "dp_epsilon": dp_epsilon}
-            for site, m in results.items()]
+@dataclass
+class Mode:
+    """One row group: a federated job, or pooled training over some sites."""
+
+    name: str
+    kind: str  # federated | centralized | local
+    settings: JobSettings | None = None
+    train: TrainConfig | None = None
+    sites: list[str] | None = None
+    iid: bool = False
+    dp: tuple[float, float] | None = None
 
 
-def run_compare(fed: Federation, settings: JobSettings, run: RunDir, algorithms: list[str],
-                dp: tuple[float, float] | None = None, cache_dir: Path | None = None,
-                progress: bool = True) -> list[dict]:
-    """Every mode trains ``settings.rounds * settings.local_epochs`` epochs over its data.
+def epochs_per_round(settings: JobSettings, fed: Federation) -> float:
+    """Passes over the federation's training data one round makes (local epochs, or local steps on each site's
+    batch: its own, or its share of a federation-wide batch)."""
+    if not settings.train.steps:
+        return float(settings.train.epochs)
+    sizes = [len(s.splits["train"]) for s in fed.sites.values()]
+    n = max(1, sum(sizes))
+    b = settings.train.batch_size
+    per_step = sum(site_batch_size(b, k, {CLASS_COUNTS: [n]}) for k in sizes) if settings.batch_split == \
+        "proportional" else b * len(sizes)
+    return settings.train.steps * per_step / n
 
-    Each federated mode runs under its own algorithm's defaults (``fedbrain.settings.ALGORITHM_DEFAULTS``)
-    with the user's explicit training choices on top, so ``--lr`` applies to every algorithm alike.
-    """
-    fed.write(run.root)
-    budget = settings.rounds * settings.local_epochs
-    plan = [(alg, settings.with_algorithm(alg)) for alg in algorithms]
+
+def budget_epochs(settings: JobSettings, fed: Federation) -> int:
+    """The epochs a pooled run gets for the same budget as the federated job."""
+    return max(1, round(settings.rounds * epochs_per_round(settings, fed)))
+
+
+def rounds_for_budget(settings: JobSettings, fed: Federation, epochs: float) -> int:
+    """The rounds that give ``epochs`` passes over the federation's training data."""
+    return max(1, math.ceil(epochs / epochs_per_round(settings, fed) - 1e-9))
+
+
+def with_overrides(settings: JobSettings, overrides: dict, fed: Federation | None = None) -> JobSettings:
+    """``settings`` with JobSettings fields and (under ``train``) TrainConfig fields replaced; with ``fed``, the
+    rounds are adjusted so that the job keeps the same budget in epochs over the data."""
+    train = overrides.get("train", {})
+    fields = {k: v for k, v in overrides.items() if k != "train"}
+    out = replace(settings, train=replace(settings.train, **train), **fields)
+    if fed is not None:
+        out.rounds = rounds_for_budget(out, fed, settings.rounds * epochs_per_round(settings, fed))
+    return out
+
+
+def iid_federation(fed: Federation, seed: int = 0) -> Federation:
+    """The IID control: every site keeps its size and its val/test splits, the training images are shuffled
+    across sites (so every site sees every class and every source)."""
+    pool = [r for s in fed.sites.values() for r in s.splits["train"]]
+    random.Random(seed).shuffle(pool)
+    sites, k = {}, 0
+    for name, s in fed.sites.items():
+        n = len(s.splits["train"])
+        sites[name] = SiteData(name, "mixed", {**s.splits, "train": pool[k:k + n]}, s.summary)
+        k += n
+    return replace(fed, sites=sites)
+
+
+def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp: tuple[float, float] | None = None,
+               iid_control: bool = False, ablation: bool = False, legacy: bool = False,
+               central: TrainConfig | None = None, baselines: bool = True) -> list[Mode]:
+    """The rows of a comparison; every federated mode has the same budget as the pooled ones (``baselines``:
+    with the centralised and local-only rows)."""
+    modes = [Mode(alg, "federated", settings.with_algorithm(alg)) for alg in algorithms]
+    if iid_control:
+        modes.append(Mode(f"{settings.algorithm} IID control", "federated", settings, iid=True))
+    if legacy:
+        legacy_settings = with_overrides(settings, legacy_overrides(), fed)
+        modes.append(Mode(f"{settings.algorithm} legacy", "federated", legacy_settings))
+    if ablation:
+        modes += [Mode(f"{settings.algorithm} {label}", "federated", with_overrides(settings, o, fed))
+                  for label, o in ABLATION if o.get("model") != "fedbrain_cnn" or settings.model == "fedbrain_cnn_gn"]
     if dp:
-        plan.append(("fedavg+dp", settings.with_algorithm("fedavg", dp_clip=dp[0], dp_noise=dp[1])))
-    run.write_config(kind="compare", model=settings.model, budget_epochs=budget, algorithms=algorithms,
-                     dp=dp, job=settings.to_dict(), modes={m: s.train.to_dict() for m, s in plan},
+        modes.append(Mode("fedavg+dp", "federated", settings.with_algorithm("fedavg", dp_clip=dp[0],
+                                                                             dp_noise=dp[1]), dp=dp))
+    if not baselines:
+        return modes
+    epochs = budget_epochs(settings, fed)
+    pooled = central or TrainConfig(epochs=epochs)
+    pooled = replace(pooled, epochs=epochs)
+    modes.append(Mode("centralized", "centralized", train=pooled))
+    modes += [Mode(f"local:{name}", "local", train=pooled, sites=[name]) for name in fed.sites]
+    return modes
+
+
+def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None, seconds: float,
+          eps: float | None, probe: dict | None = None) -> list[dict]:
+    rows = []
+    probe_acc = (probe or {}).get("site_probe_balanced_accuracy")
+    for site, m in results.items():
+        row = {"mode": mode.name, "kind": mode.kind, "seed": seed, "site": site, "n": m.get("n"),
+               "n_no_tumor": m.get("n_no_tumor"), "tumour_accuracy": m.get("tumour_accuracy"),
+               "unreliable": ";".join(sorted(m.get("unreliable") or {})), "budget_epochs": budget,
+               "rounds": rounds, "seconds": round(seconds, 1), "dp_epsilon": eps, "site_probe": probe_acc}
+        for k in METRICS:
+            row[k] = m.get(k)
+            lo_hi = (m.get("ci") or {}).get(k) or [None, None]
+            row[f"{k}_lo"], row[f"{k}_hi"] = lo_hi
+        rows.append(row)
+    return rows
+
+
+def run_compare(fed: Federation, settings: JobSettings, run: RunDir, modes: list[Mode], seeds: tuple[int, ...] = (0,),
+                cache_dir: Path | None = None, progress: bool = True) -> list[dict]:
+    """Every mode for every seed (the training seed; the splits stay those of ``fed``)."""
+    fed.write(run.root)
+    budget = budget_epochs(settings, fed)
+    run.write_config(kind="compare", model=settings.model, budget_epochs=budget, seeds=list(seeds),
+                     job=settings.to_dict(), modes={m.name: (m.settings.to_dict() if m.settings else
+                                                             {"train": m.train.to_dict(), "sites": m.sites})
+                                                    for m in modes},
                      federation=fed.spec.to_dict(), sites=list(fed.sites))
     rows: list[dict] = []
 
     def save() -> None:
-        write_json(run.compare_json, rows)
+        write_json(run.compare_json, {"rows": rows, "summary": summarise(rows)})
         with run.compare_csv.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
+            w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
 
-    for mode, s in plan:
-        if progress:
-            print(f"\n== {mode}: {s.rounds} rounds x {s.local_epochs} local epoch(s)", flush=True)
-        try:
-            summary = run_simulation(fed, s, run.child(mode), cache_dir=cache_dir)
-        except Exception as exc:  # one broken mode must not cost the others
-            summary = {"error": f"{type(exc).__name__}: {exc}", "wall_seconds": 0.0}
-        if summary.get("failed_sites") or "test" not in summary:
-            reason = summary.get("failed_sites") or summary.get("error")
-            print(f"   {mode} FAILED: {reason}", flush=True)
-            rows.append({"mode": mode, "site": "error", "n": None, "budget_epochs": budget,
-                         "seconds": round(summary.get("wall_seconds", 0.0), 1), "dp_epsilon": None,
-                         "macro_f1": None, "accuracy": None, "tumour_accuracy": None, "tumour_auroc": None})
+    for seed in seeds:
+        for mode in modes:
+            folder = run.child(f"{mode.name.replace(' ', '_')}-seed{seed}" if len(seeds) > 1 else
+                               mode.name.replace(" ", "_"))
+            t0 = time.perf_counter()
+            if progress:
+                print(f"\n== {mode.name} (seed {seed})", flush=True)
+            if mode.kind == "federated":
+                s = replace(mode.settings, train=replace(mode.settings.train, seed=seed))
+                data = iid_federation(fed, seed) if mode.iid else fed
+                try:
+                    summary = run_simulation(data, s, folder, cache_dir=cache_dir)
+                except Exception as exc:  # one broken mode must not cost the others
+                    summary = {"error": f"{type(exc).__name__}: {exc}", "wall_seconds": 0.0}
+                if summary.get("failed_sites") or "test" not in summary:
+                    reason = str(summary.get("failed_sites") or summary.get("error"))[:300]
+                    print(f"   {mode.name} FAILED: {reason}", flush=True)
+                    rows.append({"mode": mode.name, "kind": mode.kind, "seed": seed, "site": "error",
+                                 "budget_epochs": budget, "error": reason,
+                                 "seconds": round(time.perf_counter() - t0, 1)})
+                    save()
+                    continue
+                eps = epsilon_after(s.rounds, mode.dp[1], 1e-5) if mode.dp else None
+                rows += _rows(mode, seed, summary["test"], budget, s.rounds, summary["wall_seconds"], eps,
+                              summary.get("site_probe"))
+            else:
+                cfg = replace(mode.train, seed=seed)
+                res = train_pooled(fed, settings.model, cfg, folder, sites=mode.sites, image_size=settings.image_size,
+                                   pretrained=settings.pretrained, model_kwargs=settings.model_kwargs,
+                                   cache_dir=cache_dir, progress=progress, finetune=settings.finetune)
+                rows += _rows(mode, seed, res["test"], budget, None, time.perf_counter() - t0, None,
+                              res.get("site_probe"))
             save()
-            continue
-        eps = epsilon_after(s.rounds, dp[1], 1e-5) if dp and mode == "fedavg+dp" else None
-        rows += _rows(mode, summary["test"], budget, summary["wall_seconds"], eps)
-        save()
-    cfg = replace(settings.train, epochs=budget)  # the same optimiser and lr as the federated sites
-    solo = [("centralized", None)] + [(f"local:{name}", [name]) for name in fed.sites]
-    for mode, sites in solo:
-        if progress:
-            print(f"\n== {mode}: {budget} epochs", flush=True)
-        t0 = time.perf_counter()
-        res = train_pooled(fed, settings.model, cfg, run.child(mode), sites=sites,
-                           image_size=settings.image_size, pretrained=False, model_kwargs=settings.model_kwargs,
-                           cache_dir=cache_dir, progress=progress)
-        rows += _rows(mode, res["test"], budget, time.perf_counter() - t0)
-        save()
     return rows
 
 
-def compare_table(rows: list[dict], sites: list[str]) -> str:
-    """Modes x (sites + union): macro-F1 where tumour types are labelled, else tumour AUROC (marked *)."""
+def summarise(rows: list[dict], site: str = UNION) -> list[dict]:
+    """Per mode: mean and sd over seeds of the ``site`` metrics, and the gap to centralised (federated modes)."""
+    out = []
     modes = list(dict.fromkeys(r["mode"] for r in rows))
-    cols = sites + [UNION]
-    hdr = f"{'mode':<22}" + "".join(f"{c[:15]:>16}" for c in cols)
-    lines = [hdr, "-" * len(hdr)]
+    central = {}
     for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode and r["site"] == site]
+        if not mine:
+            continue
+        entry = {"mode": mode, "kind": mine[0]["kind"], "seeds": len(mine), "n": mine[0].get("n")}
+        for k in (*METRICS, "site_probe"):
+            vals = [r[k] for r in mine if isinstance(r.get(k), (int, float))]
+            if vals:
+                entry[f"{k}_mean"] = statistics.fmean(vals)
+                entry[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(entry)
+        if mode == "centralized":
+            central = entry
+    for entry in out:
+        if entry["kind"] == "federated" and central:
+            for k in METRICS:
+                if f"{k}_mean" in entry and f"{k}_mean" in central:
+                    entry[f"{k}_gap"] = entry[f"{k}_mean"] - central[f"{k}_mean"]
+    return out
+
+
+def _pm(entry: dict, k: str) -> str:
+    if f"{k}_mean" not in entry:
+        return "-"
+    return f"{entry[f'{k}_mean']:.3f} ± {entry[f'{k}_sd']:.3f}"
+
+
+def compare_table(rows: list[dict], sites: list[str]) -> str:
+    """Union metrics per mode (mean ± sd over seeds, gap to centralised), then each site's headline."""
+    summary = summarise(rows)
+    hdr = (f"{'mode':<34}{'seeds':>6}{'union macro-F1':>18}{'tumour AUROC':>18}{'no_tumor recall':>18}"
+           f"{'gap F1':>9}{'site probe':>12}")
+    lines = [hdr, "-" * len(hdr)]
+    for e in summary:
+        gap = f"{e['macro_f1_gap'] * 100:+.1f}pp" if "macro_f1_gap" in e else ""
+        probe = f"{e['site_probe_mean']:.2f}" if "site_probe_mean" in e else "-"
+        lines.append(f"{e['mode']:<34}{e['seeds']:>6}{_pm(e, 'macro_f1'):>18}{_pm(e, 'tumour_auroc'):>18}"
+                     f"{_pm(e, 'no_tumor_recall'):>18}{gap:>9}{probe:>12}")
+    lines.append("site probe: balanced accuracy of a linear probe telling the sites apart from the model's features "
+                 "(test splits; chance 1/sites)")
+    lines.append("")
+    hdr = f"{'mode (seed ' + str(min((r['seed'] for r in rows), default=0)) + ')':<34}" + "".join(
+        f"{c[:17]:>19}" for c in sites + [UNION])
+    lines += [hdr, "-" * len(hdr)]
+    first = min((r["seed"] for r in rows), default=0)
+    for mode in dict.fromkeys(r["mode"] for r in rows):
         cells = []
-        for c in cols:
-            r = next((x for x in rows if x["mode"] == mode and x["site"] == c), None)
-            if r is None:
-                cells.append(f"{'-':>16}")
-            elif r.get("macro_f1") is not None:
-                cells.append(f"{r['macro_f1']:>16.4f}")
-            elif r.get("tumour_auroc") is not None:
-                cells.append(f"{r['tumour_auroc']:>15.4f}*")
-            else:
-                cells.append(f"{'-':>16}")
-        lines.append(f"{mode:<22}" + "".join(cells))
-    lines.append("macro-F1 on each test split (4-class where tumour types are labelled); "
-                 "* = tumour-vs-no-tumour AUROC (binary-labelled site)")
+        for c in sites + [UNION]:
+            r = next((x for x in rows if x["mode"] == mode and x["site"] == c and x["seed"] == first), None)
+            key = "macro_f1" if r is not None and r.get("macro_f1") is not None else "tumour_auroc"
+            if r is None or r.get(key) is None:
+                cells.append(f"{'-':>19}")
+                continue
+            star = "*" if key in (r.get("unreliable") or "").split(";") else ""
+            mark = "" if key == "macro_f1" else "a"
+            cells.append(f"{r[key]:>17.3f}{mark}{star:1}")
+        lines.append(f"{mode:<34}" + "".join(cells))
+    lines.append("per site: macro-F1 (4-class where tumour types are labelled); a = tumour-vs-healthy AUROC (binary "
+                 "site); * = unreliable, fewer than 10 images of a class")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from fedbrain.checkpoint import ModelCard, save_checkpoint
 from fedbrain.contract import supervised_granularity
 from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
-from fedbrain.evaluation import UNION, evaluate_everywhere
+from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
 from fedbrain.training import TrainConfig, seed_everything, train_keep_best
@@ -76,7 +76,8 @@ def train_pooled(
         log.log(cfg.epochs, name, "test", m, checkpoint="best")
     log.close()
     save_checkpoint(run.best, model, card.replace(metrics={"test": results, "val_score": best_score}))
-    out = {"test": results, "history": history, "train_seconds": train_seconds, "best_val_score": best_score}
+    out = {"test": results, "history": history, "train_seconds": train_seconds, "best_val_score": best_score,
+           "site_probe": site_separability(model, model_name, every)}
     run.write_results(out)
     return out
 

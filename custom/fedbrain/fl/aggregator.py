@@ -19,7 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AlgorithmConstants
 
-from fedbrain.fl.metrics import NUM_SAMPLES, pooled_validation
+from fedbrain.fl.metrics import COUNT_PREFIX, NUM_SAMPLES, pooled_validation, site_counts
 
 WEIGHTINGS = ("steps", "samples", "equal")
 MAX_WEIGHT = 1e9  # a step or sample count above this is not a real site's
@@ -112,6 +112,7 @@ class ValidatingAggregator(ModelAggregator):
         self.reference: dict | None = None  # name -> array of the global model this round started from
         self.rejected: list[dict] = []
         self.round: int | None = None
+        self.counts: dict[str, list[int]] = {}  # training-label counts per accepted site, until taken
         self.reset_stats()
 
     def set_reference(self, params: dict | None, round_: int | None = None) -> None:
@@ -128,6 +129,11 @@ class ValidatingAggregator(ModelAggregator):
         self._val_rows: list[dict] = []
         self._metric_sum: dict[str, float] = {}
         self.params_type = None
+
+    def take_site_counts(self) -> dict[str, list[int]]:
+        """The training-label counts the sites accepted since the last call reported (then forgotten)."""
+        out, self.counts = self.counts, {}
+        return out
 
     # -------------------------------------------------------------- accepting
 
@@ -187,8 +193,11 @@ class ValidatingAggregator(ModelAggregator):
                 self._add(self._ctrl_sum, k, as_array(v).astype(np.float64) * weight)
         for k, v in (model.metrics or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
-                    ("val_", "train_")) and not k.startswith("val_cm_") and not k.startswith("val_hist_"):
+                    ("val_", "train_")) and not k.startswith(("val_cm_", "val_hist_", COUNT_PREFIX)):
                 self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * weight
+        counts = site_counts(model.metrics or {})
+        if counts is not None:
+            self.counts[site] = counts
         self._val_rows.append(dict(model.metrics or {}))
         self._total += weight
         self._samples += samples

@@ -6,7 +6,8 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
   ``wait_after_min_s`` more seconds passed (a dead or disconnected site misses the round);
 - the validating aggregator checks every update against the global model sent this round;
 - after every round the global model (and SCAFFOLD's global control variates) is written to
-  ``checkpoint_dir/round-NNNN.pt``, so a run killed at any point resumes from its last finished round;
+  ``checkpoint_dir/round-NNNN.pt`` (the newest two are kept), so a run killed at any point resumes from its
+  last finished round;
 - the best global model by the *pooled* validation score (the sites' summed validation counts, see
   :mod:`fedbrain.fl.metrics`) is written to ``checkpoint_dir/best.pt``;
 - SCAFFOLD: the global control variates go out with the model and are updated from the validated,
@@ -24,7 +25,10 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 
+from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
+
+KEEP_ROUND_FILES = 2  # the newest round files kept (written atomically: the newest alone is enough to resume)
 
 
 def save_round(path: str, params: dict, round_: int, extra: dict | None = None) -> None:
@@ -46,8 +50,20 @@ class FedbrainController(FedAvg):
     """See the module docstring. ``num_sites``: the job's sites (for SCAFFOLD's control-variate scaling)."""
 
     def __init__(self, *args, min_responses: int = 0, wait_after_min_s: int = 60, checkpoint_dir: str = "",
-                 scaffold: bool = False, num_sites: int = 0, initial_control: str = "", **kwargs):
+                 scaffold: bool = False, num_sites: int = 0, initial_control: str = "", server_lr: float = 1.0,
+                 server_momentum: float = 0.0, server_optimizer: str = "sgd", server_eps: float = 1e-6,
+                 server_cosine: bool = False, server_bn_momentum: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self.server_optimizer = server_optimizer
+        self.server_eps = server_eps
+        self.server_cosine = server_cosine
+        self.server_bn_momentum = server_bn_momentum
+        self._velocity: dict | None = None
+        self._second: dict = {}
+        self._steps = 0
+        self._class_counts: dict[str, list[int]] = {}  # latest training-label counts per site
         self.min_responses = min_responses
         self.wait_after_min_s = wait_after_min_s
         self.checkpoint_dir = checkpoint_dir
@@ -80,6 +96,12 @@ class FedbrainController(FedAvg):
                 agg.audit_file = os.path.join(self.get_run_dir(), "server_audit.jsonl")
             if getattr(agg, "rounds_file", "") is None:
                 agg.rounds_file = os.path.join(self.get_run_dir(), "server_rounds.jsonl")
+        if data is not None:
+            data.meta = data.meta or {}
+            data.meta[NUM_SITES] = self.num_sites
+        if data is not None and self._class_counts:  # the federation's pooled label counts (class_balance)
+            data.meta[CLASS_COUNTS] = [float(sum(c[k] for c in self._class_counts.values()))
+                                       for k in range(len(next(iter(self._class_counts.values()))))]
         if self.scaffold and data is not None:
             if self._global_ctrl is None:
                 self._global_ctrl = self._load_control(data.params)
@@ -102,6 +124,46 @@ class FedbrainController(FedAvg):
                 zeros.update({k: np.asarray(v, dtype=np.float32) for k, v in saved.items() if k in zeros})
         return zeros
 
+    def _server_step(self, current: dict, averaged: dict) -> dict:
+        """The server's optimiser on the averaged update ("pseudo-gradient"), BatchNorm statistics excepted:
+        FedAvgM (``sgd``: server_lr x momentum) or FedAdam (``adam``: bias-corrected, betas 0.9 / 0.999)."""
+        out = dict(averaged)
+        self._velocity = self._velocity or {}
+        self._steps += 1
+        for k, v in averaged.items():
+            new, old = np.asarray(v), np.asarray(current[k])
+            if new.dtype.kind != "f" or k.endswith(("running_mean", "running_var")):
+                continue
+            delta = new.astype(np.float64) - old
+            if self.server_optimizer == "adam":
+                m = 0.9 * self._velocity.get(k, 0.0) + 0.1 * delta
+                s2 = 0.999 * self._second.get(k, 0.0) + 0.001 * delta * delta
+                self._velocity[k], self._second[k] = m, s2
+                m_hat, s_hat = m / (1 - 0.9 ** self._steps), s2 / (1 - 0.999 ** self._steps)
+                step = m_hat / (np.sqrt(s_hat) + self.server_eps)
+            else:
+                step = self.server_momentum * self._velocity.get(k, 0.0) + delta
+                self._velocity[k] = step
+            out[k] = (old + self._lr() * step).astype(new.dtype)
+        return out
+
+    def _bn_ema(self, current: dict, pooled: dict) -> dict:
+        """The global BatchNorm statistics move towards this round's pooled moments at ``server_bn_momentum``."""
+        out = dict(pooled)
+        m = self.server_bn_momentum
+        for k, v in pooled.items():
+            if k.endswith(("running_mean", "running_var")) and k in current:
+                old = np.asarray(current[k], dtype=np.float64)
+                out[k] = ((1 - m) * old + m * np.asarray(v, dtype=np.float64)).astype(np.asarray(v).dtype)
+        return out
+
+    def _lr(self) -> float:
+        """The server lr this round: constant, or one cosine over the job's planned rounds."""
+        if not self.server_cosine:
+            return self.server_lr
+        total = max(1, self.start_round + self.num_rounds)
+        return self.server_lr * 0.5 * (1 + math.cos(math.pi * min(self.current_round or 0, total - 1) / total))
+
     # -------------------------------------------------------------- after aggregation
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
@@ -114,6 +176,15 @@ class FedbrainController(FedAvg):
             save_round(os.path.join(self._dir(), ROUNDS_BEST), sent_params, self.current_round,
                        {"val_score": float(score), "metrics": {k: float(v) for k, v in metrics.items()
                                                                if isinstance(v, (int, float))}})
+        take = getattr(self.aggregator, "take_site_counts", None)
+        if take is not None:
+            self._class_counts.update(take())
+        plain = self.server_optimizer == "sgd" and self.server_lr == 1.0 and not self.server_momentum
+        changed = not (aggr_result.meta or {}).get("unchanged")
+        if not plain and changed:
+            aggr_result.params = self._server_step(sent_params, aggr_result.params)
+        if self.server_bn_momentum is not None and changed and self.current_round > self.start_round:
+            aggr_result.params = self._bn_ema(sent_params, aggr_result.params)
         model = super().update_model(model, aggr_result)
         extra = {}
         if self.scaffold and self._global_ctrl is not None:
@@ -125,6 +196,9 @@ class FedbrainController(FedAvg):
             extra["scaffold_control"] = {k: v.copy() for k, v in self._global_ctrl.items()}
         d = self._dir()
         save_round(os.path.join(d, ROUND_FILE.format(self.current_round)), model.params, self.current_round, extra)
+        stale = os.path.join(d, ROUND_FILE.format(self.current_round - KEEP_ROUND_FILES))
+        if os.path.exists(stale):  # hundreds of rounds would otherwise fill the disk
+            os.remove(stale)
         with open(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), "w") as fh:
             json.dump({"last_round": self.current_round, "best_score": self._best_score
                        if math.isfinite(self._best_score) else None}, fh)

@@ -13,7 +13,10 @@ import numpy as np
 
 from fedbrain.contract import NO_TUMOR, NUM_CLASSES
 
-NUM_SAMPLES = "num_samples"  # update meta key: the training images a site used this round
+NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
+CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
+NUM_SITES = "fedbrain_num_sites"  # model meta key: how many sites the job has
+COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)
 ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
 BINS = 50
 
@@ -104,3 +107,25 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     if score is not None:
         out[f"{prefix}_score"] = score
     return out
+
+
+def site_counts(metrics: dict) -> list[int] | None:
+    """A site's training-label counts from its update's metrics (None when it sent none)."""
+    keys = sorted((k for k in metrics if k.startswith(COUNT_PREFIX)), key=lambda k: int(k[len(COUNT_PREFIX):]))
+    if len(keys) != ROWS:
+        return None
+    try:
+        counts = [int(metrics[k]) for k in keys]
+    except (TypeError, ValueError):
+        return None
+    return counts if all(0 <= c < 10**9 for c in counts) else None
+
+
+def site_batch_size(batch_size: int, own: int, meta: dict) -> int:
+    """This site's share of a federation-wide batch: ``batch_size`` x its share of the pooled training images
+    (from the pooled counts the server sends; before those exist, an equal share), at least 2."""
+    pooled = meta.get(CLASS_COUNTS)
+    total = float(sum(pooled)) if pooled else 0.0
+    if total > 0:
+        return max(2, round(batch_size * own / total))
+    return max(2, round(batch_size / max(1, int(meta.get(NUM_SITES, 1)))))

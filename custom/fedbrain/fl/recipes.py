@@ -42,22 +42,25 @@ def site_args(s: JobSettings, split_file: str | None = None, run_dir: str | None
     return " ".join(a) + (" " + s.extra_site_args if s.extra_site_args else "")
 
 
+TASK_REQUEST_INTERVAL_S = 0.05
 SITE_SCRIPT = "site.py"  # found in the job's custom/ copy at every site, wherever fedbrain is installed there
 
 
 @functools.cache
 def _site_script_runner():
     """NVFlare's ScriptRunner, but the executor names the site script by a path relative to the job's
-    ``custom/`` folder (where the job carries a copy), not by this machine's absolute path."""
-    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+    ``custom/`` folder (where the job carries a copy), not by this machine's absolute path, and polls for
+    results often (:mod:`fedbrain.fl.executor`)."""
     from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.script_runner import ScriptRunner
+
+    from fedbrain.fl.executor import FedbrainClientAPIExecutor
 
     class SiteScriptRunner(ScriptRunner):
         def add_to_fed_job(self, job, ctx, **kwargs):
             if self._launch_external_process:
                 return super().add_to_fed_job(job, ctx, **kwargs)
-            executor = ClientAPIExecutor(
+            executor = FedbrainClientAPIExecutor(
                 task_script_path=SITE_SCRIPT, task_script_args=self._script_args, execution_mode=self._execution_mode,
                 params_exchange_format=self._params_exchange_format or ExchangeFormat.PYTORCH,
                 server_expected_format=self._server_expected_format, params_transfer_type=self._params_transfer_type,
@@ -87,8 +90,8 @@ def _recipe_class():
                 model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
                 stop_cond=self.stop_cond, patience=self.patience, task_name="train", exclude_vars=self.exclude_vars,
                 aggregation_weights=self.aggregation_weights, memory_gc_rounds=self.server_memory_gc_rounds,
-                enable_tensor_disk_offload=self.enable_tensor_disk_offload, **self._get_controller_kwargs(),
-                **self._fedbrain_controller_args)
+                enable_tensor_disk_offload=self.enable_tensor_disk_offload, task_check_period=0.1,
+                **self._get_controller_kwargs(), **self._fedbrain_controller_args)
 
         def _create_client_runner(self, site_config):
             runner = super()._create_client_runner(site_config)
@@ -113,8 +116,6 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
-    if s.algorithm == "scaffold" and s.site_weighting != "steps":
-        raise ValueError("--site-weighting applies to fedavg and fedprox; SCAFFOLD weights by local steps")
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
              "args": {"name": s.model, "num_classes": 4}}
     if s.model_kwargs:
@@ -127,6 +128,9 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
         "num_sites": len(sites), "start_round": s.start_round,
         "initial_control": str(Path(s.initial_checkpoint).resolve()) if s.initial_checkpoint else "",
         "fedprox_mu": s.fedprox_mu if s.algorithm == "fedprox" else None,
+        "server_lr": s.server_lr, "server_momentum": s.server_momentum, "server_optimizer": s.server_optimizer,
+        "server_eps": s.server_eps, "server_cosine": s.lr_schedule == "cosine",
+        "server_bn_momentum": s.server_bn_momentum if s.bn_statistics == "renorm" else None,
     }
     from fedbrain.fl.aggregator import ValidatingAggregator
 
@@ -149,6 +153,9 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     # fedbrain is installed at every site (pip install fedbrain): NVFlare must not copy its modules
     # into the job's custom/ folder, where a partial copy would shadow the installed package.
     recipe._job.set_app_packages(["fedbrain"])
+    # between rounds a site asks for its next task every task_request_interval s (NVFlare's default 2 s is
+    # most of a short round's wall time)
+    recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     if s.cross_site_eval:
         add_cross_site_evaluation(recipe)
     return recipe

@@ -16,7 +16,7 @@ from fedbrain.checkpoint import ModelCard, global_state, load_weights, read_chec
 from fedbrain.contract import Augmentation, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
-from fedbrain.evaluation import UNION, evaluate_everywhere
+from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.recipes import build_recipe
 from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir, append_jsonl, flat_scalars, read_metrics
@@ -65,6 +65,7 @@ class ProgressPrinter:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _poll(self) -> None:
+        trained: dict[str, list[dict]] = {}
         for site, path in self.paths.items():
             rows = read_metrics(path)
             for r in rows[self.seen[site]:]:
@@ -74,10 +75,16 @@ class ProgressPrinter:
                     print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} global model val {score}",
                           file=self.out, flush=True)
                 elif r.get("split") == "train":
-                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} trained {r.get('samples', 0)} images "
-                          f"in {r.get('seconds', 0):.0f} s, loss {r.get('loss', float('nan')):.3f}",
-                          file=self.out, flush=True)
+                    trained.setdefault(site, []).append(r)
             self.seen[site] = len(rows)
+        if trained:  # one line per poll: short rounds would otherwise print thousands of lines
+            done = [r["round"] + 1 for rs in trained.values() for r in rs]
+            span = f"round {max(done)}" if min(done) == max(done) else f"rounds {min(done)}-{max(done)}"
+            images = sum(r.get("samples", 0) for rs in trained.values() for r in rs)
+            seconds = sum(r.get("seconds", 0) for rs in trained.values() for r in rs)
+            losses = ", ".join(f"{site} {rs[-1].get('loss', float('nan')):.3f}" for site, rs in trained.items())
+            print(f"  {span}/{self.rounds}  trained {images} images in {seconds:.0f} s; last loss {losses}",
+                  file=self.out, flush=True)
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.interval):
@@ -127,6 +134,11 @@ def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
             if have and weight:
                 agg[key] = sum(r[key] * r["n"] for r in have) / weight
         out.append(agg)
+    for r in read_metrics(run.server_log):  # who drove the global model: each site's weight share and update norm
+        if r.get("aggregated") and r.get("site") != "server":
+            out.append({"round": r["round"], "site": r["site"], "split": "aggregation", "model": "update",
+                        **{k: r[k] for k in ("weight", "weight_share", "update_norm", "steps", "samples")
+                           if isinstance(r.get(k), (int, float))}})
     for r in out:
         append_jsonl(run.metrics, r)
     return out
@@ -313,7 +325,9 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
         model.load_state_dict(global_state(best))
         best_round = int(load_weights(best).get("round", done[-1]))
     summary["best_round"] = best_round
-    results = evaluate_everywhere(model, site_loaders(fed.sites, pre, 64, cache_dir, union=UNION))
+    loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
+    results = evaluate_everywhere(model, loaders)
+    summary["site_probe"] = site_separability(model, settings.model, loaders)
     save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
         **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts"}))
     log = MetricsLog.of(run)
@@ -332,7 +346,8 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     summary.update({"test": results, "train_seconds_per_site": dict(train_seconds),
                     "rounds_table": round_table(rows, sites)})
     out = {k: v for k, v in summary.items() if k != "rounds_table"}
-    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix") if kk in v}
+    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix", "ci", "unreliable")
+                                        if kk in v}
                    for k, v in results.items()}
     run.write_results(out)
     return summary

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +20,23 @@ import torch
 
 from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
-from fedbrain.fl.metrics import NUM_SAMPLES, validation_counts
+from fedbrain.fl.metrics import CLASS_COUNTS, COUNT_PREFIX, NUM_SAMPLES, site_batch_size, validation_counts
 from fedbrain.fl.privacy import DPConfig, privatize_update
 from fedbrain.models import apply_finetune, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
+    estimate_bn_statistics,
     evaluate,
     headline,
     make_optimizer,
     predict_proba,
+    present_classes,
     seed_everything,
+    target_counts,
     train_epochs,
+    use_batch_renorm,
 )
 
 
@@ -54,6 +60,20 @@ def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
     return {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype).reshape(own[k].shape) for k, v in params.items()}
 
 
+def bn_initialised(model: torch.nn.Module) -> bool:
+    """Whether the model's BatchNorm statistics were ever estimated (a fresh model's are 0 / 1)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return not bns or any(int(m.num_batches_tracked) > 0 for m in bns)
+
+
+def lr_factor(job: JobSettings, rnd: int) -> float:
+    """The local lr's scale in round ``rnd``: 1, or one cosine over the job's planned rounds."""
+    if job.lr_schedule != "cosine":
+        return 1.0
+    total = max(1, job.start_round + job.rounds)
+    return 0.5 * (1 + math.cos(math.pi * min(rnd, total - 1) / total))
+
+
 def main(argv: list[str] | None = None) -> None:
     import nvflare.client as flare
     from nvflare.app_common.abstract.fl_model import FLMetaKey
@@ -73,9 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     data = SiteData.read_split_file(site, split_file)
     pre = default_preprocessing(job.model, job.image_size)
     loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    train_targets = loaders.dataset("train").targets
+    own_counts = target_counts(train_targets)  # sent every round: the server pools them (class_balance)
+    present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
     apply_finetune(model, job.model, job.finetune)
-    optimizer = make_optimizer(model, cfg)  # persists across rounds (Adam moments stay local)
+    if job.bn_statistics == "renorm":
+        use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
+    optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
     dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise, seed=cfg.seed)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
     scaffold = None
@@ -95,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         if input_model is None:
             break
         rnd = int(input_model.current_round or 0)
+        meta_in = input_model.meta or {}
         if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
             flare.send(flare.FLModel(params={k: v.cpu() for k, v in model.state_dict().items()}))
             continue
@@ -107,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
                                               **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
             continue
         val, val_counts = {}, {}
-        if data.splits["val"]:
+        last = job.start_round + job.rounds - 1
+        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
         if val:
@@ -116,12 +143,20 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
 
         # (4) train locally, starting from the global weights
+        norm = job.norm_in_round(rnd)
+        round_cfg = replace(cfg, norm=norm)
+        # this site's exact moments under the received weights: used now where no pooled statistics exist yet,
+        # and sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)
+        estimate = job.bn_statistics == "pooled" and not bn_initialised(model)
+        estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
+        if estimate:
+            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
         global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         extra_loss, after_step = None, None
         if job.algorithm == "fedprox":
             from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
 
-            mu = float((input_model.meta or {}).get("fedprox_mu", job.fedprox_mu))
+            mu = float(meta_in.get("fedprox_mu", job.fedprox_mu))
             prox = PTFedProxLoss(mu=mu)
             global_model = create_model(job.model, pretrained=False, **job.model_kwargs)
             global_model.load_state_dict(global_state)
@@ -129,18 +164,29 @@ def main(argv: list[str] | None = None) -> None:
             def extra_loss(m, _g=global_model, _p=prox):
                 return _p(m, _g)
         elif scaffold is not None:
-            global_ctrl = (input_model.meta or {}).get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+            global_ctrl = meta_in.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
             if global_ctrl:
                 scaffold.load_global_controls(global_ctrl)
             c_global, c_local = scaffold.get_params()
 
             def after_step(m, lr, _g=c_global, _l=c_local):
                 scaffold.model_update(m, lr, _g, _l)
+        if job.reset_optimizer:
+            optimizer = make_optimizer(model, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = cfg.lr * lr_factor(job, rnd)
+        pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
         t0 = time.perf_counter()
-        stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd), cfg, optimizer=optimizer,
-                             extra_loss=extra_loss, after_step=after_step)
+        batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
+            if job.batch_split == "proportional" else cfg.batch_size
+        stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd, batch_size=batch), round_cfg,
+                             optimizer=optimizer,
+                             extra_loss=extra_loss, after_step=after_step,
+                             class_counts=torch.tensor(pooled) if pooled else None, present=present)
+        if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
+            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
         # counts and algorithm state, never data
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: stats["samples"]}
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: len(data.splits["train"])}
         if scaffold is not None:
             g = create_model(job.model, pretrained=False, **job.model_kwargs)
             g.load_state_dict(global_state)
@@ -152,13 +198,15 @@ def main(argv: list[str] | None = None) -> None:
         if dp.enabled:
             params, dp_info = privatize_update(params, global_state, dp, rnd)
             meta.update(dp_info)
-        log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info,
+        log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, "norm": norm, "batch_size": batch,
+             "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
              "train_seconds": time.perf_counter() - t0})
         if rnd == args.corrupt_at_round and site == args.corrupt_site:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
         metrics = {"val_score": headline(val) if val else float("nan"), "train_loss": stats["loss"],
-                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}
+                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
+                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 
