@@ -25,7 +25,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES
+from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 
 KEEP_ROUND_FILES = 2  # the newest round files kept (written atomically: the newest alone is enough to resume)
@@ -161,8 +161,7 @@ class FedbrainController(FedAvg):
         """The server lr this round: constant, or one cosine over the job's planned rounds."""
         if not self.server_cosine:
             return self.server_lr
-        total = max(1, self.start_round + self.num_rounds)
-        return self.server_lr * 0.5 * (1 + math.cos(math.pi * min(self.current_round or 0, total - 1) / total))
+        return self.server_lr * cosine_scale(self.current_round or 0, self.start_round, self.num_rounds)
 
     # -------------------------------------------------------------- after aggregation
 

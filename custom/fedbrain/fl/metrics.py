@@ -9,6 +9,8 @@ selection criterion centralised training uses, with no site weighted by its size
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from fedbrain.contract import NO_TUMOR, NUM_CLASSES
@@ -119,6 +121,13 @@ def site_counts(metrics: dict) -> list[int] | None:
     except (TypeError, ValueError):
         return None
     return counts if all(0 <= c < 10**9 for c in counts) else None
+
+
+def cosine_scale(round_: int, start_round: int, rounds: int) -> float:
+    """One cosine over a job's planned rounds: 1 at the first round, towards 0 at the last (the local lr and the
+    server lr of ``lr_schedule="cosine"`` follow it alike)."""
+    total = max(1, start_round + rounds)
+    return 0.5 * (1 + math.cos(math.pi * min(round_, total - 1) / total))
 
 
 def site_batch_size(batch_size: int, own: int, meta: dict) -> int:

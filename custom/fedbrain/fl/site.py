@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -20,7 +19,14 @@ import torch
 
 from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
-from fedbrain.fl.metrics import CLASS_COUNTS, COUNT_PREFIX, NUM_SAMPLES, site_batch_size, validation_counts
+from fedbrain.fl.metrics import (
+    CLASS_COUNTS,
+    COUNT_PREFIX,
+    NUM_SAMPLES,
+    cosine_scale,
+    site_batch_size,
+    validation_counts,
+)
 from fedbrain.fl.privacy import DPConfig, privatize_update
 from fedbrain.models import apply_finetune, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
@@ -68,10 +74,7 @@ def bn_initialised(model: torch.nn.Module) -> bool:
 
 def lr_factor(job: JobSettings, rnd: int) -> float:
     """The local lr's scale in round ``rnd``: 1, or one cosine over the job's planned rounds."""
-    if job.lr_schedule != "cosine":
-        return 1.0
-    total = max(1, job.start_round + job.rounds)
-    return 0.5 * (1 + math.cos(math.pi * min(rnd, total - 1) / total))
+    return cosine_scale(rnd, job.start_round, job.rounds) if job.lr_schedule == "cosine" else 1.0
 
 
 def main(argv: list[str] | None = None) -> None:
