@@ -22,6 +22,11 @@ from fedbrain.contract import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, Preproce
 log = logging.getLogger(__name__)
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model``."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def norm_layer(channels: int, norm: str = "batch") -> nn.Module:
     """BatchNorm (folds into the convolution at export), or GroupNorm of 8-channel groups (no batch statistics)."""
     if norm == "group":
@@ -302,9 +307,8 @@ def create_model(name: str, num_classes: int = NUM_CLASSES, pretrained: bool | N
         pretrained = info.pretrained_default
     model = info.builder(num_classes=num_classes, pretrained=pretrained, **kwargs)
     if bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = bn_momentum
+        for m in batchnorms(model):
+            m.momentum = bn_momentum
     return model
 
 
@@ -354,9 +358,8 @@ def apply_finetune(model: nn.Module, name: str, spec: str = "all") -> dict:
         for p in model.parameters():
             if id(p) in trainable:
                 p.requires_grad_(True)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in m.parameters(recurse=False)):
+        for m in batchnorms(model):
+            if not any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.register_forward_pre_hook(_keep_bn_frozen)
     return {"finetune": spec, "trainable_params": count_parameters(model, trainable_only=True),
             "params": count_parameters(model), "blocks": len(blocks)}

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_ANY, TUMOUR_CLASSES
+from fedbrain.models import batchnorms
 
 
 @dataclass
@@ -113,10 +114,6 @@ def present_classes(targets: torch.Tensor) -> torch.Tensor:
     return present
 
 
-def _batchnorms(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 class BatchRenorm2d(nn.BatchNorm2d):
     """Batch renormalisation (Ioffe 2017): in training, the forward pass normalises by the running statistics
     (batch statistics corrected by r = σ_B/σ, d = (μ_B-μ)/σ, clipped, no gradient through them) while gradients
@@ -165,7 +162,7 @@ def use_batch_renorm(model: nn.Module, momentum: float = 1.0) -> int:
 def use_running_statistics(model: nn.Module) -> None:
     """Train mode, but BatchNorm normalises by its running statistics (which then stay fixed)."""
     model.train()
-    for m in _batchnorms(model):
+    for m in batchnorms(model):
         m.eval()
 
 
@@ -176,7 +173,7 @@ def estimate_bn_statistics(model: nn.Module, loader: Iterable, max_images: int |
 
     Returns the number of images used. The model's weights and mode are unchanged otherwise."""
     # frozen blocks (fine-tuning) keep their own statistics, e.g. ImageNet's
-    layers = [m for m in _batchnorms(model) if not list(m.parameters()) or any(p.requires_grad for p in m.parameters())]
+    layers = [m for m in batchnorms(model) if not list(m.parameters()) or any(p.requires_grad for p in m.parameters())]
     if not layers:
         return 0
     sums: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in layers}

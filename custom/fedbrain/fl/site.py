@@ -28,7 +28,7 @@ from fedbrain.fl.metrics import (
     validation_counts,
 )
 from fedbrain.fl.privacy import DPConfig, privatize_update
-from fedbrain.models import apply_finetune, create_model, default_preprocessing
+from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
@@ -68,7 +68,7 @@ def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
 
 def bn_initialised(model: torch.nn.Module) -> bool:
     """Whether the model's BatchNorm statistics were ever estimated (a fresh model's are 0 / 1)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     return not bns or any(int(m.num_batches_tracked) > 0 for m in bns)
 
 
