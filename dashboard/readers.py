@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fedbrain.runs import RunDir, read_json, workspace_bench_models
+from fedbrain.runs import RunDir, fmt_metric, read_json, workspace_bench_models
 
 # What creates each output (shown by the pages when it is missing).
 CMD_SIMULATE = "fedbrain simulate"
@@ -154,15 +154,9 @@ HEADLINES = (("macro_f1", "macro-F1"), ("tumour_auroc", "tumour AUROC"), ("no_tu
 def with_interval(m: dict, key: str) -> str | None:
     """``0.812 [0.78, 0.84]``, with `` ⚠`` when the metric rests on fewer than 10 images of a class."""
     v = m.get(key)
-    if not isinstance(v, (int, float)) or (isinstance(v, float) and math.isnan(v)):
+    if isinstance(v, float) and math.isnan(v):
         return None
-    text = f"{v:.3f}"
-    ci = (m.get("ci") or {}).get(key)
-    if isinstance(ci, list) and len(ci) == 2 and all(isinstance(x, (int, float)) for x in ci):
-        text += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    if key in (m.get("unreliable") or {}):
-        text += " ⚠"
-    return text
+    return fmt_metric(m, key, flag=" ⚠", missing=None)
 
 
 def test_table(run: Run) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import torch
 from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
 from fedbrain.data.dataset import UNION, SiteLoaders
 from fedbrain.data.federation import SiteData
+from fedbrain.runs import fmt_metric
 from fedbrain.training import compute_metrics, predict_proba
 
 __all__ = ["UNION", "evaluate_everywhere", "results_table", "split_differences", "bootstrap_ci", "small_n_flags",
@@ -23,20 +24,6 @@ def evaluate_everywhere(model: torch.nn.Module, loaders: dict[str, SiteLoaders],
         if sl.site.splits[split]:
             out[name] = evaluate_with_uncertainty(model, sl.eval(split), n_boot)
     return out
-
-
-def fmt_metric(m: dict, key: str, ci: bool = True) -> str:
-    """``0.812 [0.78, 0.84]`` (with its interval), ``0.812*`` when it rests on too few images, ``-`` if absent."""
-    v = m.get(key)
-    if not isinstance(v, (int, float)):
-        return "-"
-    text = f"{v:.3f}"
-    interval = (m.get("ci") or {}).get(key)
-    if ci and interval:
-        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
-    if key in (m.get("unreliable") or {}):
-        text += "*"
-    return text
 
 
 def results_table(results: dict[str, dict]) -> str:

@@ -278,6 +278,22 @@ def append_jsonl(path: Path, row: dict) -> None:
         fh.write(json.dumps(row, default=str) + "\n")
 
 
+def fmt_metric(m: dict, key: str, ci: bool = True, flag: str = "*", missing: str | None = "-") -> str | None:
+    """A results.json metric as ``0.812 [0.78, 0.84]`` (with its 95 % interval), ``flag`` appended when it rests
+    on too few images (``unreliable``), ``missing`` if absent."""
+    v = m.get(key)
+    if not isinstance(v, (int, float)):
+        return missing
+    text = f"{v:.3f}"
+    interval = (m.get("ci") or {}).get(key)
+    if ci and isinstance(interval, (list, tuple)) and len(interval) == 2 and all(
+            isinstance(x, (int, float)) for x in interval):
+        text += f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+    if key in (m.get("unreliable") or {}):
+        text += flag
+    return text
+
+
 def flat_scalars(metrics: dict) -> dict:
     """The scalar entries of a metrics dict (drops nested tables and booleans)."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -321,5 +337,5 @@ class MetricsLog:
             self.tb.close()
 
 
-__all__ = ["RunDir", "MetricsLog", "DEFAULT_WORKSPACE", "read_metrics", "read_json", "write_json",
+__all__ = ["RunDir", "MetricsLog", "DEFAULT_WORKSPACE", "read_metrics", "read_json", "write_json", "fmt_metric",
            "flat_scalars", "default_compression_dir", "workspace_bench_models", "append_jsonl"]
