@@ -15,13 +15,15 @@ DEFAULT_PORT = 8501
 ALLOWED_HOSTS = ("127.0.0.1", "localhost")
 
 
-def streamlit_command(port: int = DEFAULT_PORT, max_upload_mb: int = MAX_UPLOAD_MB) -> list[str]:
-    """The ``streamlit run`` command line."""
+def streamlit_command(port: int = DEFAULT_PORT, max_upload_mb: int = MAX_UPLOAD_MB, host: str = HOST) -> list[str]:
+    """The ``streamlit run`` command line. ``host`` other than loopback also joins the accepted Host headers
+    (the proxy in front of it must then authenticate every request)."""
+    allowed = ALLOWED_HOSTS + ((host,) if host not in ALLOWED_HOSTS and host not in ("0.0.0.0", "::") else ())
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.address", HOST,
+        "--server.address", host,
         "--server.port", str(port),
-        *[arg for host in ALLOWED_HOSTS for arg in ("--server.allowedHosts", host)],
+        *[arg for name in allowed for arg in ("--server.allowedHosts", name)],
         "--server.enableCORS", "true",
         "--server.enableXsrfProtection", "true",
         "--server.headless", "true",

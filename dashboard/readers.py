@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from fedbrain.runs import RunDir, fmt_metric, read_json, workspace_bench_models
+from fedbrain.status import BADGES, FAILED, LIVE_STATES, read_status
 
 # What creates each output (shown by the pages when it is missing).
 CMD_SIMULATE = "fedbrain simulate"
@@ -41,6 +42,7 @@ class Run:
     kind: str
     config: dict = field(default_factory=dict, compare=False, hash=False)
     parent: str = ""  # the benchmark folder holding this run, if any
+    state: str = field(default="unknown", compare=False, hash=False)  # status.json's state when listed
 
     @property
     def name(self) -> str:
@@ -50,7 +52,11 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.kind})"
+        return f"{BADGES.get(self.state, '')} {self.name} ({self.kind}, {self.state})"
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
 
     @property
     def dir(self) -> RunDir:
@@ -76,11 +82,43 @@ def list_runs(workspace: str | Path) -> list[Run]:
                 sub_cfg = read_json(sub)
                 sub_cfg = sub_cfg if isinstance(sub_cfg, dict) else {}
                 runs.append((sub.stat().st_mtime, Run(sub.parent, str(sub_cfg.get("kind") or "unknown"), sub_cfg,
-                                                      parent=d.name)))
+                                                      parent=d.name, state=read_status(sub.parent)["state"])))
             continue
-        runs.append((cfg_path.stat().st_mtime, Run(d, kind, cfg)))
+        runs.append((cfg_path.stat().st_mtime, Run(d, kind, cfg, state=read_status(d)["state"])))
     runs.sort(key=lambda t: (t[0], t[1].name), reverse=True)
     return [r for _, r in runs]
+
+
+def default_run_index(runs: list[Run], prefer: tuple[str, ...] = ()) -> int:
+    """The run a page opens on: a live one, else the newest of the preferred kinds that did not fail, else the
+    newest that did not fail (a failed run is never the default while another exists)."""
+    for i, r in enumerate(runs):
+        if r.live:
+            return i
+    for k in prefer:
+        for i, r in enumerate(runs):
+            if r.kind == k and r.state != FAILED:
+                return i
+    return next((i for i, r in enumerate(runs) if r.state != FAILED), 0)
+
+
+def run_status(run: Run) -> dict:
+    """The run's ``status.json`` (see :func:`fedbrain.status.read_status`)."""
+    return read_status(run.path)
+
+
+def class_recall_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Long frame round, class, recall of the global model's validation per round (``<class>_recall``)."""
+    curves, _ = global_curves(df)
+    if curves.empty:
+        return pd.DataFrame()
+    val = curves[curves["split"] == "val"] if "split" in curves.columns else curves
+    cols = [c for c in val.columns if c.endswith("_recall") and val[c].notna().any()]
+    if not cols:
+        return pd.DataFrame()
+    long = val.melt(id_vars="round", value_vars=cols, var_name="class", value_name="recall").dropna()
+    long["class"] = long["class"].str.removesuffix("_recall")
+    return long
 
 
 def read_metrics(path: str | Path) -> pd.DataFrame:

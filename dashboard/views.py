@@ -18,6 +18,7 @@ import streamlit as st
 from fedbrain.dashboard import MAX_UPLOAD_MB
 from fedbrain.dashboard import readers as R
 from fedbrain.runs import RunDir, workspace_bench_models
+from fedbrain.status import BADGES, LIVE_STATES
 
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 1024 * 1024
 DISPLAY_MAX = 512  # uploaded slices are shown at most this many pixels on a side
@@ -25,6 +26,7 @@ RESEARCH_NOTICE = ("**Research use only.** Not a medical device and not validate
                    "these outputs for clinical decisions.")
 CLASS_LABELS = {"glioma": "Glioma", "meningioma": "Meningioma", "pituitary": "Pituitary",
                 "no_tumor": "No tumour", "tumour": "Tumour"}
+LIVE_REFRESH_S = 2  # seconds between redraws of a live run
 _GRADCAM_LOCK = threading.Lock()  # hooks go on a model shared by every session
 
 
@@ -123,7 +125,7 @@ def _no_runs(ws: Path, *lines: tuple[str, str]) -> None:
 def _pick_run(runs: list[R.Run], key: str, prefer: tuple[str, ...] = ()) -> R.Run:
     names = [r.name for r in runs]
     by_name = {r.name: r for r in runs}
-    default = next((i for k in prefer for i, r in enumerate(runs) if r.kind == k), 0)
+    default = R.default_run_index(runs, prefer)
     name = st.selectbox("Run", names, index=default, key=key, format_func=lambda n: by_name[n].label)
     run = by_name.get(name, runs[0])
     st.caption(f"`{run.path}`")
@@ -142,9 +144,14 @@ def _chart(fig, height: int | None = None) -> None:
 
 
 def _rounds_axis(fig, rounds: pd.Series):
-    """Whole-number ticks for rounds / epochs (one per round when there are few)."""
-    top = pd.to_numeric(rounds, errors="coerce").max()
-    fig.update_xaxes(tickformat="d", dtick=1 if top == top and top <= 20 else None)
+    """Whole-number ticks for rounds / epochs (one per round when there are few), the axis spanning just the
+    rounds there are (rounds count from 0, as in every file and table; epochs from 1)."""
+    values = pd.to_numeric(rounds, errors="coerce").dropna()
+    if values.empty:
+        return fig
+    lo, hi = float(values.min()), float(values.max())
+    pad = max(0.1, 0.03 * (hi - lo))
+    fig.update_xaxes(tickformat="d", dtick=1 if hi - lo <= 20 else None, range=[lo - pad, hi + pad])
     return fig
 
 
@@ -177,6 +184,31 @@ def federation_page() -> None:
         if schemes == {"binary"}:
             st.caption("Every hospital here labels only tumour / no tumour: tumour AUROC is the headline.")
 
+    if run.live:  # redrawn every few seconds without reloading the page, until the run ends
+        st.fragment(_live_view, run_every=LIVE_REFRESH_S)(run, metric)
+    else:
+        _status_section(run, R.run_status(run))
+        _curves_section(run, metric)
+
+    _test_section(run)
+    _aggregation_section(df)
+    _comparison_section(ws, runs, run, metric)
+    _cross_site_section(run, metric)
+    _data_section(run)
+
+    st.subheader("Run config")
+    cfg = run.config
+    if cfg:
+        st.json(cfg, expanded=False)
+    else:
+        st.info("`config.json` is unreadable.")
+
+
+def _curves_section(run: R.Run, metric: str | None) -> None:
+    df = metrics_of(run)
+    available = R.default_metric_order(R.metric_columns(df), run_read("label_schemes", run))
+    if metric not in available and available:  # a live run's first rows may lack the picked metric
+        metric = available[0]
     global_col, sites_col = st.columns(2)
     with global_col:
         st.subheader("Global model per round" if run.kind == "federated" else "Training curve per epoch")
@@ -185,6 +217,8 @@ def federation_page() -> None:
             fig = px.line(curves.dropna(subset=[metric]), x="round", y=metric, color="split", markers=True,
                           title=f"{metric} of the {what}")
             _chart(_rounds_axis(fig, curves["round"]), height=380)
+        elif run.live:
+            st.info("Waiting for the first validated round: the curves appear as the sites report.")
         else:
             st.info(f"No per-round metrics in this run (`metrics.jsonl`). `{R.CMD_SIMULATE}` writes the "
                     f"global model's metrics per round; `{R.CMD_TRAIN}` writes per-epoch metrics.")
@@ -206,18 +240,51 @@ def federation_page() -> None:
         else:
             st.info(f"No per-site metrics in this run. `{R.CMD_SIMULATE}` writes them for every hospital.")
 
-    _test_section(run)
-    _aggregation_section(df)
-    _comparison_section(ws, runs, run, metric)
-    _cross_site_section(run, metric)
-    _data_section(run)
+    recalls = R.class_recall_curves(df)
+    if not recalls.empty:
+        fig = px.line(recalls, x="round", y="recall", color="class", markers=True,
+                      title="recall of each class on the sites' pooled validation splits, per round")
+        _chart(_rounds_axis(fig, recalls["round"]), height=320)
 
-    st.subheader("Run config")
-    cfg = run.config
-    if cfg:
-        st.json(cfg, expanded=False)
-    else:
-        st.info("`config.json` is unreadable.")
+
+def _live_view(run: R.Run, metric: str | None) -> None:
+    """The live part of the Federation page: status, progress and the curves; a full rerun once the run ends."""
+    status = R.run_status(run)
+    if status.get("state") not in LIVE_STATES:
+        st.cache_data.clear()  # the run list's states and the final files are new
+        st.rerun()
+    _status_section(run, status)
+    _curves_section(run, metric)
+
+
+def _status_section(run: R.Run, status: dict) -> None:
+    from fedbrain.status import FAILED, STOPPED, format_seconds, progress_text
+
+    state = status.get("state", "unknown")
+    text = progress_text(status)
+    done, total = status.get("done"), status.get("total")
+    if state in LIVE_STATES:
+        share = done / total if isinstance(done, int) and isinstance(total, int) and total else 0.0
+        st.progress(min(1.0, share), text=f"{BADGES.get(state, '')} **{text}**")
+        sites = status.get("sites") or {}
+        if sites:
+            st.dataframe(pd.DataFrame([{"site": s, "last contact": (c or {}).get("last_contact"),
+                                        "last round": (c or {}).get("last_round")}
+                                       for s, c in sorted(sites.items())]), hide_index=True)
+        if isinstance(status.get("elapsed_s"), (int, float)):
+            st.caption(f"Live: this page refreshes every {LIVE_REFRESH_S} s; running for "
+                       f"{format_seconds(status['elapsed_s'])}. `fedbrain runs follow {run.name}` shows the same "
+                       "in a terminal.")
+    elif state == FAILED:
+        st.error(f"{BADGES[FAILED]} This run **failed**: {status.get('error') or 'see its logs'}")
+        for site, err in (status.get("site_errors") or {}).items():
+            st.markdown(f"**{site}**")
+            st.code(str(err), language="text")
+        st.caption(f"Full logs: `{run.dir.nvflare}` (each participant's `log.txt`).")
+    elif state == STOPPED:
+        st.warning(f"{BADGES[STOPPED]} {text}. The tables below show the best global model of the rounds that ran.")
+    elif not status.get("inferred"):
+        st.caption(f"{BADGES.get(state, '')} {text}")
 
 
 def _test_section(run: R.Run) -> None:

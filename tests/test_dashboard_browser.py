@@ -8,8 +8,11 @@ workspace (e.g. after ``make demo``) instead of the small fixture run.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -73,6 +76,13 @@ def dashboard_server(browser_ready, dashboard_process):
 def dashboard_process(workspace_dir, tmp_path):
     """``fedbrain dashboard`` as a subprocess with its own TMPDIR and cwd; always stopped afterwards."""
     ws = Path(os.environ.get("FEDBRAIN_SCREENSHOTS_WORKSPACE") or workspace_dir)
+    with serve_dashboard(ws, tmp_path) as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def serve_dashboard(ws: Path, tmp_path: Path):
+    """The real ``fedbrain dashboard`` over ``ws`` on a free loopback port, until the block ends."""
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server_tmp, server_cwd = tmp_path / "server_tmp", tmp_path / "server_cwd"
@@ -193,9 +203,91 @@ def test_dashboard_in_a_real_browser(dashboard_server, tmp_path):
     assert _tree(srv.ws) == before, "the workspace changed"
     assert name not in srv.log.read_text(errors="replace")
 
+    _publish(list(shots.iterdir()))
+
+
+def _publish(files: list[Path]) -> None:
+    """``FEDBRAIN_SCREENSHOTS=DIR``: copy the screenshots there (the README's), as 256-colour PNGs."""
     target = os.environ.get("FEDBRAIN_SCREENSHOTS")
     if target:
         out = Path(target) if Path(target).is_absolute() else REPO / target
         out.mkdir(parents=True, exist_ok=True)
-        for f in shots.iterdir():  # 256-colour PNGs keep the README's images small
+        for f in files:
             Image.open(f).convert("RGB").quantize(256).save(out / f.name, optimize=True)
+
+
+LIVE_ROUNDS = 16
+DONE = re.compile(rf"(\d+) of {LIVE_ROUNDS} rounds done")
+
+
+def _charts_drawn(page) -> None:
+    """Give the live page's charts a moment to draw (for the screenshot only; redraws every 2 s)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            "() => { const c = [...document.querySelectorAll('[data-testid=\"stPlotlyChart\"]')];"
+            " return c.length > 0 && c.every(x => x.querySelector('.main-svg')); }", timeout=15_000)
+    except PlaywrightTimeout:
+        pass
+
+
+def _rounds_shown(page) -> int:
+    """The round counter the Federation page shows now (-1 before the first)."""
+    m = DONE.search(page.locator('[data-testid="stMain"]').inner_text())
+    return int(m.group(1)) if m else -1
+
+
+@pytest.mark.slow
+def test_a_running_federation_updates_in_the_browser(browser_ready, tmp_path):
+    """Start a real federation, open the dashboard while it runs: the round counter advances and the state
+    turns to finished on the same page, never reloaded."""
+    from playwright.sync_api import sync_playwright
+
+    ws = tmp_path / "live_ws"
+    ws.mkdir()
+    sim_log = tmp_path / "simulate.log"
+    cmd = [sys.executable, "-m", "fedbrain.cli", "simulate", "--max-images-per-site", "40", "--rounds",
+           str(LIVE_ROUNDS), "--no-cross-site-eval", "--workspace", str(ws)]
+    with sim_log.open("wb") as fh:
+        sim = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "FEDBRAIN_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        status = {}
+        while not (status.get("state") == "running" and status.get("done", 0) >= 1):
+            assert sim.poll() is None, f"simulate ended early ({sim.returncode}):\n{sim_log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no running round after 240 s:\n{sim_log.read_text()[-3000:]}"
+            time.sleep(0.5)
+            files = list(ws.glob("*/status.json"))
+            status = json.loads(files[0].read_text()) if files else {}
+        with serve_dashboard(ws, tmp_path) as srv, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page(viewport=VIEWPORT)
+                page.set_default_timeout(STEP_TIMEOUT_MS)
+                page.goto(srv.url)
+                page.get_by_role("heading", name="Federation", level=1).wait_for()
+                page.get_by_text(DONE).first.wait_for(timeout=60_000)
+                first = _rounds_shown(page)
+                assert 0 <= first < LIVE_ROUNDS, first
+                navigations = []
+                page.on("framenavigated", lambda frame: navigations.append(frame.url))
+                page.wait_for_function(
+                    f"() => {{ const m = document.querySelector('[data-testid=\"stMain\"]').innerText"
+                    f".match(/(\\d+) of {LIVE_ROUNDS} rounds done/); return m && Number(m[1]) > {first}; }}",
+                    timeout=120_000)
+                assert _rounds_shown(page) > first
+                _charts_drawn(page)
+                page.screenshot(path=str(tmp_path / "federation-live.png"))  # mid-run: progress and curves
+                page.get_by_text(f"finished, {LIVE_ROUNDS} of {LIVE_ROUNDS} rounds done").first.wait_for(
+                    timeout=300_000)
+                assert page.get_by_test_id("stException").count() == 0
+                assert not navigations, f"the page was reloaded: {navigations}"
+            finally:
+                browser.close()
+        assert sim.wait(timeout=120) == 0, sim_log.read_text()[-3000:]
+        _publish([tmp_path / "federation-live.png"])
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait(timeout=30)

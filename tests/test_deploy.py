@@ -359,6 +359,11 @@ def test_deployment_end_to_end(tmp_path, launcher):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     _model, card = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert card.training["job_id"] == res["job_id"] and card.training["rounds"] == 2
+    # the run's live status followed the deployed job (admin API show_stats, then the server's progress.json)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["job_id"] == res["job_id"], status
+    assert (status["done"], status["total"]) == (2, 2) and set(status["sites"]) == set(SITES), status
+    assert all(c.get("last_contact") and c.get("last_round") == 1 for c in status["sites"].values()), status
 
     # each site logged its own metrics to its --log-dir (one folder here: both "machines" are this one)
     rows = [json.loads(x) for x in (site_logs / "metrics.jsonl").read_text().splitlines()]
@@ -401,7 +406,8 @@ def test_poc_federation_on_loopback_only(tmp_path):
     import psutil
 
     from fedbrain.data.federation import build_federation, embedded_spec
-    from fedbrain.fl.poc import loopback_poc_env
+    from fedbrain.fl.deploy import follow_job
+    from fedbrain.fl.poc import loopback_poc_env, poc_admin_kit
     from fedbrain.fl.recipes import build_recipe
     from fedbrain.runs import RunDir
     from fedbrain.settings import JobSettings
@@ -420,8 +426,12 @@ def test_poc_federation_on_loopback_only(tmp_path):
                      for c in _tcp_listeners(p)]
         assert listening, "no POC process listens"
         assert {c.laddr.ip for c in listening} == {"127.0.0.1"}, listening
+        seen = []  # what `fedbrain submit` / the POC job runner follow: the server controller's progress
+        follow_job(poc_admin_kit(env), job.get_job_id(), env, lambda _id, _st, prog: seen.append(prog),
+                   time.monotonic() + 240, poll_s=0.5)
         result = job.get_result(timeout=300)
         assert job.get_status() == "FINISHED:COMPLETED", (job.get_status(), result)
+        assert any(p.get("num_rounds") == 2 for p in seen), seen
     finally:
         env.stop(clean_up=False)
         left = stop_processes([], roots=[tmp_path / "poc"], grace=5.0)

@@ -168,10 +168,11 @@ def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
 def test_a_bad_lever_is_a_usage_error(tmp_path, capsys):
     from fedbrain.cli.main import main
 
-    assert main(["simulate", "--rounds", "0", "--workspace", str(tmp_path)]) == 2
-    assert "--rounds must be at least 1" in capsys.readouterr().err
-    assert main(["simulate", "--budget-epochs", "0", "--workspace", str(tmp_path)]) == 2
-    assert "--budget-epochs must be positive" in capsys.readouterr().err
+    # (numeric flags are the parser's: tests/test_live_runs.py); a lever the settings refuse is one line too
+    assert main(["simulate", "--finetune", "no-such-layers", "--workspace", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedbrain: error:") and len(err.strip().splitlines()) == 1 and "finetune" in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_site_executor_shortens_nvflare_result_poll():
@@ -184,3 +185,25 @@ def test_the_site_executor_shortens_nvflare_result_poll():
         assert shorten_result_poll() and in_process_backend._RESULT_POLL_INTERVAL == POLL_INTERVAL_S < 0.5
     finally:
         in_process_backend._RESULT_POLL_INTERVAL = old
+
+
+def test_the_servers_initial_model_is_drawn_from_the_jobs_seed():
+    """NVFlare builds the initial global model in the server process: its weights follow the training seed,
+    so a federation reruns to the same numbers (two runs of `fedbrain simulate` gave identical weights)."""
+    import torch
+
+    from fedbrain.fl.recipes import RegistryModel, build_recipe
+    from fedbrain.settings import JobSettings
+
+    def weights(seed):
+        return torch.cat([p.detach().flatten() for p in RegistryModel("fedbrain_cnn_gn", seed=seed).parameters()])
+
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    assert torch.equal(weights(0), weights(0)) and not torch.equal(weights(0), weights(1))
+    torch.manual_seed(123)
+    weights(0)
+    assert torch.equal(torch.rand(1), before), "building the model moved the caller's random stream"
+    settings = JobSettings.create(rounds=1, cross_site_eval=False, train={"seed": 7})
+    recipe = build_recipe(settings, ["a", "b"])
+    assert recipe.model["args"]["seed"] == 7  # what the server's persistor builds the model from

@@ -116,12 +116,14 @@ def test_predict_cli_prints_probabilities(comp, images, capsys):
     rc = main(["predict", images["meningioma"], "--model", str(comp / "int8.onnx")])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "tumour probability" in out and "int8" in out
-    for c in CLASSES:
-        assert c in out
+    header, rule, row = out.strip().splitlines()[1:4]  # one table: a header, a rule, a row per image
+    assert header.split() == ["image", "prediction", *CLASSES, "ms"] and set(rule) == {"-"}
+    assert row.startswith(images["meningioma"]) and "int8" in out
     assert main(["predict", images["no_tumor"], "-m", str(comp / "pruned.pt"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res[0]["variant"] == "pruned" and set(res[0]["probabilities"]) == set(CLASSES)
+    first = res["predictions"][0]
+    assert res["variant"] == "pruned" and set(first["probabilities"]) == set(CLASSES) and not res["errors"]
+    assert first["prediction"] in CLASSES and first["latency_ms"] > 0
 
 
 def test_predict_cli_on_a_corrupt_image_fails_clearly(comp, images, tmp_path, capsys):
@@ -149,6 +151,23 @@ def test_binary_only_checkpoint_predicts_tumour_or_no_tumor(comp, images, tmp_pa
         assert {r.predicted for r in preds.values()} <= {"tumour", "no_tumor"}
         assert preds["no_tumor"].predicted == "no_tumor" and preds["glioma"].predicted == "tumour"
         assert all(len(r.probabilities) == 4 for r in preds.values())
+        assert set(p.reported_probabilities(preds["glioma"])) == {"tumour", "no_tumor"}
+
+
+def test_predict_cli_honours_a_binary_models_labels(comp, images, tmp_path, capsys):
+    """A model that only ever saw tumour / no-tumour labels reports only that, as the dashboard does."""
+    from fedbrain.checkpoint import load_checkpoint
+
+    model, card = load_checkpoint(comp / "fp32.pt")
+    binary = save_checkpoint(tmp_path / "binary.pt", model, card.replace(supervised_granularity="binary"))
+    assert main(["predict", images["glioma"], images["no_tumor"], "-m", str(binary)]) == 0
+    out = capsys.readouterr().out
+    assert "tumour vs no tumour only" in out
+    assert out.splitlines()[1].split() == ["image", "prediction", "tumour", "no_tumor", "ms"]
+    assert not any(c in out for c in ("glioma ", "meningioma", "pituitary"))
+    assert main(["predict", images["glioma"], "-m", str(binary), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["predictions"][0]["probabilities"]) == {"tumour", "no_tumor"}
 
 
 def test_models_without_a_contract_are_refused(tmp_path, comp):

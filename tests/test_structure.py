@@ -67,8 +67,8 @@ def _entry_point():
     return ep.load()
 
 
-def _command_path(tokens: list[str]) -> list[str]:
-    """The sub-command words at the start of ``tokens`` (as the real parser knows them)."""
+def _command_parser(tokens: list[str]):
+    """(the sub-command words at the start of ``tokens``, the real parser of that sub-command)."""
     import argparse
 
     from fedbrain.cli.main import build_parser
@@ -80,7 +80,12 @@ def _command_path(tokens: list[str]) -> list[str]:
             break
         parser = subs[0].choices[tok]
         path.append(tok)
-    return path
+    return path, parser
+
+
+def _command_path(tokens: list[str]) -> list[str]:
+    """The sub-command words at the start of ``tokens`` (as the real parser knows them)."""
+    return _command_parser(tokens)[0]
 
 
 DOCUMENTED = documented_commands()
@@ -111,6 +116,28 @@ def test_every_documented_command_line_parses(doc, command):
         build_parser().parse_args(_tokens(command))
     except SystemExit as exc:
         pytest.fail(f"{doc}: `{command}` does not parse (exit {exc.code})")
+
+
+@pytest.mark.parametrize("doc,command", [(d, c) for d, c, complete in DOCUMENTED if not complete])
+def test_every_flag_of_a_command_quoted_in_prose_exists(doc, command):
+    """Commands in running text need not be complete, but each flag they name is one of that sub-command."""
+    path, parser = _command_parser(_tokens(command))
+    flags = [t.split("=")[0].rstrip(",.;:)") for t in _tokens(command) if t.startswith("--")]
+    unknown = [f for f in flags if f not in parser._option_string_actions]
+    assert not unknown, f"{doc}: `{command}`: fedbrain {' '.join(path)} has no {unknown}"
+
+
+def test_the_readme_is_ordered_by_reader():
+    """Quickstart first, then one part per reader, then results and internals; a table of contents."""
+    text = (ROOT / "README.md").read_text()
+    assert re.findall(r"(?m)^## (.+)$", text)[:6] == [
+        "Quickstart", "For researchers", "For hospital IT", "For clinicians", "Results", "Internals"]
+    quick = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    assert len(re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0].strip().splitlines()) <= 5
+    anchors = re.findall(r"\]\(#([a-z0-9_-]+)\)", text.split("## Quickstart")[0])
+    headings = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-")
+                for h in re.findall(r"(?m)^#{2,4} (.+)$", text)}
+    assert len(anchors) >= 8 and set(anchors) <= headings, set(anchors) - headings
 
 
 def test_the_installed_console_script_runs():

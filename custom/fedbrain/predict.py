@@ -124,6 +124,19 @@ class Predictor:
         return np.concatenate([_softmax(self.logits(x[i:i + batch_size]))
                                for i in range(0, len(x), batch_size)]).astype(np.float32)
 
+    def warm_up(self, calls: int = 3) -> None:
+        """A few forward passes on a synthetic slice, so the first timed prediction is a steady-state one."""
+        dummy = np.tile((np.arange(64, dtype=np.uint16) * 4).astype(np.uint8), (64, 1))
+        for _ in range(calls):
+            self.logits(self.preprocess(dummy))
+
+    def reported_probabilities(self, prediction: Prediction) -> dict[str, float]:
+        """What the model's labels support: tumour / no tumour only for a binary-supervised model, else every
+        class (the dashboard's Predict page shows the same)."""
+        if self.card.binary_only:
+            return {"tumour": prediction.tumour_probability, "no_tumor": 1.0 - prediction.tumour_probability}
+        return dict(prediction.probabilities)
+
     def predict(self, image) -> Prediction:
         """Classify one image (path, raw bytes, or HxW uint8 array)."""
         x = self.preprocess(self.image_array(image))

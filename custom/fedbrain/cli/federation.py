@@ -8,6 +8,9 @@ import time
 from pathlib import Path
 
 from fedbrain.cli.options import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
     UsageError,
     add_federation_args,
     add_job_args,
@@ -204,20 +207,23 @@ def register(groups) -> None:
     g = p.add_argument_group("budget (the same for every model; written beside every number)")
     g.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    g.add_argument("--image-size", type=int, default=Budget.image_size, help="input size for every model (0 = "
+    g.add_argument("--image-size", type=NON_NEGATIVE_INT, default=Budget.image_size,
+                   help="input size for every model (0 = "
                    "each model's own default: 224 for the ImageNet models); default %(default)s")
-    g.add_argument("--rounds", type=int, default=Budget.rounds, help="the budget: rounds x local epochs = epochs "
+    g.add_argument("--rounds", type=POSITIVE_INT, default=Budget.rounds,
+                   help="the budget: rounds x local epochs = epochs "
                    "over the data; centralised trains that many epochs, the federation (the default one-step "
                    "rounds) as many rounds as give the same epochs (default %(default)s)")
-    g.add_argument("--local-epochs", type=int, default=Budget.local_epochs)
-    g.add_argument("--max-train-per-site", type=int, default=None,
+    g.add_argument("--local-epochs", type=POSITIVE_INT, default=Budget.local_epochs)
+    g.add_argument("--max-train-per-site", type=POSITIVE_INT, default=None,
                    help="cap each site's TRAIN split (val/test stay whole, so tables stay comparable)")
     g.add_argument("--finetune", default="all", help=FINETUNE_HELP + "; applies to models that start from "
                    "ImageNet weights (random-init models always train all layers)")
-    g.add_argument("--batch-size", type=int, default=Budget.batch_size)
-    g.add_argument("--lr", type=float, default=Budget.lr)
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=Budget.batch_size)
+    g.add_argument("--lr", type=POSITIVE, default=Budget.lr)
     p.add_argument("--no-int8", action="store_true", help="skip int8 quantisation")
-    p.add_argument("--latency-repeats", type=int, default=50, help="timed batch-1 calls per variant and thread count")
+    p.add_argument("--latency-repeats", type=POSITIVE_INT, default=50,
+                   help="timed batch-1 calls per variant and thread count")
     add_workspace_arg(p)
     p.add_argument("--out", help="another table to merge the rows into, besides <workspace>/bench_models.json")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")

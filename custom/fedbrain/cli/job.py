@@ -6,19 +6,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedbrain.cli.options import UsageError, add_federation_args, add_job_args, job_settings, load_federation
+from fedbrain.cli.options import (
+    PORT,
+    POSITIVE,
+    Parser,
+    UsageError,
+    add_federation_args,
+    add_job_args,
+    job_settings,
+    load_federation,
+)
 
 
 def job_main(algorithm: str, argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=f"fedbrain {algorithm} job (NVFlare recipe)")
+    p = Parser(description=f"fedbrain {algorithm} job (NVFlare recipe)")
     add_federation_args(p)
     add_job_args(p)
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
     p.add_argument("--startup-kit", help="admin startup kit folder (prod)")
-    p.add_argument("--fed-port", type=int, default=8002, help="POC: the server's FL port on 127.0.0.1")
-    p.add_argument("--admin-port", type=int, default=8003, help="POC: the server's admin port on 127.0.0.1")
+    p.add_argument("--fed-port", type=PORT, default=8002, help="POC: the server's FL port on 127.0.0.1")
+    p.add_argument("--admin-port", type=PORT, default=8003, help="POC: the server's admin port on 127.0.0.1")
     p.add_argument("--export-to", help="write the NVFlare job folder here instead of running it")
     p.add_argument("--run-dir", default=None, help="where splits and site logs go (default: a new workspace run)")
+    p.add_argument("--timeout", type=POSITIVE, default=3600.0, help="POC / prod: seconds to follow the job")
     args = p.parse_args(argv)
     args.algorithm = algorithm
     try:
@@ -59,6 +69,31 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
         if not args.startup_kit:
             raise UsageError("--env prod needs --startup-kit (the admin's startup kit folder)")
         env = ProdEnv(startup_kit_location=args.startup_kit)
-    run_ = recipe.execute(env)
-    print(f"submitted job {run_.get_job_id()}; status {run_.get_status()}")
-    return 0
+    return _follow(recipe.execute(env), env, run, settings, args)
+
+
+def _follow(job, env, run, settings, args) -> int:
+    """Wait for a POC / production job, keeping the run's status.json current (as ``fedbrain submit`` does)."""
+    import time
+
+    from fedbrain.cli.deployment import DeployedProgress
+    from fedbrain.fl.deploy import follow_job
+    from fedbrain.status import FAILED, FINISHED, StatusWriter
+
+    job_id = job.get_job_id()
+    print(f"submitted job {job_id}; following it (Ctrl+C stops following, not the job)", flush=True)
+    status = StatusWriter(run, kind="federated", deployment=args.env, algorithm=settings.algorithm,
+                          model=settings.model, total=settings.rounds, done=0, unit="round", job_id=job_id)
+    if args.env == "poc":
+        from fedbrain.fl.poc import poc_admin_kit
+
+        kit = poc_admin_kit(env)
+    else:
+        kit = Path(args.startup_kit)
+    follow_job(kit, job_id, env, DeployedProgress(status, settings.rounds), time.monotonic() + args.timeout)
+    job.get_result(timeout=60)
+    final = job.get_status()
+    ok = final == "FINISHED:COMPLETED"
+    status.finish(FINISHED if ok else FAILED, error=None if ok else f"job {job_id} ended {final}", job_status=final)
+    print(f"job {job_id}: {final}")
+    return 0 if ok else 3

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedbrain.cli import compression, dashboard, data, deployment, federation, training
-from fedbrain.cli.options import UsageError
+from fedbrain.cli import compression, dashboard, data, deployment, federation, runs, training
+from fedbrain.cli.options import Parser, UsageError
 
 # Each module has ``register(groups)``; a module that fails to import fails the CLI loudly.
-COMMAND_MODULES = (data, training, federation, deployment, compression, dashboard)
+COMMAND_MODULES = (data, training, federation, deployment, compression, dashboard, runs)
 GROUPS = {"data": "inspect, fetch and split data", "bench": "benchmarks"}
 
 
@@ -28,8 +28,11 @@ class CommandGroups:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from fedbrain import __version__
+
+    parser = Parser(
         prog="fedbrain", description="Privacy-preserving federated learning for brain-tumour MRI on NVIDIA FLARE.")
+    parser.add_argument("--version", action="version", version=f"fedbrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     groups = CommandGroups(sub)
     for module in COMMAND_MODULES:

@@ -12,6 +12,65 @@ class UsageError(Exception):
     """A user-fixable problem: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fedbrain simulate: error: argument --rounds: ...``), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+# ---------------------------------------------------------------- numeric flag types (checked by the parser)
+
+
+def int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A float in [lo, hi] (``lo_open`` / ``hi_open``: excluding that end); finite."""
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
+        low_bad = value <= lo if lo_open else value < lo
+        high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or low_bad or high_bad:
+            rng = ("> " if lo_open else ">= ") + f"{lo:g}" + (
+                f" and {'<' if hi_open else '<='} {hi:g}" if hi is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {rng}, not {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
+POSITIVE = float_in(0.0, lo_open=True)
+NON_NEGATIVE = float_in(0.0)
+MOMENTUM = float_in(0.0, 1.0, hi_open=True)
+
+
+def PORT(text: str) -> int:  # noqa: N802 (a type, like int)
+    value = int_at_least(1)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (1-65535), not {value}")
+    return value
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -19,11 +78,12 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (default: the embedded Br35H set as simulated hospitals)")
     g.add_argument("--data-root", help="benchmark federation: folder holding figshare_cheng/, sartaj/, navoneel/")
     g.add_argument("--site-config", help="TOML file declaring the hospitals (see jobs/sites.example.toml)")
-    g.add_argument("--num-sites", type=int, default=3, help="simulated hospitals for the embedded set (default 3)")
+    g.add_argument("--num-sites", type=POSITIVE_INT, default=3,
+                   help="simulated hospitals for the embedded set (default 3)")
     g.add_argument("--sites", help="comma-separated subset of the declared hospitals to use")
-    g.add_argument("--alpha", type=float, default=1.0,
+    g.add_argument("--alpha", type=POSITIVE, default=1.0,
                    help="Dirichlet label-skew of the simulated hospitals; smaller = more skew (default 1.0)")
-    g.add_argument("--max-images-per-site", type=int, default=None, help="subsample each site (quick runs)")
+    g.add_argument("--max-images-per-site", type=POSITIVE_INT, default=None, help="subsample each site (quick runs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fedbrain)")
 
@@ -80,7 +140,7 @@ def add_model_args(g, what: str = "ImageNet weights for baselines") -> None:
     from fedbrain.settings import FEDERATED_MODEL
 
     g.add_argument("--model", default=FEDERATED_MODEL, choices=list_models(), help="default %(default)s")
-    g.add_argument("--image-size", type=int, default=None, help="input size (default: the model's)")
+    g.add_argument("--image-size", type=int_at_least(32), default=None, help="input size (default: the model's)")
     g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
                    help=f"{what} (auto: the model's default)")
     add_finetune_arg(g, FINETUNE_HELP)
@@ -98,20 +158,20 @@ def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: 
     from fedbrain.training import TrainConfig
 
     if epochs_flag:
-        g.add_argument(epochs_flag, dest="epochs", type=int, default=epochs_default,
+        g.add_argument(epochs_flag, dest="epochs", type=POSITIVE_INT, default=epochs_default,
                        help=f"default {epochs_default if epochs_default is not None else TrainConfig.epochs}")
-    g.add_argument("--batch-size", type=int, default=None, help=f"default {TrainConfig.batch_size}")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=None, help=f"default {TrainConfig.batch_size}")
+    g.add_argument("--lr", type=POSITIVE, default=None,
                    help=f"learning rate (default {TrainConfig.lr:g} for AdamW; each algorithm's own default: "
                         "see fedbrain.settings.ALGORITHM_DEFAULTS)")
-    g.add_argument("--weight-decay", type=float, default=None, help=f"default {TrainConfig.weight_decay:g}")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help=f"default {TrainConfig.weight_decay:g}")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help=f"local optimiser (default {TrainConfig.optimizer}, SCAFFOLD: sgd)")
-    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
+    g.add_argument("--momentum", type=MOMENTUM, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
     g.add_argument("--device", default=None,
                    help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {TrainConfig.device})")
     if local:
-        g.add_argument("--local-steps", dest="steps", type=int, default=None,
+        g.add_argument("--local-steps", dest="steps", type=POSITIVE_INT, default=None,
                        help="local work per round as optimiser steps, the same at every site (instead of "
                             "--local-epochs)")
 
@@ -154,19 +214,19 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
     g = p.add_argument_group("federated job")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
     add_model_args(g, "start the federation from ImageNet weights")
-    g.add_argument("--rounds", type=int, default=rounds,
+    g.add_argument("--rounds", type=POSITIVE_INT, default=rounds,
                    help="federated rounds (default: " + (str(rounds) if rounds else "as many as --budget-epochs "
                         "needs on this federation") + ")")
-    g.add_argument("--budget-epochs", type=float, default=BUDGET_EPOCHS,
+    g.add_argument("--budget-epochs", type=POSITIVE, default=BUDGET_EPOCHS,
                    help="without --rounds: the training budget in passes over the federation's training data "
                         "(default %(default)s)")
     add_optimizer_args(g, "--local-epochs", 1, local=True)
-    g.add_argument("--fedprox-mu", type=float, default=JobSettings.fedprox_mu)
+    g.add_argument("--fedprox-mu", type=NON_NEGATIVE, default=JobSettings.fedprox_mu)
     levers = p.add_argument_group("levers against label skew (defaults: fedbrain.settings.JobSettings)")
     levers.add_argument("--batch-split", choices=["site", "proportional"], default=None,
                         help="proportional: the --batch-size images of a round are split across sites in proportion "
                              "to their training-set sizes (the round's average is a pooled-data gradient)")
-    levers.add_argument("--eval-every", type=int, default=None,
+    levers.add_argument("--eval-every", type=POSITIVE_INT, default=None,
                         help="sites validate the global model every N rounds (default 1; the best model is chosen "
                              "among validated rounds)")
     levers.add_argument("--legacy", action="store_true",
@@ -185,24 +245,31 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                         help="BatchNorm across sites: batch statistics; the pooled statistics re-estimated every "
                              "round; frozen (FixBN: pooled once, at --bn-freeze-round, then fixed); or renorm "
                              "(batch renormalisation by the server's running pooled statistics)")
-    levers.add_argument("--bn-freeze-round", type=int, default=None,
+    levers.add_argument("--bn-freeze-round", type=NON_NEGATIVE_INT, default=None,
                         help="with --bn-statistics frozen: the round the statistics are pooled (default: 1/4 in)")
     levers.add_argument("--server-optimizer", choices=["sgd", "adam"], default=None,
                         help="how the server applies the averaged update: sgd (FedAvg / FedAvgM) or adam (FedAdam)")
-    levers.add_argument("--server-lr", type=float, default=None, help="server step on the averaged update")
-    levers.add_argument("--server-momentum", type=float, default=None, help="FedAvgM server momentum")
-    g.add_argument("--min-clients", type=int, default=None, help="sites that must answer each round (default all)")
+    levers.add_argument("--server-lr", type=POSITIVE, default=None, help="server step on the averaged update")
+    levers.add_argument("--server-momentum", type=MOMENTUM, default=None, help="FedAvgM server momentum")
+    g.add_argument("--min-clients", type=POSITIVE_INT, default=None,
+                   help="sites that must answer each round (default all)")
     g.add_argument("--site-weighting", choices=["steps", "samples", "equal"], default=None,
                    help="the average (and SCAFFOLD's control update) weighted by each site's local steps, its "
                         "training images, or "
                         f"equally (default {JobSettings.site_weighting})")
-    g.add_argument("--dp-clip", type=float, default=0.0, help="differential privacy: L2 clip of each update")
-    g.add_argument("--dp-noise", type=float, default=0.0, help="differential privacy: noise multiplier")
+    g.add_argument("--dp-clip", type=NON_NEGATIVE, default=0.0, help="differential privacy: L2 clip of each update")
+    g.add_argument("--dp-noise", type=NON_NEGATIVE, default=0.0, help="differential privacy: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
+    g.add_argument("--tracking", choices=["mlflow"], default=None,
+                   help="also stream every site's round metrics to MLflow through NVFlare's experiment tracking "
+                        "(pip install 'fedbrain[mlflow]'); JSONL and TensorBoard are always written")
+    g.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: a SQLite store, <run>/mlflow.db, or the server's job folder "
+                        "when deployed)")
     g.add_argument("--resume", metavar="RUN", help="an interrupted run folder: finish it in place from its last "
                    "finished round; a finished run (or a checkpoint): start a new run from its last global model, "
                    "numbering rounds after it")
-    g.add_argument("--threads-per-site", type=int, default=None)
+    g.add_argument("--threads-per-site", type=POSITIVE_INT, default=None)
     add_workspace_arg(g)
 
 
@@ -230,7 +297,8 @@ def job_settings(args: argparse.Namespace, fed=None):
             image_size=args.image_size,
             fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-            cross_site_eval=not args.no_cross_site_eval,
+            cross_site_eval=not args.no_cross_site_eval, tracking=getattr(args, "tracking", None) or "",
+            tracking_uri=getattr(args, "tracking_uri", None) or "",
             pretrained=pretrained_flag(args), finetune=args.finetune, **levers)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

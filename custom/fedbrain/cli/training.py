@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from fedbrain.cli.options import (
+    POSITIVE_INT,
     UsageError,
     add_federation_args,
     add_finetune_arg,
@@ -18,6 +19,7 @@ from fedbrain.cli.options import (
     cache_dir,
     check_finetune,
     data_given,
+    int_at_least,
     load_federation,
     pretrained_flag,
     train_config,
@@ -148,7 +150,7 @@ def register(groups) -> None:
     g = p.add_argument_group("training")
     add_model_args(g)
     add_optimizer_args(g)
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     add_workspace_arg(g)
     p.set_defaults(func=cmd_train)
 
@@ -167,10 +169,10 @@ def register(groups) -> None:
 
     p = groups.group("bench").add_parser("train", help="training images/s of each registry model in one run")
     p.add_argument("--models", nargs="*", help="subset of models (default: all)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=32)
+    p.add_argument("--steps", type=POSITIVE_INT, default=3)
+    p.add_argument("--image-size", type=int_at_least(32), default=None)
+    p.add_argument("--threads", type=POSITIVE_INT, default=None)
     p.add_argument("--device", default=None, help="auto (CUDA when present), cpu or cuda")
     add_finetune_arg(p)
     p.add_argument("--json")

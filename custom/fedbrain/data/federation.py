@@ -381,7 +381,10 @@ def build_federation(spec: FederationSpec, cache_dir: Path | None = None, progre
             "split_policy": policy,
             "classes": {s: dict(sorted(Counter(r.label for r in splits[s]).items())) for s in SPLITS},
         }
-        if not spec.partition:
+        if spec.partition:  # one source dealt out: this site's own files, not the source's total
+            summary.update({"files": sum(len(group_members[g]) for g in my_groups), "unusable": {},
+                            "converted": {}, "source_files": base["files"]})
+        else:
             summary.update({
                 "dropped_label_conflicts": conflicts[k],
                 "dropped_cross_site_duplicates": cross_dropped[k],

@@ -26,6 +26,7 @@ from fedbrain.fl.privacy import epsilon_after
 from fedbrain.fl.simulate import run_simulation
 from fedbrain.runs import RunDir, write_json
 from fedbrain.settings import JobSettings, legacy_overrides
+from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter
 from fedbrain.training import TrainConfig
 
 METRICS = ("macro_f1", "tumour_auroc", "no_tumor_recall", "accuracy")
@@ -161,7 +162,19 @@ def run_compare(fed: Federation, settings: JobSettings, run: RunDir, modes: list
                                                     for m in modes},
                      federation=fed.spec.to_dict(), sites=list(fed.sites))
     rows: list[dict] = []
+    status = StatusWriter(run, kind="compare", model=settings.model, done=0, total=len(seeds) * len(modes),
+                          unit="mode")
+    try:
+        _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir, progress)
+    except BaseException as exc:
+        status.finish(STOPPED if isinstance(exc, KeyboardInterrupt) else FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
+    failed = sorted({r["mode"] for r in rows if r.get("error")})
+    status.finish(FAILED if failed else FINISHED, error=f"mode(s) failed: {', '.join(failed)}" if failed else None)
+    return rows
 
+
+def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir, progress) -> None:
     def save() -> None:
         write_json(run.compare_json, {"rows": rows, "summary": summarise(rows)})
         with run.compare_csv.open("w", newline="") as fh:
@@ -174,6 +187,8 @@ def run_compare(fed: Federation, settings: JobSettings, run: RunDir, modes: list
             folder = run.child(f"{mode.name.replace(' ', '_')}-seed{seed}" if len(seeds) > 1 else
                                mode.name.replace(" ", "_"))
             t0 = time.perf_counter()
+            status.progress(status.doc["done"], status.doc["total"], mode=mode.name, seed=seed,
+                            current=folder.name)
             if progress:
                 print(f"\n== {mode.name} (seed {seed})", flush=True)
             if mode.kind == "federated":
@@ -190,6 +205,7 @@ def run_compare(fed: Federation, settings: JobSettings, run: RunDir, modes: list
                                  "budget_epochs": budget, "error": reason,
                                  "seconds": round(time.perf_counter() - t0, 1)})
                     save()
+                    status.progress(status.doc["done"] + 1, status.doc["total"])
                     continue
                 eps = epsilon_after(s.rounds, mode.dp[1], 1e-5) if mode.dp else None
                 rows += _rows(mode, seed, summary["test"], budget, s.rounds, summary["wall_seconds"], eps,
@@ -202,7 +218,7 @@ def run_compare(fed: Federation, settings: JobSettings, run: RunDir, modes: list
                 rows += _rows(mode, seed, res["test"], budget, None, time.perf_counter() - t0, None,
                               res.get("site_probe"))
             save()
-    return rows
+            status.progress(status.doc["done"] + 1, status.doc["total"])
 
 
 def summarise(rows: list[dict], site: str = UNION) -> list[dict]:

@@ -10,8 +10,10 @@ from fedbrain.contract import supervised_granularity
 from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
+from fedbrain.fl.metrics import class_recalls
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
+from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of
 from fedbrain.training import TrainConfig, seed_everything, train_keep_best
 
 
@@ -53,11 +55,21 @@ def train_pooled(
                                "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
                                "augmentation": pool.augmentation.to_dict()})
     log = MetricsLog.of(run)
+    status = StatusWriter(run, kind="centralized" if len(names) > 1 else "local", model=model_name, done=0,
+                          total=cfg.epochs, unit="epoch", sites={n: {} for n in names})
+    try:
+        return _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress)
+    except BaseException as exc:
+        status.finish(STOPPED if isinstance(exc, KeyboardInterrupt) else FAILED, error=f"{type(exc).__name__}: {exc}")
+        raise
 
+
+def _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress) -> dict:
     def on_epoch(epoch: int, stats: dict, val: dict, score: float) -> None:
+        status.progress(epoch + 1, cfg.epochs)
         log.log(epoch + 1, train_site.name, "train", stats)
         if val:
-            log.log(epoch + 1, train_site.name, "val", val)
+            log.log(epoch + 1, train_site.name, "val", {**val, **class_recalls(val)})
         if progress:
             print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  val {score:.4f}  "
                   f"{stats['images_per_s']:.0f} img/s", flush=True)
@@ -79,6 +91,7 @@ def train_pooled(
     out = {"test": results, "history": history, "train_seconds": train_seconds, "best_val_score": best_score,
            "site_probe": site_separability(model, model_name, every)}
     run.write_results(out)
+    status.finish(FINISHED, headline=headline_of(results.get(UNION)))
     return out
 
 

@@ -11,11 +11,15 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
 - the best global model by the *pooled* validation score (the sites' summed validation counts, see
   :mod:`fedbrain.fl.metrics`) is written to ``checkpoint_dir/best.pt``;
 - SCAFFOLD: the global control variates go out with the model and are updated from the validated,
-  aggregated control differences (scaled by the share of sites that answered).
+  aggregated control differences (scaled by the share of sites that answered);
+- ``checkpoint_dir/progress.json`` says, after every round, which round finished, out of how many, when each
+  site last answered, and whether the job stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
+  after the round in flight, keeping every model written so far.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
@@ -23,11 +27,12 @@ import os
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
-from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
 from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 
+PROGRESS_GROUP = "fedbrain"  # the admin API's show_stats group holding progress()
 KEEP_ROUND_FILES = 2  # the newest round files kept (written atomically: the newest alone is enough to resume)
 
 
@@ -52,8 +57,12 @@ class FedbrainController(FedAvg):
     def __init__(self, *args, min_responses: int = 0, wait_after_min_s: int = 60, checkpoint_dir: str = "",
                  scaffold: bool = False, num_sites: int = 0, initial_control: str = "", server_lr: float = 1.0,
                  server_momentum: float = 0.0, server_optimizer: str = "sgd", server_eps: float = 1e-6,
-                 server_cosine: bool = False, server_bn_momentum: float | None = None, **kwargs):
+                 server_cosine: bool = False, server_bn_momentum: float | None = None, stop_file: str = "",
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        self.stop_file = stop_file
+        self._contacts: dict[str, dict] = {}  # site -> {"last_contact": iso time, "last_round": r}
+        self._stopped_early = False
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.server_optimizer = server_optimizer
@@ -163,6 +172,20 @@ class FedbrainController(FedAvg):
             return self.server_lr
         return self.server_lr * cosine_scale(self.current_round or 0, self.start_round, self.num_rounds)
 
+    # -------------------------------------------------------------- receiving, stopping
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        self._contacts[str(_get_client_name(result))] = {
+            "last_contact": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "last_round": self.current_round}
+        return super()._aggregate_one_result(result)
+
+    def stop_requested(self) -> bool:
+        return bool(self.stop_file) and os.path.isfile(self.stop_file)
+
+    def should_stop(self, metrics: dict | None = None) -> bool:
+        return self._stopped_early or super().should_stop(metrics)
+
     # -------------------------------------------------------------- after aggregation
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
@@ -198,8 +221,32 @@ class FedbrainController(FedAvg):
         stale = os.path.join(d, ROUND_FILE.format(self.current_round - KEEP_ROUND_FILES))
         if os.path.exists(stale):  # hundreds of rounds would otherwise fill the disk
             os.remove(stale)
+        if self.stop_requested() and self.current_round < self.start_round + self.num_rounds - 1:
+            # FedAvg's loop breaks on should_stop, which it only asks when a stop condition is set
+            self._stopped_early = True
+            self.stop_condition = self.stop_condition or ("val_score", 0.0, lambda _value, _target: True)
+            self.info(f"stop requested ({self.stop_file}): the job ends after round {self.current_round}")
+        self._last_finished = self.current_round
         with open(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), "w") as fh:
-            json.dump({"last_round": self.current_round, "best_score": self._best_score
-                       if math.isfinite(self._best_score) else None}, fh)
+            json.dump(self.progress(), fh)
         os.replace(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), os.path.join(d, ROUNDS_PROGRESS))
         return model
+
+    def progress(self) -> dict:
+        """The last finished round, out of how many, each site's last answer: ``progress.json``, and what the
+        admin API's ``show_stats`` returns for this job (``fedbrain submit`` follows a deployed job with it)."""
+        last = getattr(self, "_last_finished", None)
+        return {"last_round": last, "start_round": self.start_round, "num_rounds": self.num_rounds,
+                "rounds_done": 0 if last is None else last - self.start_round + 1,
+                "best_score": self._best_score if math.isfinite(self._best_score) else None,
+                "sites": self._contacts, "stopped_early": self._stopped_early,
+                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def handle_event(self, event_type: str, fl_ctx) -> None:
+        super().handle_event(event_type, fl_ctx)
+        from nvflare.widgets.info_collector import InfoCollector
+
+        if event_type == InfoCollector.EVENT_TYPE_GET_STATS:
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR, None)
+            if collector is not None:
+                collector.add_info(group_name=PROGRESS_GROUP, info=self.progress())

@@ -438,6 +438,57 @@ class SubmitResult:
         return bool(self.status == "FINISHED:COMPLETED" and self.global_model and not self.error)
 
 
+def job_progress(session, job_id: str) -> dict:
+    """The server controller's progress of a running job (round, rounds, each site's last answer), via the
+    admin API's ``show_stats``; {} when the server does not say (yet)."""
+    from fedbrain.fl.controller import PROGRESS_GROUP
+
+    try:
+        stats = session.show_stats(job_id, "server") or {}
+    except Exception:
+        return {}
+    server = stats.get("server", stats) if isinstance(stats, dict) else {}
+    info = server.get(PROGRESS_GROUP) if isinstance(server, dict) else None
+    return info if isinstance(info, dict) else {}
+
+
+def follow_job(admin_kit: str | Path, job_id: str, env, on_progress, deadline: float, username: str | None = None,
+               poll_s: float = 3.0) -> str | None:
+    """Call ``on_progress(job_id, status, progress)`` until the job finishes or ``deadline`` (monotonic) passes."""
+    status = None
+    session = None
+    try:
+        session = admin_session(admin_kit, username)
+    except Exception:  # progress is a courtesy: the job's result is still fetched
+        session = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                status = env.get_job_status(job_id) or status
+            except Exception:
+                pass
+            if (status or "").startswith("FINISHED"):
+                break
+            on_progress(job_id, status, job_progress(session, job_id) if session else {})
+            time.sleep(poll_s)
+    finally:
+        if session is not None:
+            try:
+                session.close()
+            except Exception:
+                pass
+    return status
+
+
+def abort_job(admin_kit: str | Path, job_id: str, username: str | None = None) -> None:
+    """Abort a deployed job (``fedbrain runs stop`` of a ``fedbrain submit`` run)."""
+    session = admin_session(admin_kit, username)
+    try:
+        session.abort_job(job_id)
+    finally:
+        session.close()
+
+
 def check_finite(state: dict) -> list[str]:
     """Names of floating-point tensors that hold NaN/Inf."""
     import torch
@@ -449,13 +500,16 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
            site_dir: str | None = None, site_log_dir: str | None = None, cache_dir: str | None = None,
            timeout: float = 3600.0,
            out_dir: str | Path | None = None, username: str | None = None, login_timeout: float = 10.0,
-           abort_on_timeout: bool = True, label_schemes: dict[str, str] | None = None) -> SubmitResult:
+           abort_on_timeout: bool = True, label_schemes: dict[str, str] | None = None,
+           on_progress=None, poll_s: float = 3.0) -> SubmitResult:
     """Run the fedbrain recipe on a running provisioned deployment with ``ProdEnv`` and fetch its result.
 
     ``site_splits`` / ``site_dir`` / ``site_log_dir`` / ``cache_dir`` are paths on the hospitals'
     machines (see :func:`prod_job_inputs`). Waits at most ``timeout`` s; then aborts the job unless
     ``abort_on_timeout`` is false. The result's ``global_model`` is the downloaded ``FL_global_model.pt``;
     with ``out_dir``, it is also saved as ``out_dir/checkpoints/last.pt`` (a fedbrain checkpoint).
+    ``on_progress(job_id, status, progress)`` is called every ``poll_s`` s while the job runs, with NVFlare's job
+    status and the server controller's progress (:func:`job_progress`).
     """
     from nvflare.recipe import ProdEnv
 
@@ -473,7 +527,10 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
     t0 = time.perf_counter()
     run = recipe.run(env)
     job_id = run.get_job_id()
-    result = run.get_result(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    if on_progress is not None:
+        follow_job(admin_kit, job_id, env, on_progress, deadline, username=username, poll_s=poll_s)
+    result = run.get_result(timeout=max(1.0, deadline - time.monotonic()))
     status = run.get_status()
     seconds = time.perf_counter() - t0
     if result is None and abort_on_timeout and not (status or "").startswith("FINISHED"):

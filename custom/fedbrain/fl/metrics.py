@@ -23,6 +23,15 @@ ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
 BINS = 50
 
 
+def class_recalls(metrics: dict) -> dict:
+    """``<class>_recall`` and ``n_<class>`` of a metrics dict's per-class table (flat, for the logs)."""
+    out = {}
+    for cls, m in (metrics.get("per_class") or {}).items():
+        if isinstance(m, dict) and isinstance(m.get("recall"), (int, float)):
+            out[f"{cls}_recall"], out[f"n_{cls}"] = float(m["recall"]), int(m.get("support", 0))
+    return out
+
+
 def validation_counts(probs: np.ndarray, targets: np.ndarray, prefix: str = "val") -> dict[str, int]:
     """``{prefix}_cm_{true}_{pred}`` and ``{prefix}_hist_{pos|neg}_{bin}`` counts of one site's split."""
     out: dict[str, int] = {}

@@ -55,4 +55,11 @@ def loopback_poc_env(sites: list[str], workspace: str | Path, fed_port: int = 80
     return env
 
 
-__all__ = ["loopback_poc_env", "POC_ADMIN"]
+def poc_admin_kit(env) -> Path:
+    """The admin startup kit of a :func:`loopback_poc_env` (for the admin API: job progress, aborting)."""
+    from nvflare.tool.poc.poc_commands import get_prod_dir
+
+    return Path(get_prod_dir(env.poc_workspace, "fedbrain-poc")) / POC_ADMIN
+
+
+__all__ = ["loopback_poc_env", "poc_admin_kit", "POC_ADMIN"]

@@ -16,12 +16,20 @@ from fedbrain.settings import ALGORITHMS, JobSettings
 class RegistryModel(nn.Module):
     """Server-side model holder: NVFlare rebuilds it from ``class_path`` + JSON-able args.
 
-    It *is* the registry model (same state-dict keys), so sites load the global weights directly.
+    It *is* the registry model (same state-dict keys), so sites load the global weights directly. Its random
+    initialisation is drawn from ``seed`` (the job's training seed), so a federation is reproducible from its
+    flags, as centralised training is.
     """
 
-    def __new__(cls, name: str = "fedbrain_cnn", num_classes: int = 4, model_kwargs: str | None = None):
+    def __new__(cls, name: str = "fedbrain_cnn", num_classes: int = 4, model_kwargs: str | None = None,
+                seed: int | None = None):
+        import torch
+
         kwargs = json.loads(model_kwargs) if model_kwargs else {}
-        return create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return create_model(name, num_classes=num_classes, pretrained=False, **kwargs)
 
 
 def site_args(s: JobSettings, split_file: str | None = None, run_dir: str | None = None,
@@ -117,7 +125,7 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
-             "args": {"name": s.model, "num_classes": 4}}
+             "args": {"name": s.model, "num_classes": 4, "seed": s.train.seed}}
     if s.model_kwargs:
         model["args"]["model_kwargs"] = json.dumps(s.model_kwargs)
     run = RunDir(run_dir) if run_dir else None
@@ -131,6 +139,7 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
         "server_lr": s.server_lr, "server_momentum": s.server_momentum, "server_optimizer": s.server_optimizer,
         "server_eps": s.server_eps, "server_cosine": s.lr_schedule == "cosine",
         "server_bn_momentum": s.server_bn_momentum if s.bn_statistics == "renorm" else None,
+        "stop_file": str(run.stop_request) if run else "",
     }
     from fedbrain.fl.aggregator import ValidatingAggregator
 
@@ -158,7 +167,33 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     if s.cross_site_eval:
         add_cross_site_evaluation(recipe)
+    if s.tracking == "mlflow":
+        add_mlflow_tracking(recipe, s, run)
     return recipe
+
+
+def mlflow_tracking_uri(s: JobSettings, run=None) -> str:
+    """The job's MLflow store: ``--tracking-uri``, else a SQLite file in the run folder (simulator), else
+    NVFlare's default (a SQLite file in the server's job folder)."""
+    if s.tracking_uri:
+        return s.tracking_uri
+    return f"sqlite:///{Path(run.mlflow_db).resolve()}" if run is not None else ""
+
+
+def add_mlflow_tracking(recipe, s: JobSettings, run=None) -> None:
+    """NVFlare's experiment tracking: an MLflow receiver on the server; sites log through ``MLflowWriter``."""
+    import importlib.util
+
+    from nvflare.recipe.utils import add_experiment_tracking
+
+    missing = [m for m in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"--tracking mlflow needs {', '.join(missing)}: pip install 'fedbrain[mlflow]'")
+    config = {"kw_args": {"experiment_name": "fedbrain", "run_name": Path(run.root).name if run else "fedbrain"}}
+    uri = mlflow_tracking_uri(s, run)
+    if uri:
+        config["tracking_uri"] = uri
+    add_experiment_tracking(recipe, "mlflow", config)
 
 
 __all__ = ["RegistryModel", "build_recipe", "site_args", "SITE_SCRIPT"]

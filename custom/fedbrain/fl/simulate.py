@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import io
 import json
 import logging
@@ -19,8 +20,9 @@ from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.recipes import build_recipe
 from fedbrain.models import create_model, default_preprocessing, weights_source
-from fedbrain.runs import MetricsLog, RunDir, append_jsonl, flat_scalars, read_metrics
+from fedbrain.runs import MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
 from fedbrain.settings import JobSettings
+from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of, progress_text
 
 # What a failed site or the failed server leaves in its simulator log.
 SITE_FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|Could not start")
@@ -50,45 +52,143 @@ def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
     return errors
 
 
-class ProgressPrinter:
-    """Prints each site's round as its own log grows (the simulator itself runs in subprocesses)."""
+HEADLINE_KEYS = ("macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "macro_auroc")
 
-    def __init__(self, run: RunDir, sites: list[str], rounds: int, interval: float = 2.0):
+
+def global_val_row(rnd: int, rows: list[dict]) -> dict | None:
+    """The ``global`` row of one round from the sites' validation rows: headline metrics weighted by each
+    site's n, per-class recall pooled exactly (correct / support summed over sites)."""
+    total = sum(r.get("n", 0) for r in rows)
+    if not total:
+        return None
+    agg = {"round": rnd, "site": "global", "split": "val", "model": "global", "n": total, "sites": len(rows)}
+    for key in HEADLINE_KEYS:
+        have = [r for r in rows if isinstance(r.get(key), (int, float))]
+        weight = sum(r.get("n", 0) for r in have)
+        if have and weight:
+            agg[key] = sum(r[key] * r["n"] for r in have) / weight
+    classes = sorted({k[:-len("_recall")] for r in rows for k in r if k.endswith("_recall")})
+    for cls in classes:
+        support_key = "n_no_tumor" if cls == "no_tumor" else f"n_{cls}"
+        have = [r for r in rows if isinstance(r.get(f"{cls}_recall"), (int, float)) and r.get(support_key)]
+        support = sum(r[support_key] for r in have)
+        if support:
+            agg[f"{cls}_recall"] = sum(r[f"{cls}_recall"] * r[support_key] for r in have) / support
+            agg[support_key] = support
+    return agg
+
+
+def aggregation_row(r: dict) -> dict | None:
+    """A server round-log line as the run log's ``aggregation`` row (who drove the global model)."""
+    if not r.get("aggregated") or r.get("site") == "server":
+        return None
+    return {"round": r["round"], "site": r["site"], "split": "aggregation", "model": "update",
+            **{k: r[k] for k in ("weight", "weight_share", "update_norm", "steps", "samples")
+               if isinstance(r.get(k), (int, float))}}
+
+
+class LiveRun:
+    """While the simulator runs: the run's ``metrics.jsonl`` and TensorBoard grow round by round from the sites'
+    own logs and the server's round log, ``status.json`` says round x of N with an ETA and each site's last
+    contact, and the terminal gets one progress line per poll."""
+
+    def __init__(self, run: RunDir, sites: list[str], status, start_round: int, rounds: int,
+                 interval: float = 2.0, out=None):
         import sys
         import threading
 
-        self.out = sys.stdout  # the terminal, even while the simulator's own output is captured
+        self.run, self.sites, self.status = run, sites, status
+        self.start_round, self.rounds = start_round, rounds
+        self.out = out or sys.stdout  # the terminal, even while the simulator's own output is captured
+        self.interval = interval
         self.paths = {s: run.site_metrics(s) for s in sites}
-        self.seen = dict.fromkeys(sites, 0)
-        self.rounds, self.interval = rounds, interval
+        # rows already in the run log (a resumed run keeps its earlier rounds)
+        self.seen = {s: len(read_metrics(p)) for s, p in self.paths.items()}
+        self.server_seen = len(read_metrics(run.server_log))
+        self.val: dict[int, dict[str, dict]] = defaultdict(dict)
+        self.max_round = dict.fromkeys(sites, -1)
+        self.emitted = {r["round"] for r in read_metrics(run.metrics) if r.get("site") == "global"}
+        self.log = MetricsLog.of(run)
+        self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.printed_done = -1
 
-    def _poll(self) -> None:
-        trained: dict[str, list[dict]] = {}
+    def _append(self, row: dict) -> None:
+        append_jsonl(self.run.metrics, row)
+        self.log.scalars(row)
+
+    def poll(self, final: bool = False) -> None:
+        with self.lock:
+            self._poll(final)
+
+    def _poll(self, final: bool) -> None:
+        new_train: list[dict] = []
         for site, path in self.paths.items():
             rows = read_metrics(path)
             for r in rows[self.seen[site]:]:
-                if r.get("split") == "val":
-                    v = r.get("macro_f1", r.get("tumour_auroc"))
-                    score = f"{v:.3f}" if isinstance(v, (int, float)) else "-"
-                    print(f"  round {r['round'] + 1}/{self.rounds}  {site:<16} global model val {score}",
-                          file=self.out, flush=True)
+                self._append(r)
+                rnd = r.get("round", 0)
+                self.max_round[site] = max(self.max_round[site], rnd)
+                if r.get("split") == "val" and r.get("model") == "global":
+                    self.val[rnd][site] = r
                 elif r.get("split") == "train":
-                    trained.setdefault(site, []).append(r)
+                    new_train.append(r)
             self.seen[site] = len(rows)
-        if trained:  # one line per poll: short rounds would otherwise print thousands of lines
-            done = [r["round"] + 1 for rs in trained.values() for r in rs]
-            span = f"round {max(done)}" if min(done) == max(done) else f"rounds {min(done)}-{max(done)}"
-            images = sum(r.get("samples", 0) for rs in trained.values() for r in rs)
-            seconds = sum(r.get("seconds", 0) for rs in trained.values() for r in rs)
-            losses = ", ".join(f"{site} {rs[-1].get('loss', float('nan')):.3f}" for site, rs in trained.items())
-            print(f"  {span}/{self.rounds}  trained {images} images in {seconds:.0f} s; last loss {losses}",
-                  file=self.out, flush=True)
+        server = read_metrics(self.run.server_log)
+        for r in server[self.server_seen:]:
+            row = aggregation_row(r)
+            if row:
+                self._append(row)
+        self.server_seen = len(server)
+        # a round's global row once every site validated it, or moved past it (or the run ended)
+        for rnd in sorted(self.val):
+            if rnd in self.emitted:
+                continue
+            complete = len(self.val[rnd]) == len(self.sites) or all(m > rnd for m in self.max_round.values())
+            if complete or final:
+                row = global_val_row(rnd, list(self.val[rnd].values()))
+                if row:
+                    self._append(row)
+                self.emitted.add(rnd)
+        self._report(new_train)
+
+    def _report(self, new_train: list[dict]) -> None:
+        progress = read_json(self.run.rounds_progress) or {}
+        last = progress.get("last_round")
+        done = (last - self.start_round + 1) if isinstance(last, int) and last >= self.start_round else 0
+        contacts = {s: dict(c) for s, c in (progress.get("sites") or {}).items() if isinstance(c, dict)}
+        for site, path in self.paths.items():  # the simulator's sites log here: their last write is a contact
+            c = contacts.setdefault(site, {})
+            c.setdefault("last_round", self.max_round[site] if self.max_round[site] >= 0 else None)
+            if "last_contact" not in c and path.is_file():
+                c["last_contact"] = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(
+                    timespec="seconds")
+        latest = {}
+        for rnd in sorted(self.val, reverse=True):
+            if rnd in self.emitted:
+                latest = {s: r.get("macro_f1", r.get("tumour_auroc")) for s, r in self.val[rnd].items()}
+                latest["round"] = rnd
+                break
+        doc = self.status.progress(done, self.rounds, round=last if isinstance(last, int) else None, unit="round",
+                                   sites=contacts, latest_val=latest or None)
+        if not new_train and done == self.printed_done:
+            return
+        self.printed_done = done
+        last_loss = {r["site"]: r.get("loss", float("nan")) for r in new_train}
+        losses = ", ".join(f"{site} {loss:.3f}" for site, loss in sorted(last_loss.items()))
+        images = sum(r.get("samples", 0) for r in new_train)
+        text = f"  {progress_text(doc)}"
+        if new_train:
+            text += f"; trained {images} images since the last line, last loss {losses}"
+        print(text, file=self.out, flush=True)
 
     def _loop(self) -> None:
         while not self.stop_event.wait(self.interval):
-            self._poll()
+            try:
+                self.poll()
+            except Exception as exc:  # a monitor problem must never stop the run
+                print(f"  (progress monitor: {type(exc).__name__}: {exc})", file=self.out, flush=True)
 
     def __enter__(self):
         self.thread.start()
@@ -96,8 +196,9 @@ class ProgressPrinter:
 
     def __exit__(self, *exc):
         self.stop_event.set()
-        self.thread.join(timeout=5)
-        self._poll()
+        self.thread.join(timeout=10)
+        self.poll(final=True)
+        self.log.close()
 
 
 def _quiet_log_config(run: RunDir) -> str:
@@ -113,7 +214,8 @@ def _quiet_log_config(run: RunDir) -> str:
 
 
 def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
-    """Collect each site's own log into metrics.jsonl and add the weighted 'global' row per round."""
+    """The run log in canonical order, rewritten from each site's own log plus the weighted 'global' row per
+    round and the server's aggregation rows (what :class:`LiveRun` appended as they came)."""
     rows = []
     for site in sites:
         rows += read_metrics(run.site_metrics(site))
@@ -124,23 +226,13 @@ def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
             by_round[r["round"]].append(r)
     out = list(rows)
     for rnd, rs in sorted(by_round.items()):
-        total = sum(r.get("n", 0) for r in rs)
-        if not total:
-            continue
-        agg = {"round": rnd, "site": "global", "split": "val", "model": "global", "n": total, "sites": len(rs)}
-        for key in ("macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "macro_auroc"):
-            have = [r for r in rs if isinstance(r.get(key), (int, float))]
-            weight = sum(r.get("n", 0) for r in have)
-            if have and weight:
-                agg[key] = sum(r[key] * r["n"] for r in have) / weight
-        out.append(agg)
-    for r in read_metrics(run.server_log):  # who drove the global model: each site's weight share and update norm
-        if r.get("aggregated") and r.get("site") != "server":
-            out.append({"round": r["round"], "site": r["site"], "split": "aggregation", "model": "update",
-                        **{k: r[k] for k in ("weight", "weight_share", "update_norm", "steps", "samples")
-                           if isinstance(r.get(k), (int, float))}})
-    for r in out:
-        append_jsonl(run.metrics, r)
+        agg = global_val_row(rnd, rs)
+        if agg:
+            out.append(agg)
+    out += [row for row in map(aggregation_row, read_metrics(run.server_log)) if row]
+    tmp = run.metrics.with_name(run.metrics.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in out))
+    tmp.replace(run.metrics)
     return out
 
 
@@ -237,7 +329,11 @@ def resume_in_place(run: RunDir) -> JobSettings:
         settings.start_round = done[-1] + 1
     settings.rounds = planned_end - settings.start_round
     settings.cross_site_eval = settings.cross_site_eval and settings.rounds > 0
+    run.stop_request.unlink(missing_ok=True)
     cut = settings.start_round
+    if run.metrics.is_file():  # the run log grew live: keep the rounds that will not run again
+        keep = [r for r in read_metrics(run.metrics) if r.get("round", 0) < cut and r.get("split") != "test"]
+        run.metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
     for site in config.get("sites", []):
         path = run.site_metrics(site)
         if path.is_file():
@@ -269,10 +365,34 @@ def pretrained_start(settings: JobSettings, run: RunDir) -> str:
 
 def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_dir: Path | None = None,
                    quiet: bool = True) -> dict:
-    """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics."""
+    """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics.
+
+    ``status.json`` follows the run: starting, running (round x of N), then finished, failed (with each failed
+    site's error) or stopped (``fedbrain runs stop``: the models of the rounds that ran are evaluated)."""
+    run = RunDir(Path(run).resolve())
+    status = StatusWriter(run, kind="federated", algorithm=settings.algorithm, model=settings.model,
+                          sites={s: {} for s in fed.sites}, done=0, total=settings.rounds, unit="round")
+    try:
+        summary = _simulate(fed, settings, run, status, cache_dir, quiet)
+    except BaseException as exc:
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        status.finish(STOPPED if interrupted else FAILED,
+                      error="interrupted (Ctrl+C)" if interrupted else f"{type(exc).__name__}: {exc}")
+        raise
+    failed = summary.get("failed_sites") or {}
+    error = summary.get("error")
+    if failed:
+        error = f"{len(failed)} site(s) failed: {', '.join(failed)}" + (f"; {error}" if error else "")
+    state = FAILED if (failed or error) else STOPPED if summary.get("stopped_early") else FINISHED
+    status.finish(state, error=error, site_errors=failed or None, best_round=summary.get("best_round"),
+                  headline=headline_of((summary.get("test") or {}).get(UNION)))
+    return summary
+
+
+def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache_dir: Path | None,
+              quiet: bool) -> dict:
     from nvflare.recipe import SimEnv
 
-    run = RunDir(Path(run).resolve())
     fed.write(run.root)
     if not settings.initial_checkpoint:
         pretrained_start(settings, run)
@@ -291,7 +411,7 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     level = logging.getLogger().level
     sim_error = None
     try:
-        with ProgressPrinter(run, sites, settings.start_round + settings.rounds), redirect:
+        with LiveRun(run, sites, status, settings.start_round, settings.rounds), redirect:
             if settings.rounds > 0:  # a resumed run may only lack its final evaluation
                 recipe.execute(env)
     except RuntimeError as exc:  # the simulator reports a failed run this way (server aborted)
@@ -305,6 +425,11 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
         errors = {"server": sim_error}
     rows = merge_site_metrics(run, sites)
     summary = {"wall_seconds": wall, "failed_sites": errors, "sites": sites}
+    progress = read_json(run.rounds_progress) or {}
+    if progress.get("stopped_early"):
+        summary["stopped_early"] = True
+        summary["stopped_after_round"] = progress.get("last_round")
+    status.update(state="running", eta_s=None, phase="evaluating the best global model on every test split")
 
     # the global model: the simulator's persistor files -> self-describing checkpoints
     pre = default_preprocessing(settings.model, settings.image_size)
@@ -330,11 +455,9 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     summary["site_probe"] = site_separability(model, settings.model, loaders)
     save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
         **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts"}))
-    log = MetricsLog.of(run)
-    for r in rows:  # the per-round site and global rows, as TensorBoard scalars too
-        log.scalars(r)
+    log = MetricsLog.of(run)  # (the per-round rows reached TensorBoard while the run was live)
     for name, m in results.items():
-        log.log(settings.start_round + settings.rounds - 1, name, "test", m, checkpoint="best", model="global")
+        log.log(done[-1], name, "test", m, checkpoint="best", model="global")
     log.close()
     cse = cross_site_matrix(run.nvflare)
     if cse:

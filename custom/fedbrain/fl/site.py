@@ -23,6 +23,7 @@ from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
     NUM_SAMPLES,
+    class_recalls,
     cosine_scale,
     site_batch_size,
     validation_counts,
@@ -44,6 +45,9 @@ from fedbrain.training import (
     train_epochs,
     use_batch_renorm,
 )
+
+TRACKED = ("loss", "macro_f1", "accuracy", "tumour_auroc", "tumour_accuracy", "no_tumor_recall", "glioma_recall",
+           "meningioma_recall", "pituitary_recall", "samples", "seconds")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,9 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         scaffold = PTScaffoldHelper()
         scaffold.init(model)
 
+    tracker = None
+    if job.tracking == "mlflow":  # NVFlare experiment tracking: the same scalars, streamed to the server
+        from nvflare.client.tracking import MLflowWriter
+
+        tracker = MLflowWriter()
+
     def log(row: dict) -> None:
         if log_dir:
             append_jsonl(metrics_file(log_dir), {"site": site, **row})
+        if tracker is not None:
+            prefix = row["split"]
+            tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
+                                 if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
 
     while flare.is_running():
         # (2) receive the global model
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
         if val:
-            log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val)})
+            log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
         if rnd == args.fail_at_round and site == args.fail_site:
             raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
 
