@@ -78,3 +78,21 @@ def test_local_mode_and_clear_errors(tmp_path, capsys):
         read_checkpoint(bad)
     assert main(["train", "--mode", "local", "--site", "hospital-2", "--max-images-per-site", "40",
                  "--epochs", "1", "--workspace", str(tmp_path / "ws")]) == 0
+
+
+def test_calibration_error_of_the_class_and_tumour_probabilities():
+    """ECE (issue 14): 0 for a forecaster that is right as often as it says, large for an overconfident one."""
+    import numpy as np
+
+    from fedbrain.training import calibration_error, compute_metrics
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 20000)
+    assert calibration_error(conf, (rng.uniform(size=conf.size) < conf).astype(float)) < 0.02
+    assert abs(calibration_error(np.full(1000, 0.99), np.r_[np.ones(500), np.zeros(500)]) - 0.49) < 1e-9
+    # a model sure of every answer, right on half of them: both ECEs are about 0.5
+    targets = np.array([0, 1, 2, 3] * 25)
+    probs = np.full((100, 4), 0.001)
+    probs[np.arange(100), np.where(np.arange(100) % 2 == 0, targets, (targets + 1) % 4)] = 0.997
+    m = compute_metrics(probs, targets)
+    assert abs(m["ece"] - 0.497) < 0.01 and 0.0 <= m["tumour_ece"] <= 1.0

@@ -386,6 +386,22 @@ def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(y, score))
 
 
+ECE_BINS = 15
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error: the |confidence - accuracy| gap of equal-width confidence bins, weighted by
+    each bin's share of the samples (0 = calibrated)."""
+    if len(confidence) == 0:
+        return None
+    idx = np.minimum((np.clip(confidence, 0.0, 1.0) * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in np.unique(idx):
+        m = idx == b
+        gap += m.mean() * abs(float(confidence[m].mean()) - float(correct[m].mean()))
+    return float(gap)
+
+
 def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     """Metrics on whatever labels are present.
 
@@ -424,6 +440,7 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
         out["auroc_ovr"] = aucs
         if aucs:
             out["macro_auroc"] = float(np.mean(list(aucs.values())))
+        out["ece"] = calibration_error(probs[known].max(1), (p == y).astype(float))
     is_tumour = (targets != NO_TUMOR).astype(int)
     p_tumour = 1.0 - probs[:, NO_TUMOR]
     pred_tumour = (pred != NO_TUMOR).astype(int)
@@ -432,6 +449,9 @@ def compute_metrics(probs: np.ndarray, targets: np.ndarray) -> dict:
     if healthy.any():
         out["no_tumor_recall"] = float((pred[healthy] == NO_TUMOR).mean())
     out["tumour_accuracy"] = float((pred_tumour == is_tumour).mean())
+    # the tumour probability as a forecast of "tumour": its confidence is max(p, 1 - p)
+    out["tumour_ece"] = calibration_error(np.maximum(p_tumour, 1 - p_tumour),
+                                          ((p_tumour >= 0.5).astype(int) == is_tumour).astype(float))
     auc = _auroc(is_tumour, p_tumour)
     if auc is not None:
         out["tumour_auroc"] = auc
