@@ -118,6 +118,22 @@ def test_runs_without_a_status_file_get_an_inferred_state(tmp_path):
     assert read_status(old)["state"] == FINISHED
 
 
+def test_a_jsonl_tail_reads_only_complete_new_lines(tmp_path):
+    from fedbrain.runs import JsonlTail
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"round": 0}\n')
+    tail = JsonlTail(log)  # what was there before is not new
+    assert tail.read() == []
+    with log.open("a") as fh:
+        fh.write('{"round": 1}\n{"rou')
+    assert tail.read() == [{"round": 1}]  # the line still being written waits
+    with log.open("a") as fh:
+        fh.write('nd": 2}\nnot json\n')
+    assert tail.read() == [{"round": 2}] and tail.read() == []
+    assert JsonlTail(tmp_path / "missing.jsonl").read() == []
+
+
 def _fake_runs(ws: Path) -> dict[str, RunDir]:
     """A finished, a failed (dead process) and a running (this process) federated run."""
     runs = {}

@@ -291,14 +291,42 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
+    return _jsonl_rows(path.read_text())
+
+
+def _jsonl_rows(text: str) -> list[dict]:
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except ValueError:
                 continue
     return rows
+
+
+class JsonlTail:
+    """The rows appended to a JSONL file since the last :meth:`read`, complete lines only (a line still being
+    written waits for the next read); reads only the new bytes. Starts after the rows already there."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            data = b""
+        self.offset = data.rfind(b"\n") + 1
+
+    def read(self) -> list[dict]:
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return _jsonl_rows(data[:end].decode(errors="replace"))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -366,6 +394,6 @@ class MetricsLog:
             self.tb.close()
 
 
-__all__ = ["RunDir", "MetricsLog", "list_run_dirs", "DEFAULT_WORKSPACE", "read_metrics", "read_json",
+__all__ = ["RunDir", "MetricsLog", "JsonlTail", "list_run_dirs", "DEFAULT_WORKSPACE", "read_metrics", "read_json",
            "write_json", "fmt_metric",
            "flat_scalars", "default_compression_dir", "workspace_bench_models", "append_jsonl"]

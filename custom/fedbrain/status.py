@@ -83,6 +83,21 @@ class StatusWriter:
         return self.update(state=state, error=error, finished=now_iso(), eta_s=None, **fields)
 
 
+def from_controller(progress: dict) -> dict:
+    """The ``status.json`` fields that the server controller's progress (``progress.json`` or the admin API's
+    ``show_stats``, see :meth:`fedbrain.fl.controller.FedbrainController.progress`) gives: rounds done, the last
+    finished round, each site's last contact."""
+    out = {}
+    if isinstance(progress.get("rounds_done"), int):
+        out["done"] = progress["rounds_done"]
+    if isinstance(progress.get("last_round"), int):
+        out["round"] = progress["last_round"]
+    sites = {s: dict(c) for s, c in (progress.get("sites") or {}).items() if isinstance(c, dict)}
+    if sites:
+        out["sites"] = sites
+    return out
+
+
 def read_status(run: RunDir | os.PathLike | str) -> dict:
     """The run's status, corrected for a dead process; for runs without ``status.json`` a state inferred from
     the files it left (``results.json``: finished). Never raises."""
@@ -145,5 +160,6 @@ def request_stop(run: RunDir, reason: str = "fedbrain runs stop") -> None:
     write_json(run.stop_request, {"requested": now_iso(), "by": reason})
 
 
-__all__ = ["StatusWriter", "read_status", "headline_of", "progress_text", "request_stop", "format_seconds", "STATES",
-           "LIVE_STATES", "BADGES", "STARTING", "RUNNING", "FINISHED", "FAILED", "STOPPED", "UNKNOWN"]
+__all__ = ["StatusWriter", "read_status", "headline_of", "from_controller", "now_iso", "progress_text",
+           "request_stop", "format_seconds", "STATES", "LIVE_STATES", "BADGES", "STARTING", "RUNNING", "FINISHED",
+           "FAILED", "STOPPED", "UNKNOWN"]

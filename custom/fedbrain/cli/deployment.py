@@ -152,13 +152,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def _final_progress(result_dir: Path | None) -> dict:
     """Rounds done and each site's last answer from the downloaded job's ``progress.json`` (the server's)."""
     from fedbrain.runs import ROUNDS_PROGRESS, read_json
+    from fedbrain.status import from_controller
 
     found = sorted(Path(result_dir).rglob(ROUNDS_PROGRESS)) if result_dir and Path(result_dir).is_dir() else []
     progress = read_json(found[0]) if found else None
-    if not isinstance(progress, dict) or not isinstance(progress.get("rounds_done"), int):
-        return {}
-    return {"done": progress["rounds_done"], "round": progress.get("last_round"),
-            "sites": progress.get("sites") or {}}
+    return from_controller(progress) if isinstance(progress, dict) else {}
 
 
 class DeployedProgress:
@@ -168,14 +166,13 @@ class DeployedProgress:
         self.status, self.rounds, self.printed = status, rounds, None
 
     def __call__(self, job_id: str, job_status: str | None, progress: dict) -> None:
-        from fedbrain.status import progress_text
+        from fedbrain.status import from_controller, progress_text
 
-        done = progress.get("rounds_done") if isinstance(progress.get("rounds_done"), int) else 0
-        sites = {s: dict(c) for s, c in (progress.get("sites") or {}).items() if isinstance(c, dict)}
-        doc = self.status.progress(done, progress.get("num_rounds") or self.rounds, round=progress.get("last_round"),
+        server = from_controller(progress)
+        doc = self.status.progress(server.pop("done", 0), progress.get("num_rounds") or self.rounds,
                                    job_id=job_id, job_status=job_status,
                                    state="running" if (job_status or "").startswith("RUNNING") else "starting",
-                                   **({"sites": sites} if sites else {}))
+                                   **server)
         line = f"  job {job_id} {job_status or 'submitted'}: {progress_text(doc)}"
         if line != self.printed:
             print(line, flush=True)

@@ -19,7 +19,6 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
 from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
+from fedbrain.status import now_iso
 
 PROGRESS_GROUP = "fedbrain"  # the admin API's show_stats group holding progress()
 KEEP_ROUND_FILES = 2  # the newest round files kept (written atomically: the newest alone is enough to resume)
@@ -63,6 +63,7 @@ class FedbrainController(FedAvg):
         self.stop_file = stop_file
         self._contacts: dict[str, dict] = {}  # site -> {"last_contact": iso time, "last_round": r}
         self._stopped_early = False
+        self._last_finished: int | None = None  # the last round whose global model was written
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self.server_optimizer = server_optimizer
@@ -175,9 +176,7 @@ class FedbrainController(FedAvg):
     # -------------------------------------------------------------- receiving, stopping
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        self._contacts[str(_get_client_name(result))] = {
-            "last_contact": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "last_round": self.current_round}
+        self._contacts[str(_get_client_name(result))] = {"last_contact": now_iso(), "last_round": self.current_round}
         return super()._aggregate_one_result(result)
 
     def stop_requested(self) -> bool:
@@ -235,12 +234,12 @@ class FedbrainController(FedAvg):
     def progress(self) -> dict:
         """The last finished round, out of how many, each site's last answer: ``progress.json``, and what the
         admin API's ``show_stats`` returns for this job (``fedbrain submit`` follows a deployed job with it)."""
-        last = getattr(self, "_last_finished", None)
+        last = self._last_finished
         return {"last_round": last, "start_round": self.start_round, "num_rounds": self.num_rounds,
                 "rounds_done": 0 if last is None else last - self.start_round + 1,
                 "best_score": self._best_score if math.isfinite(self._best_score) else None,
                 "sites": self._contacts, "stopped_early": self._stopped_early,
-                "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "time": now_iso()}
 
     def handle_event(self, event_type: str, fl_ctx) -> None:
         super().handle_event(event_type, fl_ctx)

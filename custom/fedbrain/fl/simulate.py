@@ -20,9 +20,9 @@ from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.recipes import build_recipe
 from fedbrain.models import create_model, default_preprocessing, weights_source
-from fedbrain.runs import MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
+from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
 from fedbrain.settings import JobSettings
-from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of, progress_text
+from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, from_controller, headline_of, progress_text
 
 # What a failed site or the failed server leaves in its simulator log.
 SITE_FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|Could not start")
@@ -102,9 +102,9 @@ class LiveRun:
         self.out = out or sys.stdout  # the terminal, even while the simulator's own output is captured
         self.interval = interval
         self.paths = {s: run.site_metrics(s) for s in sites}
-        # rows already in the run log (a resumed run keeps its earlier rounds)
-        self.seen = {s: len(read_metrics(p)) for s, p in self.paths.items()}
-        self.server_seen = len(read_metrics(run.server_log))
+        # only what is appended from now on (a resumed run's earlier rounds are in the run log already)
+        self.tails = {s: JsonlTail(p) for s, p in self.paths.items()}
+        self.server_tail = JsonlTail(run.server_log)
         self.val: dict[int, dict[str, dict]] = defaultdict(dict)
         self.max_round = dict.fromkeys(sites, -1)
         self.emitted = {r["round"] for r in read_metrics(run.metrics) if r.get("site") == "global"}
@@ -124,9 +124,8 @@ class LiveRun:
 
     def _poll(self, final: bool) -> None:
         new_train: list[dict] = []
-        for site, path in self.paths.items():
-            rows = read_metrics(path)
-            for r in rows[self.seen[site]:]:
+        for site, tail in self.tails.items():
+            for r in tail.read():
                 self._append(r)
                 rnd = r.get("round", 0)
                 self.max_round[site] = max(self.max_round[site], rnd)
@@ -134,13 +133,10 @@ class LiveRun:
                     self.val[rnd][site] = r
                 elif r.get("split") == "train":
                     new_train.append(r)
-            self.seen[site] = len(rows)
-        server = read_metrics(self.run.server_log)
-        for r in server[self.server_seen:]:
+        for r in self.server_tail.read():
             row = aggregation_row(r)
             if row:
                 self._append(row)
-        self.server_seen = len(server)
         # a round's global row once every site validated it, or moved past it (or the run ended)
         for rnd in sorted(self.val):
             if rnd in self.emitted:
@@ -154,10 +150,9 @@ class LiveRun:
         self._report(new_train)
 
     def _report(self, new_train: list[dict]) -> None:
-        progress = read_json(self.run.rounds_progress) or {}
-        last = progress.get("last_round")
-        done = (last - self.start_round + 1) if isinstance(last, int) and last >= self.start_round else 0
-        contacts = {s: dict(c) for s, c in (progress.get("sites") or {}).items() if isinstance(c, dict)}
+        server = from_controller(read_json(self.run.rounds_progress) or {})
+        done, last = server.get("done", 0), server.get("round")
+        contacts = server.get("sites", {})
         for site, path in self.paths.items():  # the simulator's sites log here: their last write is a contact
             c = contacts.setdefault(site, {})
             c.setdefault("last_round", self.max_round[site] if self.max_round[site] >= 0 else None)
@@ -170,8 +165,8 @@ class LiveRun:
                 latest = {s: r.get("macro_f1", r.get("tumour_auroc")) for s, r in self.val[rnd].items()}
                 latest["round"] = rnd
                 break
-        doc = self.status.progress(done, self.rounds, round=last if isinstance(last, int) else None, unit="round",
-                                   sites=contacts, latest_val=latest or None)
+        doc = self.status.progress(done, self.rounds, round=last, unit="round", sites=contacts,
+                                   latest_val=latest or None)
         if not new_train and done == self.printed_done:
             return
         self.printed_done = done
