@@ -13,6 +13,7 @@ from fedbrain.dashboard import views
 PAGES = (
     (views.federation_page, "Federation", "federation", ":material/hub:"),
     (views.compression_page, "Compression", "compression", ":material/compress:"),
+    (views.evaluation_page, "Evaluation", "evaluation", ":material/fact_check:"),
     (views.predict_page, "Predict", "predict", ":material/radiology:"),
     (views.models_page, "Models", "models", ":material/leaderboard:"),
 )

@@ -488,3 +488,61 @@ def bench_goal_rows(meta: dict) -> pd.DataFrame:
 
 def first_column(df: pd.DataFrame, *names: str) -> str | None:
     return next((n for n in names if n in df.columns and df[n].notna().any()), None)
+
+
+# ---------------------------------------------------------------- evaluation: calibration, robustness, external
+
+CMD_ROBUSTNESS = "fedbrain evaluate <run> --robustness"
+CMD_EXTERNAL = "fedbrain evaluate <run> --external DIR --layout yesno|folders|sartaj|figshare|csv"
+
+
+def calibration_summary(run: Run, site: str = "union") -> dict:
+    """The best model's temperature, its ECE before/after and its reliability bins on ``site``'s test split."""
+    m = final_results(run).get(site) or {}
+    return {"temperature": m.get("temperature"), "ece": m.get("ece"), "tumour_ece": m.get("tumour_ece"),
+            "uncalibrated": m.get("uncalibrated") or {}, "reliability": m.get("reliability") or {}, "n": m.get("n")}
+
+
+def reliability_frame(summary: dict, kind: str = "tumour") -> pd.DataFrame:
+    """One reliability diagram as rows (bin, mean confidence, observed frequency, n); empty bins dropped."""
+    rows = [r for r in (summary.get("reliability") or {}).get(kind, []) if isinstance(r, dict) and r.get("n")]
+    return pd.DataFrame(rows)
+
+
+def evaluation_files(run: Run, kind: str) -> list[Path]:
+    """``evaluation/<kind>-*.json`` of a run (kind: robustness | external), newest first."""
+    folder = run.dir.evaluations
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob(f"{kind}-*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def robustness_frame(path: Path) -> pd.DataFrame:
+    """A robustness result's rows (shift, strength, metrics and drops), or empty."""
+    res = read_json(path)
+    rows = res.get("rows") if isinstance(res, dict) else None
+    return pd.DataFrame([r for r in rows if isinstance(r, dict)]).drop(columns=["ci"], errors="ignore") \
+        if isinstance(rows, list) else pd.DataFrame()
+
+
+def robustness_worst(path: Path) -> dict:
+    res = read_json(path)
+    return res.get("worst", {}) if isinstance(res, dict) else {}
+
+
+def external_table(path: Path) -> tuple[dict, pd.DataFrame]:
+    """An external validation's facts (folder, layout, twins, skipped) and its results table."""
+    res = read_json(path)
+    if not isinstance(res, dict):
+        return {}, pd.DataFrame()
+    rows = []
+    for label, m in (res.get("results") or {}).items():
+        if isinstance(m, dict):
+            row = {"scored on": label, "n": m.get("n"), "healthy n": m.get("n_no_tumor")}
+            for key, col in HEADLINES:
+                row[col] = with_interval(m, key)
+            row["ECE"] = None if m.get("ece") is None else round(m["ece"], 3)
+            rows.append(row)
+    facts = {k: res.get(k) for k in ("external", "layout", "scheme", "n_images", "n_training_twins", "twin_check",
+                                     "skipped", "temperature")}
+    return facts, pd.DataFrame(rows).dropna(axis=1, how="all")

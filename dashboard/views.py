@@ -66,7 +66,7 @@ def _run_read(reader: str, run_path: str, kind: str, stamp: tuple):
 
 
 def run_read(reader: str, run: R.Run):
-    return _run_read(reader, str(run.path), run.kind, _stamp(run.path, run.dir.compression))
+    return _run_read(reader, str(run.path), run.kind, _stamp(run.path, run.dir.compression, run.dir.evaluations))
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
@@ -582,6 +582,9 @@ def predict_page() -> None:
 
     probs = {k: float(v) for k, v in pred.probabilities.items()}
     tumour = float(pred.tumour_probability)
+    if pred.warnings:
+        st.warning("This image lies outside what the model was trained on, so the prediction below is "
+                   "unreliable:\n\n" + "\n".join(f"- {w}" for w in pred.warnings))
     m1, m2, m3 = st.columns(3)
     m1.metric("Prediction", CLASS_LABELS.get(pred.predicted, pred.predicted))
     m2.metric("Tumour probability", f"{tumour:.1%}")
@@ -629,7 +632,103 @@ def predict_page() -> None:
         _chart(fig)
         if not binary:
             st.caption(f"Tumour vs no tumour: {tumour:.1%} tumour, {1 - tumour:.1%} no tumour.")
-    st.caption(f"Model: `{run.name}` / {variant} ({card.model}).")
+    calibrated = (f"probabilities calibrated by temperature scaling (T = {pred.temperature:.3g}, fitted on "
+                  f"{card.calibration.get('fitted_on', 'validation data')})" if pred.temperature != 1.0
+                  else "probabilities not calibrated (this model carries no temperature)")
+    st.caption(f"Model: `{run.name}` / {variant} ({card.model}); {calibrated}.")
+
+
+# ---------------------------------------------------------------- Evaluation
+
+
+def evaluation_page() -> None:
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Evaluation")
+    runs = [r for r in _runs(str(ws)) if r.kind in ("federated", "centralized", "local")]
+    if not runs:
+        _no_runs(ws, *EMPTY_RUNS)
+        return
+    run = _pick_run(runs, "eval_run", prefer=("federated",))
+    _calibration_section(run)
+    _robustness_section(run)
+    _external_section(run)
+
+
+def _calibration_section(run: R.Run) -> None:
+    st.subheader("Calibration: does “92 % tumour” mean 92 %?")
+    cal = run_read("calibration_summary", run)
+    if cal.get("ece") is None and cal.get("tumour_ece") is None:
+        st.info(f"No calibration in this run's results yet; `{R.CMD_SIMULATE}` or `{R.CMD_TRAIN}` writes it.")
+        return
+    t = cal.get("temperature") or 1.0
+    before = cal.get("uncalibrated") or {}
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Temperature", f"{t:.3g}", help="fitted on validation data; logits are divided by it")
+    for col, key, label in ((c2, "ece", "Class ECE"), (c3, "tumour_ece", "Tumour ECE")):
+        if cal.get(key) is not None:
+            delta = f"{cal[key] - before[key]:+.3f} vs uncalibrated" if before.get(key) is not None else None
+            col.metric(label, f"{cal[key]:.3f}", delta=delta, delta_color="inverse")
+    cols = st.columns(2)
+    for col, kind, title in ((cols[0], "tumour", "Tumour probability"), (cols[1], "class", "Top-class confidence")):
+        frame = R.reliability_frame(cal, kind)
+        if frame.empty:
+            continue
+        with col:
+            fig = px.scatter(frame, x="confidence", y="observed", size="n", range_x=[0, 1], range_y=[0, 1],
+                             title=f"Reliability: {title.lower()} (union test split, n = {cal.get('n')})",
+                             labels={"confidence": f"mean {title.lower()} in bin", "observed": "observed frequency"})
+            fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+            _chart(fig, 360)
+    st.caption("Points on the diagonal are calibrated; marker area = images in the bin. ECE: the bins' mean "
+               "|confidence − frequency| gap, weighted by their share of images (15 bins).")
+
+
+def _evaluation_files(run: R.Run, kind: str, title: str, missing: str) -> list[Path]:
+    """The section's heading, then its files, or a note naming the command that makes them."""
+    st.subheader(title)
+    files = R.evaluation_files(run, kind)
+    if not files:
+        st.info(missing)
+    return files
+
+
+def _robustness_section(run: R.Run) -> None:
+    files = _evaluation_files(run, "robustness", "Robustness to acquisition shifts",
+                              f"No robustness measurement for this run yet: `{R.CMD_ROBUSTNESS}`.")
+    if not files:
+        return
+    path = files[0]
+    frame = R.robustness_frame(path)
+    if frame.empty:
+        st.info(f"`{path.name}` is unreadable.")
+        return
+    metric = st.radio("Metric", ["tumour_auroc", "macro_f1", "ece"], horizontal=True, key="rob_metric",
+                      format_func=lambda k: {"tumour_auroc": "tumour AUROC", "macro_f1": "macro-F1",
+                                             "ece": "ECE"}[k])
+    if metric in frame.columns:
+        fig = px.line(frame, x="strength", y=metric, color="shift", markers=True,
+                      category_orders={"strength": ["mild", "moderate", "severe"]},
+                      title=f"{metric.replace('_', ' ')} under each shift ({path.name})")
+        _chart(fig, 380)
+    for key, w in R.robustness_worst(path).items():
+        st.caption(f"Worst {key.replace('_', ' ')} drop at moderate strength: {w['drop']:+.3f} ({w['shift']}).")
+    cols = [c for c in ("shift", "strength", "param", "tumour_auroc", "tumour_auroc_drop", "macro_f1",
+                        "macro_f1_drop", "ece") if c in frame.columns]
+    st.dataframe(frame[cols], hide_index=True, width="stretch")
+
+
+def _external_section(run: R.Run) -> None:
+    files = _evaluation_files(run, "external", "External validation",
+                              f"No external folder scored with this run's model yet: `{R.CMD_EXTERNAL}`.")
+    for path in files:
+        facts, table = R.external_table(path)
+        st.markdown(f"**{facts.get('external')}** (layout `{facts.get('layout')}`, labels {facts.get('scheme')}, "
+                    f"{facts.get('n_images')} usable images; near-duplicates of training images: "
+                    f"{facts.get('n_training_twins')})")
+        if facts.get("skipped"):
+            st.caption(f"Left out: {facts['skipped']}")
+        st.dataframe(table, hide_index=True, width="stretch")
 
 
 # ---------------------------------------------------------------- Models

@@ -7,10 +7,12 @@ the documented schema (``workspace/README.md``) until the simulator fixture land
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -599,3 +601,36 @@ def test_federation_page_with_an_empty_cross_site_file(tmp_path, small_run, use_
     at = page_app("federation_page").run()
     assert_ok(at)
     assert "holds no evaluations" in texts(at, "info")
+
+
+# ---------------------------------------------------------------- Evaluation (issue 14)
+
+
+def test_evaluation_page_shows_calibration_robustness_and_external_results(small_run, tmp_path, use_ws):
+    ws = tmp_path / "ws"
+    run = ws / small_run.name
+    shutil.copytree(small_run, run, ignore=shutil.ignore_patterns("compression"))
+    use_ws(ws)
+    at = page_app("evaluation_page").run()
+    assert_ok(at)
+    assert [s.value for s in at.subheader] == ["Calibration: does “92 % tumour” mean 92 %?",
+                                               "Robustness to acquisition shifts", "External validation"]
+    labels = {m.label for m in at.metric}
+    assert {"Temperature", "Tumour ECE"} <= labels  # a pooled run fits its temperature on validation data
+    info = texts(at, "info")
+    assert "--robustness" in info and "--external" in info  # what is missing says how to make it
+    from fedbrain.cli.main import main
+
+    assert main(["evaluate", str(run), "--robustness"]) == 0
+    yes, no = tmp_path / "ext" / "yes", tmp_path / "ext" / "no"
+    yes.mkdir(parents=True), no.mkdir(parents=True)
+    rows = list(csv.DictReader((run / "splits" / "hospital-1.csv").open()))
+    for r in rows[:12]:
+        shutil.copy(r["path"], (no if r["label"] == "no_tumor" else yes) / Path(r["path"]).name)
+    assert main(["evaluate", str(run), "--external", str(tmp_path / "ext"), "--layout", "yesno"]) == 0
+    at = page_app("evaluation_page").run()
+    assert_ok(at)
+    assert len(charts(at)) >= 2  # reliability diagram(s) and the robustness curves
+    assert "Worst tumour auroc drop at moderate strength" in texts(at, "caption")
+    assert "near-duplicates of training images" in texts(at, "markdown")
+    assert len(at.dataframe) == 2

@@ -273,7 +273,10 @@ def _run_paths() -> set[str]:
     out = {str(getattr(run, a).relative_to("/r")) for a in dir(RunDir)
            if isinstance(getattr(RunDir, a, None), property) and isinstance(getattr(run, a), Path)}
     out |= {str(run.split_file("<site>").relative_to("/r")), str(run.site_metrics("<site>").relative_to("/r")),
-            str(run.round_model(0).relative_to("/r")).replace("0000", "NNNN")}
+            str(run.round_model(0).relative_to("/r")).replace("0000", "NNNN"),
+            str(run.evaluation_file("robustness", "<model>").relative_to("/r")),
+            str(run.evaluation_file("robustness", "<model>").with_suffix(".csv").relative_to("/r")),
+            str(run.evaluation_file("external-<folder>", "<model>").relative_to("/r"))}
     return out
 
 

@@ -47,9 +47,16 @@ class ModelCard:
     source_checkpoint: str = ""  # the checkpoint a compressed variant was made from
     extra: dict = field(default_factory=dict)
     created: str = ""
+    calibration: dict = field(default_factory=dict)  # temperature scaling record (fedbrain.calibration)
 
     def replace(self, **changes) -> ModelCard:
         return replace(self, **changes)
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature the logits are divided by (1.0: uncalibrated)."""
+        t = (self.calibration or {}).get("temperature")
+        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
 
     @property
     def binary_only(self) -> bool:
@@ -75,6 +82,7 @@ class ModelCard:
             "label_schemes": dict(self.label_schemes),
             "training": dict(self.training),
             "metrics": dict(self.metrics),
+            "calibration": dict(self.calibration),
             "extra": extra,
         }
 
@@ -98,6 +106,7 @@ class ModelCard:
                 source_checkpoint=str(extra.pop("source_checkpoint", "") or ""),
                 extra=extra,
                 created=str(payload.get("created", "")),
+                calibration=dict(payload.get("calibration") or {}),
             )
         except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{where or 'this file'}: incomplete model card ({exc})") from exc
@@ -115,6 +124,8 @@ class ModelCard:
             "model": json.dumps({"name": self.model, "kwargs": self.model_kwargs}),
             "label_schemes": json.dumps(self.label_schemes),
             "source_checkpoint": self.source_checkpoint,
+            "calibration": json.dumps(self.calibration),
+            "input_profile": json.dumps(self.extra.get("input_profile") or {}),
             "output": ONNX_OUTPUT,
         }
 
@@ -130,7 +141,9 @@ class ModelCard:
                        preprocessing=Preprocessing.from_dict(json.loads(props["preprocessing"])),
                        supervised_granularity=props["supervised_granularity"],
                        label_schemes=json.loads(props.get("label_schemes") or "{}"),
-                       variant=props.get("variant", "onnx"), source_checkpoint=props.get("source_checkpoint", ""))
+                       variant=props.get("variant", "onnx"), source_checkpoint=props.get("source_checkpoint", ""),
+                       calibration=json.loads(props.get("calibration") or "{}"),
+                       extra={"input_profile": json.loads(props.get("input_profile") or "{}")})
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where or 'this ONNX file'}: unreadable fedbrain metadata ({exc})") from exc
 

@@ -12,17 +12,18 @@ from fedbrain.runs import fmt_metric
 from fedbrain.training import compute_metrics, predict_proba
 
 __all__ = ["UNION", "evaluate_everywhere", "results_table", "split_differences", "bootstrap_ci", "small_n_flags",
-           "evaluate_with_uncertainty", "fmt_metric", "MIN_CLASS_N"]
+           "evaluate_with_uncertainty", "scored", "fmt_metric", "MIN_CLASS_N"]
 
 
 def evaluate_everywhere(model: torch.nn.Module, loaders: dict[str, SiteLoaders], split: str = "test",
-                        n_boot: int = 1000) -> dict:
+                        n_boot: int = 1000, temperature: float = 1.0) -> dict:
     """Metrics on every site's ``split`` and on their union (sites with an empty split are left out), each with
-    95 % bootstrap intervals (``ci``) and the metrics that rest on too few images (``unreliable``)."""
+    95 % bootstrap intervals (``ci``) and the metrics that rest on too few images (``unreliable``); probabilities
+    are those of ``logits / temperature`` (the model card's calibration)."""
     out = {}
     for name, sl in loaders.items():
         if sl.site.splits[split]:
-            out[name] = evaluate_with_uncertainty(model, sl.eval(split), n_boot)
+            out[name] = evaluate_with_uncertainty(model, sl.eval(split), n_boot, temperature=temperature)
     return out
 
 
@@ -30,12 +31,13 @@ def results_table(results: dict[str, dict]) -> str:
     """Per-site test table with n, 95 % bootstrap intervals and small-n flags (``*``)."""
     cols = [("macro_f1", "macro-F1 [95% CI]"), ("tumour_auroc", "tumour AUROC [95% CI]"),
             ("no_tumor_recall", "no_tumor recall [95% CI]"), ("accuracy", "accuracy")]
-    hdr = f"{'site':<18}{'n':>6}{'healthy':>9}" + "".join(f"{h:>26}" for _, h in cols)
+    w = max(18, *(len(str(name)) + 2 for name in results)) if results else 18
+    hdr = f"{'site':<{w}}{'n':>6}{'healthy':>9}" + "".join(f"{h:>26}" for _, h in cols)
     lines = [hdr, "-" * len(hdr)]
     flagged = False
     for name, m in results.items():
         cells = "".join(f"{fmt_metric(m, k, ci=k != 'accuracy'):>26}" for k, _ in cols)
-        lines.append(f"{name:<18}{m.get('n', 0):>6}{m.get('n_no_tumor', 0):>9}{cells}")
+        lines.append(f"{name:<{w}}{m.get('n', 0):>6}{m.get('n_no_tumor', 0):>9}{cells}")
         flagged = flagged or bool(m.get("unreliable"))
     if flagged:
         lines.append(f"* unreliable: rests on fewer than {MIN_CLASS_N} images of a class (see 'unreliable' in "
@@ -138,13 +140,29 @@ def small_n_flags(targets: np.ndarray) -> dict[str, str]:
     return flags
 
 
-def evaluate_with_uncertainty(model: torch.nn.Module, loader, n_boot: int = 1000, seed: int = 0) -> dict:
+def evaluate_with_uncertainty(model: torch.nn.Module, loader, n_boot: int = 1000, seed: int = 0,
+                              temperature: float = 1.0) -> dict:
     """:func:`fedbrain.training.compute_metrics` plus ``ci`` (95 % bootstrap) and ``unreliable`` (small n)."""
     probs, targets = predict_proba(model, loader)
-    m = compute_metrics(probs, targets)
+    return scored(probs, targets, n_boot, seed, temperature)
+
+
+def scored(probs: np.ndarray, targets: np.ndarray, n_boot: int = 1000, seed: int = 0,
+           temperature: float = 1.0) -> dict:
+    """The full evaluation of predicted probabilities: metrics of the calibrated probabilities (``logits / T``),
+    bootstrap intervals, small-n flags, reliability diagrams and the uncalibrated ECE beside the calibrated one."""
+    from fedbrain.calibration import apply_temperature, reliability
+
+    calibrated = apply_temperature(probs, temperature)
+    m = compute_metrics(calibrated, targets)
     if len(targets):
-        m["ci"] = bootstrap_ci(probs, targets, n_boot, seed)
+        m["ci"] = bootstrap_ci(calibrated, targets, n_boot, seed)
         m["unreliable"] = small_n_flags(targets)
+        m["reliability"] = reliability(calibrated, targets)
+        m["temperature"] = float(temperature)
+        if temperature != 1.0:
+            raw = compute_metrics(probs, targets)
+            m["uncalibrated"] = {k: raw[k] for k in ("ece", "tumour_ece") if raw.get(k) is not None}
     return m
 
 

@@ -2,7 +2,9 @@
 
 >>> p = load_predictor("workspace/<run>/compression/int8.onnx")
 >>> r = p.predict("slice.png")          # a path, raw bytes, or an HxW uint8 array
->>> r.probabilities, r.tumour_probability, r.predicted, r.latency_ms
+>>> r.probabilities, r.tumour_probability, r.predicted, r.latency_ms, r.warnings
+
+Probabilities are calibrated by the temperature the model card carries (``fedbrain.calibration``).
 
 The model card (:class:`fedbrain.checkpoint.ModelCard`) is read from the model file (checkpoint fields or
 ONNX ``metadata_props``) and its preprocessing applied exactly as in evaluation: decode to 8-bit
@@ -13,7 +15,7 @@ Unreadable images raise :class:`fedbrain.data.images.ImageError`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,8 @@ class Prediction:
     predicted: str  # argmax class; "tumour" / "no_tumor" for binary-supervised models
     latency_ms: float  # model forward only
     variant: str
+    temperature: float = 1.0  # the calibration the probabilities carry (1.0: uncalibrated)
+    warnings: list[str] = field(default_factory=list)  # why the input may lie outside the training data
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +73,11 @@ class Predictor:
     @property
     def variant(self) -> str:
         return self.card.variant
+
+    @property
+    def temperature(self) -> float:
+        """The model card's fitted temperature: logits are divided by it before the softmax."""
+        return self.card.temperature
 
     def __repr__(self) -> str:
         return f"Predictor({self.card.model}, variant={self.variant}, kind={self.kind})"
@@ -121,7 +130,7 @@ class Predictor:
         """Class probabilities ``(N, classes)`` for a preprocessed batch (evaluated in chunks)."""
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return np.concatenate([_softmax(self.logits(x[i:i + batch_size]))
+        return np.concatenate([_softmax(self.logits(x[i:i + batch_size]) / self.temperature)
                                for i in range(0, len(x), batch_size)]).astype(np.float32)
 
     def warm_up(self, calls: int = 3) -> None:
@@ -139,11 +148,12 @@ class Predictor:
 
     def predict(self, image) -> Prediction:
         """Classify one image (path, raw bytes, or HxW uint8 array)."""
-        x = self.preprocess(self.image_array(image))
+        arr = self.image_array(image)
+        x = self.preprocess(arr)
         t0 = time.perf_counter()
         out = self.logits(x)
         latency = (time.perf_counter() - t0) * 1e3
-        probs = _softmax(out.astype(np.float64))[0]
+        probs = _softmax(out.astype(np.float64) / self.temperature)[0]
         classes = self.classes
         no_tumor = classes.index("no_tumor") if "no_tumor" in classes else NO_TUMOR
         p_tumour = float(1.0 - probs[no_tumor])
@@ -152,7 +162,13 @@ class Predictor:
         else:
             predicted = classes[int(np.argmax(probs))]
         return Prediction({c: float(p) for c, p in zip(classes, probs, strict=True)}, p_tumour, predicted,
-                          latency, self.variant)
+                          latency, self.variant, self.temperature, self.input_warnings(arr))
+
+    def input_warnings(self, arr: np.ndarray) -> list[str]:
+        """Why a decoded slice lies outside the model's training images (the card's input profile)."""
+        from fedbrain.input_check import check_input
+
+        return check_input(arr, self.card.extra.get("input_profile"), self.preprocessing)
 
 
 def _onnx_session(path: Path, threads: int):

@@ -42,6 +42,15 @@ class RunDir:
         p = Path(checkpoint).resolve()
         return cls(p.parent.parent) if p.parent.name == CHECKPOINTS else None
 
+    @classmethod
+    def of_model_file(cls, model: str | os.PathLike) -> RunDir | None:
+        """The run holding a model file in its ``checkpoints/`` or ``compression/`` folder (with splits), or None."""
+        p = Path(model).resolve()
+        if p.parent.name in (CHECKPOINTS, COMPRESSION):
+            run = cls(p.parent.parent)
+            return run if run.has_splits() else None
+        return None
+
     def child(self, name: str) -> RunDir:
         """A nested run (a compare mode, a benchmarked model's mode)."""
         return RunDir(self.root / name.replace(":", "-"))
@@ -204,8 +213,17 @@ class RunDir:
         return self.root / "deploy_result.json"
 
     @property
+    def evaluations(self) -> Path:
+        """``fedbrain evaluate --robustness / --external`` results of this run's models."""
+        return self.root / "evaluation"
+
+    def evaluation_file(self, kind: str, model: str | os.PathLike) -> Path:
+        """``evaluation/<kind>-<model file stem>.json`` (kind: robustness | external-<folder name>)."""
+        return self.evaluations / f"{kind}-{Path(model).stem}.json"
+
+    @property
     def compression(self) -> Path:
-        return self.root / "compression"
+        return self.root / COMPRESSION
 
     # -------------------------------------------------------------- reading and writing
 
@@ -231,6 +249,7 @@ class RunDir:
 
 
 CHECKPOINTS = "checkpoints"
+COMPRESSION = "compression"
 BENCH_MODELS = "bench_models.json"
 # the server writes these into its checkpoint folder (a run's checkpoints/rounds/, or its own job folder)
 ROUND_FILE = "round-{:04d}.pt"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_ANY, TUMOUR_CLASSES
+from fedbrain.contract import CLASSES, DEFAULT_AUGMENTATION, NO_TUMOR, NUM_CLASSES, TUMOUR_ANY, TUMOUR_CLASSES
 from fedbrain.models import batchnorms
 
 
@@ -33,6 +33,7 @@ class TrainConfig:
     steps: int | None = None  # optimiser steps per call of train_epochs (reshuffling as needed), instead of epochs
     # (0 or None: epochs)
     norm: str = "batch"  # batch: BatchNorm normalises by batch statistics | running: by the running statistics
+    augmentation: str = DEFAULT_AUGMENTATION  # the train-only augmentation policy (contract.AUGMENTATIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)

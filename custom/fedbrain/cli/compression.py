@@ -114,17 +114,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"fedbrain: error: cannot use image {image!r}: {exc}", file=sys.stderr)
             continue
         rows.append({"image": image, "prediction": r.predicted, "tumour_probability": r.tumour_probability,
-                     "probabilities": predictor.reported_probabilities(r), "latency_ms": r.latency_ms})
+                     "probabilities": predictor.reported_probabilities(r), "latency_ms": r.latency_ms,
+                     "warnings": r.warnings})
     if args.json:
         print(json.dumps({"model": card.model, "variant": predictor.variant, "runtime": predictor.kind,
-                          "supervised": card.supervised_granularity, "predictions": rows, "errors": errors},
+                          "supervised": card.supervised_granularity, "temperature": predictor.temperature,
+                          "predictions": rows, "errors": errors},
                          indent=2))
     else:
         scope = ("tumour vs no tumour only: trained on tumour / no-tumour labels" if card.binary_only
                  else f"supervised: {card.supervised_granularity}")
-        print(f"model {card.model} ({predictor.variant}, {predictor.kind}; {scope})")
+        cal = (f"probabilities calibrated (temperature {predictor.temperature:.3g})" if predictor.temperature != 1.0
+               else "probabilities not calibrated (no temperature in the model card)")
+        print(f"model {card.model} ({predictor.variant}, {predictor.kind}; {scope}; {cal})")
         if rows:
             print(_predictions_table(rows))
+        for r in rows:
+            for w in r["warnings"]:
+                print(f"fedbrain: warning: {r['image']}: outside the training images, treat the prediction as "
+                      f"unreliable: {w}", file=sys.stderr)
     return 2 if errors else 0
 
 

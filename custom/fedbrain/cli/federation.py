@@ -81,7 +81,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
     dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
     modes = plan_modes(fed, settings, args.algorithms, dp=dp, iid_control=args.iid_control, ablation=args.ablation,
-                       legacy=args.legacy_row, baselines=args.baselines)
+                       legacy=args.legacy_row, baselines=args.baselines, leave_one_out=args.leave_one_out)
     print(f"run: {run_dir}\nbudget: {budget_epochs(settings, fed)} epochs over the data for every mode "
           f"(federated: {settings.rounds} rounds); {len(modes)} modes x {len(args.seeds)} seed(s): "
           f"{', '.join(m.name for m in modes)}", flush=True)
@@ -191,6 +191,9 @@ def register(groups) -> None:
     c.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="the centralised and local-only rows (--no-baselines: federated rows only, e.g. an ablation "
                         "run beside a main comparison)")
+    c.add_argument("--leave-one-out", action="store_true",
+                   help="add one federation per hospital without it (the same epochs over the smaller data), scored "
+                        "on that hospital's test split and on all its images as an unseen hospital")
     c.add_argument("--legacy-row", action="store_true",
                    help="add a row with fedbrain's federation before the levers (see --legacy)")
     p.set_defaults(func=cmd_compare)

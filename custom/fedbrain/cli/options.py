@@ -155,6 +155,7 @@ def add_finetune_arg(g, help_text: str | None = None) -> None:
 def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: int | None = None,
                        local: bool = False) -> None:
     """Training options; defaults are None and come from TrainConfig / the algorithm table when unset."""
+    from fedbrain.contract import AUGMENTATIONS
     from fedbrain.training import TrainConfig
 
     if epochs_flag:
@@ -170,6 +171,9 @@ def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: 
     g.add_argument("--momentum", type=MOMENTUM, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
     g.add_argument("--device", default=None,
                    help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {TrainConfig.device})")
+    g.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default=None,
+                   help=f"train-only augmentation policy (default {TrainConfig.augmentation}; 'standard' is the "
+                        "policy before the robustness measurements, 'robust' also widens the scale range)")
     if local:
         g.add_argument("--local-steps", dest="steps", type=POSITIVE_INT, default=None,
                        help="local work per round as optimiser steps, the same at every site (instead of "
@@ -179,7 +183,7 @@ def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: 
 
 def train_overrides(args: argparse.Namespace) -> dict:
     """The training settings the user gave explicitly (None = keep the default)."""
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum", "device", "steps")
+    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum", "device", "steps", "augmentation")
     out = {k: getattr(args, k, None) for k in keys}
     out["seed"] = getattr(args, "seed", None)
     out["threads"] = getattr(args, "threads", None)

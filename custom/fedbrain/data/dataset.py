@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ def to_tensor(arrays: np.ndarray, pre: Preprocessing) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator) -> torch.Tensor:
-    """Random flip, rotation, scale, shift, brightness and contrast on a batch of [0, 1] images."""
+    """Random flip, rotation, scale, shift, gamma, brightness and contrast on a batch of [0, 1] images."""
     n = x.shape[0]
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -45,6 +46,9 @@ def augment_batch(x: torch.Tensor, aug: Augmentation, generator: torch.Generator
     theta = torch.stack([torch.stack([cos * flip, -sin, tx], 1), torch.stack([sin * flip, cos, ty], 1)], 1)
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if tuple(aug.gamma) != (1.0, 1.0):
+        lo, hi = math.log(aug.gamma[0]), math.log(aug.gamma[1])
+        x = x.clamp(0, 1) ** torch.exp(uniform(lo, hi)).view(-1, 1, 1, 1)
     b = uniform(-aug.brightness, aug.brightness).view(-1, 1, 1, 1)
     c = uniform(1 - aug.contrast, 1 + aug.contrast).view(-1, 1, 1, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)

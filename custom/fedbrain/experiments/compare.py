@@ -25,15 +25,17 @@ from fedbrain.fl.metrics import CLASS_COUNTS, site_batch_size
 from fedbrain.fl.privacy import epsilon_after
 from fedbrain.fl.simulate import run_simulation
 from fedbrain.runs import RunDir, write_json
-from fedbrain.settings import JobSettings, legacy_overrides
+from fedbrain.settings import ALGORITHMS, JobSettings, legacy_overrides
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter
 from fedbrain.training import TrainConfig
 
 METRICS = ("macro_f1", "tumour_auroc", "no_tumor_recall", "accuracy")
-FIELDS = (["mode", "kind", "seed", "site", "n", "n_no_tumor"]
+FIELDS = (["mode", "kind", "seed", "site", "evaluated_on", "n", "n_no_tumor"]
           + [f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")]
-          + ["tumour_accuracy", "unreliable", "site_probe", "budget_epochs", "rounds", "seconds", "dp_epsilon",
-             "error"])
+          + ["tumour_accuracy", "ece", "tumour_ece", "temperature", "unreliable", "site_probe", "budget_epochs",
+             "rounds", "seconds", "dp_epsilon", "error"])
+ALGORITHM_MODES = set(ALGORITHMS)
+UNSEEN_TEST, UNSEEN_ALL = "test split (unseen hospital)", "every image (unseen hospital)"
 
 # The label-skew levers, each switched back to the old behaviour on its own (leave-one-out from the default),
 # and all of them together ("legacy"): what each lever buys, at the same budget.
@@ -58,6 +60,7 @@ class Mode:
     sites: list[str] | None = None
     iid: bool = False
     dp: tuple[float, float] | None = None
+    held_out: str | None = None  # leave-one-hospital-out: this site takes no part and is scored as unseen
 
 
 def epochs_per_round(settings: JobSettings, fed: Federation) -> float:
@@ -109,9 +112,11 @@ def iid_federation(fed: Federation, seed: int = 0) -> Federation:
 
 def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp: tuple[float, float] | None = None,
                iid_control: bool = False, ablation: bool = False, legacy: bool = False,
-               central: TrainConfig | None = None, baselines: bool = True) -> list[Mode]:
+               central: TrainConfig | None = None, baselines: bool = True, leave_one_out: bool = False
+               ) -> list[Mode]:
     """The rows of a comparison; every federated mode has the same budget as the pooled ones (``baselines``:
-    with the centralised and local-only rows)."""
+    with the centralised and local-only rows; ``leave_one_out``: one federation per hospital without it, the
+    same epochs over its smaller data, scored on the hospital it never saw)."""
     modes = [Mode(alg, "federated", settings.with_algorithm(alg)) for alg in algorithms]
     if iid_control:
         modes.append(Mode(f"{settings.algorithm} IID control", "federated", settings, iid=True))
@@ -121,6 +126,9 @@ def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp
     if ablation:
         modes += [Mode(f"{settings.algorithm} {label}", "federated", with_overrides(settings, o, fed))
                   for label, o in ABLATION if o.get("model") != "fedbrain_cnn" or settings.model == "fedbrain_cnn_gn"]
+    if leave_one_out:
+        modes += [Mode(f"{settings.algorithm} without {name}", "federated", settings, held_out=name)
+                  for name in fed.sites if len(fed.sites) > 2 or name != next(iter(fed.sites))]
     if dp:
         modes.append(Mode("fedavg+dp", "federated", settings.with_algorithm("fedavg", dp_clip=dp[0],
                                                                              dp_noise=dp[1]), dp=dp))
@@ -134,12 +142,38 @@ def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp
     return modes
 
 
+def without_site(fed: Federation, site: str) -> Federation:
+    """The federation minus one hospital (its splits, made with every hospital's near-duplicates in view, stay
+    as they were: no image of the others has a twin in it)."""
+    return replace(fed, sites={n: s for n, s in fed.sites.items() if n != site})
+
+
+def score_unseen(checkpoint: Path, site: SiteData, cache_dir: Path | None = None) -> dict[str, dict]:
+    """A federation's best model on a hospital that took no part: its test split, and every image it has."""
+    from fedbrain.checkpoint import load_checkpoint
+    from fedbrain.data.dataset import SiteLoaders
+    from fedbrain.evaluation import evaluate_with_uncertainty
+
+    model, card = load_checkpoint(checkpoint)
+    every = SiteData(site.name, site.scheme, {"train": [], "val": [],
+                                              "test": [r for rs in site.splits.values() for r in rs]}, {})
+    out = {}
+    for label, data in ((UNSEEN_TEST, site), (UNSEEN_ALL, every)):
+        if data.splits["test"]:
+            out[label] = evaluate_with_uncertainty(model, SiteLoaders(data, card.preprocessing, 64,
+                                                                      cache_dir=cache_dir).eval("test"),
+                                                   temperature=card.temperature)
+    return out
+
+
 def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None, seconds: float,
-          eps: float | None, probe: dict | None = None) -> list[dict]:
+          eps: float | None, probe: dict | None = None, evaluated_on: str = "test split") -> list[dict]:
     rows = []
     probe_acc = (probe or {}).get("site_probe_balanced_accuracy")
     for site, m in results.items():
-        row = {"mode": mode.name, "kind": mode.kind, "seed": seed, "site": site, "n": m.get("n"),
+        row = {"mode": mode.name, "kind": mode.kind, "seed": seed, "site": site, "evaluated_on": evaluated_on,
+               "n": m.get("n"), "ece": m.get("ece"), "tumour_ece": m.get("tumour_ece"),
+               "temperature": m.get("temperature"),
                "n_no_tumor": m.get("n_no_tumor"), "tumour_accuracy": m.get("tumour_accuracy"),
                "unreliable": ";".join(sorted(m.get("unreliable") or {})), "budget_epochs": budget,
                "rounds": rounds, "seconds": round(seconds, 1), "dp_epsilon": eps, "site_probe": probe_acc}
@@ -194,6 +228,9 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
             if mode.kind == "federated":
                 s = replace(mode.settings, train=replace(mode.settings.train, seed=seed))
                 data = iid_federation(fed, seed) if mode.iid else fed
+                if mode.held_out:  # the same epochs over the smaller federation's data
+                    data = without_site(fed, mode.held_out)
+                    s.rounds = rounds_for_budget(s, data, settings.rounds * epochs_per_round(settings, fed))
                 try:
                     summary = run_simulation(data, s, folder, cache_dir=cache_dir)
                 except Exception as exc:  # one broken mode must not cost the others
@@ -210,6 +247,10 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
                 eps = epsilon_after(s.rounds, mode.dp[1], 1e-5) if mode.dp else None
                 rows += _rows(mode, seed, summary["test"], budget, s.rounds, summary["wall_seconds"], eps,
                               summary.get("site_probe"))
+                if mode.held_out:
+                    for label, m in score_unseen(folder.best, fed.sites[mode.held_out], cache_dir).items():
+                        rows += _rows(mode, seed, {mode.held_out: m}, budget, s.rounds, summary["wall_seconds"],
+                                      None, evaluated_on=label)
             else:
                 cfg = replace(mode.train, seed=seed)
                 res = train_pooled(fed, settings.model, cfg, folder, sites=mode.sites, image_size=settings.image_size,
@@ -285,4 +326,43 @@ def compare_table(rows: list[dict], sites: list[str]) -> str:
         lines.append(f"{mode:<34}" + "".join(cells))
     lines.append("per site: macro-F1 (4-class where tumour types are labelled); a = tumour-vs-healthy AUROC (binary "
                  "site); * = unreliable, fewer than 10 images of a class")
-    return "\n".join(lines)
+    loo = leave_one_out_table(rows)
+    return "\n".join(lines + (["", loo] if loo else []))
+
+
+def leave_one_out_table(rows: list[dict], markdown: bool = False) -> str:
+    """Each hospital scored as an unseen one by the federation of the others, beside the full federation's score
+    on the same test split (first seed)."""
+    from fedbrain.runs import fmt_metric
+
+    unseen = [r for r in rows if r.get("evaluated_on") in (UNSEEN_TEST, UNSEEN_ALL)]
+    if not unseen:
+        return ""
+    first = min(r["seed"] for r in unseen)
+    head = ["held-out hospital", "scored on", "n", "healthy", "macro-F1 [95% CI]", "tumour AUROC [95% CI]",
+            "tumour accuracy", "full federation, same split"]
+    body = []
+    for r in (x for x in unseen if x["seed"] == first):
+        m = {k: r.get(k) for k in METRICS} | {"ci": {k: [r.get(f"{k}_lo"), r.get(f"{k}_hi")] for k in METRICS
+                                                       if r.get(f"{k}_lo") is not None},
+                                               "unreliable": dict.fromkeys((r.get("unreliable") or "").split(";"), 1)}
+        full = next((x for x in rows if x["seed"] == first and x["site"] == r["site"] and x.get("kind") == "federated"
+                     and x.get("evaluated_on", "test split") == "test split"
+                     and not str(x["mode"]).count(" without ") and x["mode"] in ALGORITHM_MODES), None)
+        ref = "-"
+        if full is not None and r["evaluated_on"] == UNSEEN_TEST:
+            key = "macro_f1" if full.get("macro_f1") is not None else "tumour_auroc"
+            if isinstance(full.get(key), (int, float)):
+                ref = f"{key.replace('_', ' ')} {full[key]:.3f} ({full['mode']})"
+        acc = r.get("tumour_accuracy")
+        body.append([r["site"], r["evaluated_on"].split(" (")[0], str(r.get("n")), str(r.get("n_no_tumor")),
+                     fmt_metric(m, "macro_f1"), fmt_metric(m, "tumour_auroc"),
+                     "-" if acc is None else f"{acc:.3f}", ref])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                         + ["| " + " | ".join(b) + " |" for b in body])
+    widths = [max(len(x[i]) for x in [head, *body]) + 2 for i in range(len(head))]
+    fmt = lambda cells: "".join(c.ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join(["leave-one-hospital-out (the federation of the other hospitals, same epochs over its data):",
+                      fmt(head), "-" * sum(widths), *map(fmt, body),
+                      "* = unreliable, fewer than 10 images of a class"])

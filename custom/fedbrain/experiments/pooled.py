@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fedbrain import calibration
 from fedbrain.checkpoint import ModelCard, save_checkpoint
-from fedbrain.contract import supervised_granularity
+from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.metrics import class_recalls
+from fedbrain.input_check import reference_profile
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of
-from fedbrain.training import TrainConfig, seed_everything, train_keep_best
+from fedbrain.training import TrainConfig, predict_proba, seed_everything, train_keep_best
 
 
 def train_pooled(
@@ -46,7 +48,8 @@ def train_pooled(
     train_site = pooled_site("+".join(names), [fed.sites[n] for n in names])
     if not train_site.splits["train"]:
         raise ValueError(f"no training images at {names}")
-    pool = SiteLoaders(train_site, pre, cfg.batch_size, cache_dir=cache_dir)
+    pool = SiteLoaders(train_site, pre, cfg.batch_size, cache_dir=cache_dir,
+                       augmentation=augmentation_policy(cfg.augmentation))
     every = site_loaders(fed.sites, pre, cfg.batch_size, cache_dir, union=UNION)
     card = ModelCard(model=model_name, model_kwargs=dict(model_kwargs or {}), preprocessing=pre,
                      supervised_granularity=supervised_granularity([fed.sites[n].scheme for n in names]),
@@ -83,7 +86,14 @@ def _train(run, model, model_name, cfg, pool, every, card, log, status, train_si
     save_checkpoint(run.last, model, card)
     if best is not None:
         model.load_state_dict(best)
-    results = evaluate_everywhere(model, every)
+    if train_site.splits["val"]:  # temperature scaling on the pooled validation split
+        probs, targets = predict_proba(model, pool.eval("val"))
+        card = card.replace(calibration=calibration.fit(probs, targets, f"pooled validation split of "
+                                                        f"{train_site.name} ({len(targets)} images)"))
+    profile = reference_profile(card.preprocessing, train_site.splits["train"], pool.cache_dir,
+                                f"training split of {train_site.name}")
+    card = card.replace(extra={**card.extra, "input_profile": profile} if profile else card.extra)
+    results = evaluate_everywhere(model, every, temperature=card.temperature)
     for name, m in results.items():
         log.log(cfg.epochs, name, "test", m, checkpoint="best")
     log.close()

@@ -193,7 +193,7 @@ class ValidatingAggregator(ModelAggregator):
                 self._add(self._ctrl_sum, k, as_array(v).astype(np.float64) * weight)
         for k, v in (model.metrics or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
-                    ("val_", "train_")) and not k.startswith(("val_cm_", "val_hist_", COUNT_PREFIX)):
+                    ("val_", "train_")) and not k.startswith(("val_cm_", "val_hist_", "val_nll_", COUNT_PREFIX)):
                 self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * weight
         counts = site_counts(model.metrics or {})
         if counts is not None:

@@ -560,7 +560,14 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
             out.checkpoint = save_global_checkpoint(global_state(out.global_model), settings, run_out.last,
                                                     label_schemes, job_id)
             if out.best_model is not None:
-                save_global_checkpoint(global_state(out.best_model), settings, run_out.best, label_schemes, job_id)
+                from fedbrain.checkpoint import load_weights
+                from fedbrain.fl.metrics import federated_calibration
+                from fedbrain.input_check import profile_of_metrics
+
+                best_metrics = load_weights(out.best_model).get("metrics") or {}
+                save_global_checkpoint(global_state(out.best_model), settings, run_out.best, label_schemes, job_id,
+                                       calibration=federated_calibration(best_metrics),
+                                       input_profile=profile_of_metrics(best_metrics))
         run_out.deploy_result.write_text(json.dumps({
             "job_id": job_id, "status": status, "ok": out.ok, "error": out.error, "seconds": seconds,
             "result_dir": str(out.result_dir) if out.result_dir else None,
@@ -571,7 +578,7 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
 
 
 def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
-                           job_id: str) -> Path:
+                           job_id: str, calibration: dict | None = None, input_profile: dict | None = None) -> Path:
     """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``)."""
     from fedbrain.checkpoint import ModelCard, save_checkpoint
     from fedbrain.contract import supervised_granularity
@@ -585,5 +592,6 @@ def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dic
                      preprocessing=default_preprocessing(settings.model, settings.image_size),
                      supervised_granularity=granularity, label_schemes=dict(label_schemes or {}),
                      training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
-                               "job_id": job_id})
+                               "job_id": job_id}, calibration=dict(calibration or {}),
+                     extra={"input_profile": input_profile} if input_profile else {})
     return save_checkpoint(path, model, card)

@@ -4,7 +4,9 @@ A site sends counts, never images or per-image scores: its validation confusion 
 class, or "tumour of unknown type"; columns: the predicted class) and a histogram of the predicted tumour
 probability for tumour and for healthy slices. Summed over sites they give the macro-F1 of the pooled
 validation split exactly and its tumour-vs-healthy AUROC to within the histogram's resolution: the same
-selection criterion centralised training uses, with no site weighted by its size.
+selection criterion centralised training uses, with no site weighted by its size. It also sends the summed
+negative log-likelihood of its validation split on a grid of temperatures (:mod:`fedbrain.calibration`); the
+sum over sites fits the global model's temperature.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import math
 
 import numpy as np
 
+from fedbrain.calibration import calibration_record, pooled_curve
 from fedbrain.contract import NO_TUMOR, NUM_CLASSES
+from fedbrain.input_check import pooled_ranges
 
 NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
 CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
@@ -114,10 +118,30 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     healthy = cm[NO_TUMOR].sum()
     if healthy:
         out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
+    curve = pooled_curve(rows) if prefix == "val" else None
+    if curve is not None:  # the federated temperature fit: the sum of the sites' NLL curves
+        record = calibration_record(curve[0], curve[1], "")
+        out.update({f"{prefix}_pooled_temperature": record["temperature"], f"{prefix}_pooled_nll_n": float(curve[1])})
+        out.update({f"{prefix}_pooled_{k}": record[k] for k in ("nll_before", "nll_after") if record[k] is not None})
+    if prefix == "val":  # the federated input profile: the sum of the sites' feature histograms
+        out.update({f"{prefix}_pooled_{k}": v for k, v in pooled_ranges(rows).items()})
     score = out.get(f"{prefix}_pooled_macro_f1", out.get(f"{prefix}_pooled_tumour_auroc"))
     if score is not None:
         out[f"{prefix}_score"] = score
     return out
+
+
+def federated_calibration(metrics: dict) -> dict:
+    """The model card's calibration record from a round's aggregated metrics (the federated temperature fit);
+    empty when the sites sent no NLL curves."""
+    t = metrics.get("val_pooled_temperature")
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+        return {}
+    n = int(metrics.get("val_pooled_nll_n", 0))
+    return {"temperature": float(t), "nll_before": metrics.get("val_pooled_nll_before"),
+            "nll_after": metrics.get("val_pooled_nll_after"), "n": n,
+            "fitted_on": f"federated: the sites' summed validation NLL curves ({n} images), no image left a site",
+            "method": "temperature scaling (grid of summed validation NLL)"}
 
 
 def site_counts(metrics: dict) -> list[int] | None:

@@ -14,11 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedbrain.checkpoint import ModelCard, global_state, load_weights, read_checkpoint, save_checkpoint
-from fedbrain.contract import Augmentation, supervised_granularity
+from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
+from fedbrain.fl.metrics import federated_calibration
 from fedbrain.fl.recipes import build_recipe
+from fedbrain.input_check import profile_of_metrics
 from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
 from fedbrain.settings import JobSettings
@@ -431,7 +433,8 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     card = ModelCard(model=settings.model, model_kwargs=settings.model_kwargs, preprocessing=pre,
                      supervised_granularity=supervised_granularity([s.scheme for s in fed.sites.values()]),
                      label_schemes={n: s.scheme for n, s in fed.sites.items()},
-                     training={**settings.to_dict(), "mode": "federated", "augmentation": Augmentation().to_dict()})
+                     training={**settings.to_dict(), "mode": "federated",
+                               "augmentation": augmentation_policy(settings.train.augmentation).to_dict()})
     done = finished_rounds(run)
     if not done:
         summary["error"] = "the simulator produced no global model"
@@ -441,12 +444,18 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     model.load_state_dict(global_state(run.round_model(done[-1])))
     save_checkpoint(run.last, model, card.replace(training={**card.training, "last_round": done[-1]}))
     best_round = done[-1]
+    calibration, profile = {}, {}
     if best.is_file():
         model.load_state_dict(global_state(best))
-        best_round = int(load_weights(best).get("round", done[-1]))
+        best_file = load_weights(best)
+        best_round = int(best_file.get("round", done[-1]))
+        calibration = federated_calibration(best_file.get("metrics") or {})
+        profile = profile_of_metrics(best_file.get("metrics") or {})
     summary["best_round"] = best_round
+    card = card.replace(calibration=calibration, extra={**card.extra, "input_profile": profile} if profile else
+                        card.extra)
     loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
-    results = evaluate_everywhere(model, loaders)
+    results = evaluate_everywhere(model, loaders, temperature=card.temperature)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
     save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
         **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts"}))
@@ -464,7 +473,8 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     summary.update({"test": results, "train_seconds_per_site": dict(train_seconds),
                     "rounds_table": round_table(rows, sites)})
     out = {k: v for k, v in summary.items() if k != "rounds_table"}
-    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix", "ci", "unreliable")
+    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix", "ci", "unreliable",
+                                                                          "reliability", "uncalibrated")
                                         if kk in v}
                    for k, v in results.items()}
     run.write_results(out)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbrain.calibration import curve_metrics
+from fedbrain.contract import augmentation_policy
 from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
 from fedbrain.fl.metrics import (
@@ -29,6 +31,7 @@ from fedbrain.fl.metrics import (
     validation_counts,
 )
 from fedbrain.fl.privacy import DPConfig, privatize_update
+from fedbrain.input_check import feature_histograms
 from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
 from fedbrain.settings import JobSettings
@@ -99,9 +102,11 @@ def main(argv: list[str] | None = None) -> None:
     split_file = Path(args.split_file) if args.split_file else run.split_file(site)
     data = SiteData.read_split_file(site, split_file)
     pre = default_preprocessing(job.model, job.image_size)
-    loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                          augmentation=augmentation_policy(cfg.augmentation))
     train_targets = loaders.dataset("train").targets
     own_counts = target_counts(train_targets)  # sent every round: the server pools them (class_balance)
+    own_profile = feature_histograms(loaders.dataset("train").images)  # counts; sent with the validation counts
     present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
     apply_finetune(model, job.model, job.finetune)
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
+            val_counts.update(curve_metrics(probs, targets))  # for the federated temperature fit
+            val_counts.update(own_profile)  # for the federated input profile
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
         if rnd == args.fail_at_round and site == args.fail_site:

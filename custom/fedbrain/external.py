@@ -1,0 +1,123 @@
+"""External validation: any model file scored on a folder that never took part in training.
+
+The folder is read by the same readers as a hospital's data (:mod:`fedbrain.data.readers`), unreadable images are
+counted and left out (never scored as black), and every image is checked against the training images of the
+model's run with the near-duplicate fingerprint of the federation's leakage control: the metrics come with and
+without the images that have a twin in training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fedbrain.data.readers import DataLayoutError, Record, read_source
+
+LAYOUTS = ("yesno", "folders", "sartaj", "figshare", "csv")
+TWIN_THRESHOLD = 0.98  # the federation's group threshold (FederationSpec.group_threshold): same slice or adjacent
+
+
+@dataclass
+class ExternalSet:
+    """The usable labelled images of an external folder and what was left out."""
+
+    root: str
+    layout: str
+    scheme: str
+    records: list[Record]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+
+def relabel(records: list[Record], scheme: str) -> list[Record]:
+    """Labels as ``scheme`` allows: ``binary`` keeps only tumour / no_tumor, ``tumour_type`` drops no_tumor."""
+    if scheme == "binary":
+        return [Record(r.path, "no_tumor" if r.label == "no_tumor" else "tumour", r.official_split, r.patient_id)
+                for r in records]
+    if scheme == "tumour_type":
+        return [r for r in records if r.label not in ("no_tumor", "tumour")]
+    return list(records)
+
+
+def read_external(root: str | Path, layout: str, scheme: str | None = None, cache_dir: Path | None = None,
+                  progress: bool = False) -> ExternalSet:
+    """The external folder's readable, labelled images (``scheme``: as the labels are, unless given)."""
+    from fedbrain.data.cache import index_images
+    from fedbrain.data.readers import infer_scheme
+
+    if layout not in LAYOUTS:
+        raise DataLayoutError(f"unknown --layout {layout!r}; choose one of {list(LAYOUTS)}")
+    read = read_source(layout, Path(root) / "manifest.csv" if layout == "csv" and Path(root).is_dir() else
+                       Path(root))
+    records = read.records
+    if not records:
+        raise DataLayoutError(f"{layout}: no labelled images under {str(root)!r}")
+    scheme = scheme or infer_scheme(records)
+    if scheme == "multiclass" and any(r.label == "tumour" for r in records):
+        raise DataLayoutError("--scheme multiclass needs typed labels, but this folder labels tumour / no tumour "
+                              "only; use --scheme binary")
+    records = relabel(records, scheme)
+    skipped = Counter(read.problems)
+    index = index_images([r.path for r in records], cache_dir, progress)
+    keep = []
+    for r, ok, reason in zip(records, index.ok, index.reasons, strict=True):
+        if ok:
+            keep.append(r)
+        else:
+            skipped[f"unreadable image ({reason})"] += 1
+    if not keep:
+        raise DataLayoutError(f"{layout}: none of the {len(records)} images under {str(root)!r} can be read")
+    return ExternalSet(str(root), layout, scheme, keep, skipped)
+
+
+def training_twins(external: list[Record], training: list[Record], cache_dir: Path | None = None,
+                   threshold: float = TWIN_THRESHOLD) -> np.ndarray:
+    """For every external image, whether a training image is its near-duplicate (as it is or mirrored)."""
+    from fedbrain.data.cache import index_images
+    from fedbrain.data.dedup import flip_thumbs
+
+    if not training or not external:
+        return np.zeros(len(external), bool)
+    ext = index_images([r.path for r in external], cache_dir)
+    train = index_images([r.path for r in training], cache_dir)
+    t = np.ascontiguousarray(train.thumbs[train.ok], np.float32)
+    if not len(t):
+        return np.zeros(len(external), bool)
+    e = np.ascontiguousarray(ext.thumbs, np.float32)
+    twin = np.zeros(len(external), bool)
+    for start in range(0, len(e), 1024):
+        block = e[start:start + 1024]
+        sim = np.maximum(block @ t.T, flip_thumbs(block) @ t.T).max(axis=1)
+        twin[start:start + 1024] = sim >= threshold
+    return twin & ext.ok
+
+
+def model_run(model_path: Path):
+    """The run a model file belongs to (``<run>/checkpoints/*.pt``, ``<run>/compression/*``), or None."""
+    from fedbrain.runs import RunDir
+
+    return RunDir.of_model_file(model_path)
+
+
+def evaluate_external(predictor, ext: ExternalSet, training: list[Record] | None, cache_dir: Path | None = None,
+                      n_boot: int = 1000) -> dict:
+    """Metrics on every usable external image and, when some have a twin in training, without those."""
+    from fedbrain.compression.data import arrays, normalise
+    from fedbrain.evaluation import scored
+
+    imgs, targets = arrays(ext.records, predictor.preprocessing, cache_dir)
+    probs = predictor.probabilities(normalise(imgs, predictor.preprocessing))
+    twins = training_twins(ext.records, training or [], cache_dir)
+    out = {"external": ext.root, "layout": ext.layout, "scheme": ext.scheme, "n_images": len(ext.records),
+           "skipped": dict(ext.skipped), "twin_check": "run training split" if training else
+           "not done: the model's run (its splits/) is unknown; pass --train-run RUN",
+           "n_training_twins": int(twins.sum()), "twin_threshold": TWIN_THRESHOLD,
+           "temperature": predictor.temperature, "results": {"all images": scored(probs, targets, n_boot)}}
+    if twins.any() and (~twins).any():
+        out["results"]["without training twins"] = scored(probs[~twins], targets[~twins], n_boot)
+    return out
+
+
+__all__ = ["LAYOUTS", "ExternalSet", "read_external", "training_twins", "evaluate_external", "model_run", "relabel"]

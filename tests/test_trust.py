@@ -1,0 +1,320 @@
+"""Issue 14: calibrated probabilities (pooled and federated fits), inputs outside the training data, robustness to
+acquisition shifts, external validation in every layout, and leave-one-hospital-out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedbrain import calibration as cal
+from fedbrain.checkpoint import ModelCard, read_card, save_checkpoint
+from fedbrain.cli.main import main
+from fedbrain.contract import AUGMENTATIONS, DEFAULT_AUGMENTATION, NO_TUMOR, TUMOUR_ANY, Augmentation, Preprocessing
+from fedbrain.data.dataset import augment_batch
+from fedbrain.fl.metrics import federated_calibration, pooled_validation, validation_counts
+from fedbrain.input_check import build_profile, check_input, feature_histograms, pooled_ranges, profile_of_metrics
+from fedbrain.models import create_model, default_preprocessing
+from fedbrain.predict import load_predictor
+from fedbrain.robustness import SHIFTS, STRENGTHS, shifted
+from fedbrain.training import compute_metrics
+
+os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _overconfident(n: int = 3000, scale: float = 3.0, seed: int = 0):
+    """Labels and the probabilities of logits ``scale`` times too sharp (the calibrated ones are known)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    logits = rng.normal(0, 1, (n, 4))
+    logits[np.arange(n), y] += 2.0  # the Bayes posterior is softmax(2 * logits)
+    p = np.exp(scale * logits)
+    return p / p.sum(1, keepdims=True), y
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_temperature_scaling_recovers_the_known_temperature_and_lowers_ece():
+    probs, y = _overconfident(scale=3.0)  # calibrated: softmax(2 logits) = softmax(3 logits / 1.5)
+    t = cal.fit_temperature(cal.nll_curve(probs, y))
+    assert t == pytest.approx(1.5, rel=0.06)
+    scaled = cal.apply_temperature(probs, t)
+    assert (scaled.argmax(1) == probs.argmax(1)).all()  # accuracy and macro-F1 cannot change
+    assert compute_metrics(scaled, y)["ece"] < 0.5 * compute_metrics(probs, y)["ece"]
+
+
+def test_the_federated_fit_is_the_pooled_fit_of_the_sites_curves():
+    probs, y = _overconfident(scale=2.5, seed=1)
+    y = y.copy()
+    y[:500] = np.where(y[:500] == NO_TUMOR, NO_TUMOR, TUMOUR_ANY)  # a binary site: "tumour, type unknown"
+    parts = [(probs[:500], y[:500]), (probs[500:1800], y[500:1800]), (probs[1800:], y[1800:])]
+    rows = [{**validation_counts(p, t), **cal.curve_metrics(p, t)} for p, t in parts]
+    pooled = pooled_validation(rows)
+    assert pooled["val_pooled_temperature"] == cal.fit_temperature(cal.nll_curve(probs, y))
+    assert pooled["val_pooled_nll_n"] == len(y)
+    record = federated_calibration(pooled)
+    assert record["temperature"] == pooled["val_pooled_temperature"] and "federated" in record["fitted_on"]
+    assert record["nll_after"] <= record["nll_before"]
+    assert federated_calibration({}) == {}  # sites that sent no curves: no calibration claimed
+
+
+def test_the_temperature_travels_in_pt_and_onnx_model_cards_and_predict_uses_it(tmp_path):
+    pre = default_preprocessing("fedbrain_cnn")
+    card = ModelCard("fedbrain_cnn", pre, "multiclass",
+                     calibration={"temperature": 2.0, "fitted_on": "test"},
+                     extra={"input_profile": {"ranges": {"mean": [0.1, 0.5]}}})
+    torch.manual_seed(0)
+    model = create_model("fedbrain_cnn").eval()
+    path = save_checkpoint(tmp_path / "best.pt", model, card)
+    assert read_card(path).temperature == 2.0
+    back = ModelCard.from_onnx_metadata(card.to_onnx_metadata())
+    assert back.temperature == 2.0 and back.extra["input_profile"]["ranges"]["mean"] == [0.1, 0.5]
+    predictor = load_predictor(path)
+    rng = np.random.default_rng(0)
+    arr = (rng.random((128, 128)) * 60 + np.linspace(0, 150, 128)[None]).astype(np.uint8)
+    logits = predictor.logits(predictor.preprocess(arr)).astype(np.float64)[0]
+    expected = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum()
+    pred = predictor.predict(arr)
+    assert np.allclose(list(pred.probabilities.values()), expected, atol=1e-5) and pred.temperature == 2.0
+
+
+# ---------------------------------------------------------------- inputs outside the training data
+
+
+def _slices(n: int, rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """Bright ovals on black: the shape of an axial brain slice."""
+    yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+    out = []
+    for _ in range(n):
+        a, b = rng.uniform(0.3, 0.42), rng.uniform(0.3, 0.42)
+        inside = (xx / a) ** 2 + (yy / b) ** 2 < 1
+        img = np.where(inside, rng.uniform(90, 160) + rng.normal(0, 25, (size, size)), rng.uniform(0, 8))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def test_input_check_flags_what_is_not_like_the_training_slices():
+    rng = np.random.default_rng(0)
+    reference, held_out = _slices(400, rng), _slices(100, rng)
+    profile = build_profile(reference, "test slices")
+    pre = Preprocessing()
+    flagged = sum(bool(check_input(a, profile, pre)) for a in held_out)
+    assert flagged <= 8  # ~5 features at their central 99 %
+    yy, xx = np.mgrid[0:256, 0:256]
+    gradient = xx.astype(np.uint8)
+    document = np.where(rng.random((256, 256)) < 0.1, 0, 255).astype(np.uint8)  # white page, dark marks
+    for odd in (gradient, document):
+        warnings = check_input(odd, profile, pre)
+        assert warnings and all("range of the reference slices" in w for w in warnings)
+
+
+def test_the_federated_profile_is_the_pooled_profile_at_bin_resolution():
+    rng = np.random.default_rng(1)
+    a, b = _slices(150, rng), _slices(250, rng)
+    federated = profile_of_metrics({f"val_pooled_{k}": v for k, v in
+                                    pooled_ranges([feature_histograms(a), feature_histograms(b)]).items()})
+    pooled = build_profile(np.concatenate([a, b]), "pooled")
+    assert federated["n"] == 400 and "federated" in federated["source"]
+    for key, (lo, hi) in federated["ranges"].items():
+        plo, phi = pooled["ranges"][key]
+        width = 0.02  # widest histogram bin
+        assert lo <= plo + 1e-9 and hi >= phi - 1e-9 and plo - lo <= width + 1e-9 and hi - phi <= width + 1e-9
+
+
+# ---------------------------------------------------------------- augmentation policy
+
+
+def test_a_simulated_federation_saves_its_policy_temperature_and_input_profile(sim_run):
+    card = read_card(sim_run / "checkpoints" / "best.pt")
+    assert tuple(card.training["augmentation"]["gamma"]) == AUGMENTATIONS[DEFAULT_AUGMENTATION].gamma
+    assert card.calibration["fitted_on"].startswith("federated") and card.calibration["n"] > 0
+    profile = card.extra["input_profile"]  # from the sites' summed histograms of their training images
+    train = sum(1 for f in (sim_run / "splits").glob("*.csv") for row in csv.DictReader(f.open())
+                if row["split"] == "train")
+    assert profile["source"].startswith("federated") and profile["n"] == train
+    results = json.loads((sim_run / "results.json").read_text())["test"]["union"]
+    assert results["temperature"] == card.temperature and "reliability" in results
+
+
+def test_the_robust_policy_varies_gamma_and_field_of_view():
+    robust = AUGMENTATIONS["robust"]
+    assert robust.gamma[0] < 1 < robust.gamma[1] and robust.scale[0] < Augmentation().scale[0]
+    x = torch.full((64, 1, 16, 16), 0.5)
+    g = torch.Generator().manual_seed(0)
+    no_geometry = Augmentation(hflip=False, max_rotate_deg=0, scale=(1, 1), translate=0, brightness=0, contrast=0,
+                               gamma=robust.gamma)
+    out = augment_batch(x, no_geometry, g)
+    means = out.mean(dim=(1, 2, 3))
+    assert means.min() < 0.5 ** robust.gamma[0] + 0.02 and means.max() > 0.5 ** robust.gamma[1] - 0.02
+    assert means.std() > 0.03
+
+
+# ---------------------------------------------------------------- robustness
+
+
+def test_shifts_are_deterministic_and_grow_with_strength():
+    imgs = _slices(6, np.random.default_rng(2))
+    for sh in SHIFTS:
+        out = [shifted(imgs, sh, s) for s in STRENGTHS]
+        assert all(o.shape == imgs.shape and o.dtype == np.uint8 for o in out)
+        assert np.array_equal(out[1], shifted(imgs, sh, "moderate"))  # seeded
+        change = [np.abs(o.astype(float) - imgs).mean() for o in out]
+        assert change[1] > 0, sh.name
+        if sh.name != "mirror":
+            assert change[0] <= change[1] <= change[2] + 1e-9, (sh.name, change)
+    assert np.array_equal(shifted(imgs, SHIFTS[-1], "moderate"), imgs[:, :, ::-1])
+
+
+def test_evaluate_robustness_writes_every_shift_for_the_run(compression_synthetic_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(compression_synthetic_run, run, ignore=shutil.ignore_patterns("compression", "evaluation"))
+    assert main(["evaluate", str(run), "--robustness", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "worst tumour auroc drop at moderate strength" in out
+    res = json.loads((run / "evaluation" / "robustness-best.json").read_text())
+    assert len(res["rows"]) == 3 * (len(SHIFTS) - 1) + 1  # mirror has one strength
+    assert {r["shift"] for r in res["rows"]} == {s.name for s in SHIFTS}
+    assert res["clean"]["n"] == 32 and res["worst"]["macro_f1"]["strength"] == "moderate"
+    assert (run / "evaluation" / "robustness-best.csv").is_file()
+
+
+# ---------------------------------------------------------------- external validation
+
+
+def _copy(src: list[Path], dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src:
+        shutil.copy(p, dst / p.name)
+
+
+def _first(folder: Path, n: int) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:n]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory) -> dict[str, tuple[Path, int]]:
+    """Real MRI slices from ../shared/data laid out in every supported layout: ``layout -> (folder, images)``."""
+    if not DATA.is_dir():
+        pytest.fail(f"the benchmark data is missing at {DATA}")
+    root = tmp_path_factory.mktemp("external")
+    out = {}
+    fig = root / "figshare"
+    for k in ("0", "1", "2"):
+        _copy(_first(DATA / "figshare_cheng" / k, 4), fig / k)
+    out["figshare"] = (fig, 12)
+    sar = root / "sartaj"
+    for c in ("glioma_tumor", "meningioma_tumor", "pituitary_tumor", "no_tumor"):
+        _copy(_first(DATA / "sartaj" / "Testing" / c, 3), sar / "Testing" / c)
+    out["sartaj"] = (sar, 12)
+    yn = root / "yesno"
+    for c in ("yes", "no"):
+        _copy(_first(DATA / "navoneel" / c, 5), yn / c)
+    out["yesno"] = (yn, 10)
+    gen = root / "folders"
+    for c, src in (("glioma", DATA / "sartaj" / "Testing" / "glioma_tumor"), ("healthy", DATA / "navoneel" / "no")):
+        _copy(_first(src, 4), gen / c)
+    (gen / "healthy" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # skipped and counted, never scored
+    out["folders"] = (gen, 8)
+    man = root / "csv"
+    _copy(_first(DATA / "navoneel" / "yes", 3) + _first(DATA / "navoneel" / "no", 3), man / "img")
+    with (man / "manifest.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for p in sorted((man / "img").iterdir()):
+            w.writerow([f"img/{p.name}", "yes" if p.name in {q.name for q in _first(DATA / "navoneel" / "yes", 3)}
+                        else "no"])
+    out["csv"] = (man, 6)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["figshare", "sartaj", "yesno", "folders", "csv"])
+def test_evaluate_external_scores_real_images_in_every_layout(layout, layouts, compression_synthetic_run, tmp_path,
+                                                              capsys):
+    folder, n = layouts[layout]
+    out = tmp_path / "external.json"
+    rc = main(["evaluate", str(compression_synthetic_run / "checkpoints" / "best.pt"), "--external", str(folder),
+               "--layout", layout, "--json", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == n and res["results"]["all images"]["n"] == n
+    assert res["n_training_twins"] == 0 and res["twin_check"] == "run training split"
+    assert "ci" in res["results"]["all images"]
+    if layout == "folders":
+        assert sum(v for k, v in res["skipped"].items() if k.startswith("unreadable image")) == 1
+    if layout in ("yesno", "csv"):
+        assert res["scheme"] == "binary" and "tumour_auroc" in res["results"]["all images"]
+    assert "near-duplicates of the run's training images: 0" in capsys.readouterr().out
+
+
+def test_external_images_that_are_training_twins_are_counted_and_scored_apart(compression_synthetic_run, tmp_path):
+    run = compression_synthetic_run
+    rows = list(csv.DictReader((run / "splits" / "site-a.csv").open()))
+    ext = tmp_path / "ext"
+    for r in rows:
+        if r["split"] == "test" or (r["split"] == "train" and r["path"].endswith("_0.png")):
+            dst = ext / r["label"]
+            dst.mkdir(parents=True, exist_ok=True)
+            img = Image.open(r["path"])
+            if r["split"] == "train":  # a re-encoded, mirrored copy of a training image is still a twin
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img.save(dst / f"{r['split']}-{Path(r['path']).stem}.jpg", quality=90)
+    out = tmp_path / "ext.json"
+    assert main(["evaluate", str(run / "checkpoints" / "best.pt"), "--external", str(ext), "--layout", "folders",
+                 "--json", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 32 + 4 and res["n_training_twins"] >= 4
+    assert res["results"]["without training twins"]["n"] == 36 - res["n_training_twins"]
+
+
+def test_evaluate_external_refuses_bad_requests_clearly(compression_synthetic_run, tmp_path, capsys):
+    best = str(compression_synthetic_run / "checkpoints" / "best.pt")
+    assert main(["evaluate", best, "--external", str(tmp_path)]) == 2
+    assert "--layout" in capsys.readouterr().err
+    assert main(["evaluate", best, "--external", str(tmp_path / "nope"), "--layout", "yesno"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "yes").mkdir()
+    (tmp_path / "yes" / "a.jpg").write_bytes(b"junk")
+    assert main(["evaluate", best, "--external", str(tmp_path), "--layout", "yesno"]) == 2
+    assert "none of the 1 images" in capsys.readouterr().err
+
+
+def test_onnx_models_are_scored_externally_through_the_same_predictor(compression_output, layouts, tmp_path):
+    folder, n = layouts["yesno"]
+    out = tmp_path / "onnx.json"
+    assert main(["evaluate", str(compression_output / "int8.onnx"), "--external", str(folder), "--layout", "yesno",
+                 "--json", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    res = json.loads(out.read_text())
+    assert res["results"]["all images"]["n"] == n and res["twin_check"] == "run training split"
+
+
+# ---------------------------------------------------------------- leave-one-hospital-out
+
+
+def test_compare_leave_one_out_scores_each_hospital_unseen(tmp_path, capsys):
+    rc = main(["compare", "--max-images-per-site", "30", "--rounds", "1", "--algorithms", "--no-baselines",
+               "--leave-one-out", "--no-cross-site-eval", "--workspace", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "leave-one-hospital-out" in out
+    run = next(p for p in tmp_path.iterdir() if p.name.startswith("compare"))
+    rows = json.loads((run / "compare.json").read_text())["rows"]
+    unseen = [r for r in rows if "unseen hospital" in (r.get("evaluated_on") or "")]
+    assert {r["mode"] for r in unseen} == {f"fedavg without hospital-{i}" for i in (1, 2, 3)}
+    for r in unseen:  # the held-out hospital is scored, and took no part in training
+        assert r["mode"].endswith(r["site"])
+        trained = {x["site"] for x in rows if x["mode"] == r["mode"] and x.get("evaluated_on") == "test split"}
+        assert r["site"] not in trained
+    every = [r for r in unseen if r["evaluated_on"].startswith("every image")]
+    assert all(r["n"] > 10 for r in every)
+    card = read_card(run / "fedavg_without_hospital-1" / "checkpoints" / "best.pt")
+    assert "hospital-1" not in card.label_schemes and card.calibration.get("fitted_on", "").startswith("federated")
+    assert card.extra.get("input_profile", {}).get("source", "").startswith("federated")
