@@ -318,3 +318,10 @@ def test_compare_leave_one_out_scores_each_hospital_unseen(tmp_path, capsys):
     card = read_card(run / "fedavg_without_hospital-1" / "checkpoints" / "best.pt")
     assert "hospital-1" not in card.label_schemes and card.calibration.get("fitted_on", "").startswith("federated")
     assert card.extra.get("input_profile", {}).get("source", "").startswith("federated")
+
+
+def test_leave_one_out_of_one_hospital_is_refused_before_any_run(tmp_path, capsys):
+    rc = main(["compare", "--num-sites", "1", "--max-images-per-site", "30", "--leave-one-out", "--workspace",
+               str(tmp_path)])
+    assert rc == 2 and "at least two hospitals" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

@@ -75,6 +75,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from fedbrain.runs import RunDir
 
     fed = load_federation(args)
+    if args.leave_one_out and len(fed.sites) < 2:
+        raise UsageError("--leave-one-out needs at least two hospitals")
     settings = job_settings(args, fed)
     settings.cross_site_eval = False
     settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row

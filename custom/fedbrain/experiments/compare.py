@@ -127,8 +127,10 @@ def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp
         modes += [Mode(f"{settings.algorithm} {label}", "federated", with_overrides(settings, o, fed))
                   for label, o in ABLATION if o.get("model") != "fedbrain_cnn" or settings.model == "fedbrain_cnn_gn"]
     if leave_one_out:
+        if len(fed.sites) < 2:
+            raise ValueError("leave-one-out needs at least two hospitals")
         modes += [Mode(f"{settings.algorithm} without {name}", "federated", settings, held_out=name)
-                  for name in fed.sites if len(fed.sites) > 2 or name != next(iter(fed.sites))]
+                  for name in fed.sites]
     if dp:
         modes.append(Mode("fedavg+dp", "federated", settings.with_algorithm("fedavg", dp_clip=dp[0],
                                                                              dp_noise=dp[1]), dp=dp))
