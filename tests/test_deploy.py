@@ -359,6 +359,9 @@ def test_deployment_end_to_end(tmp_path, launcher):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     _model, card = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert card.training["job_id"] == res["job_id"] and card.training["rounds"] == 2
+    _model, best = load_checkpoint(run_dir / "checkpoints" / "best.pt")  # fitted from the sites' sums (issue 14)
+    assert best.calibration["fitted_on"].startswith("federated") and best.temperature > 0
+    assert best.extra["input_profile"]["source"].startswith("federated")
     # the run's live status followed the deployed job (admin API show_stats, then the server's progress.json)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["job_id"] == res["job_id"], status

@@ -22,6 +22,7 @@ GRID: tuple[float, ...] = tuple(float(t) for t in np.exp(np.linspace(np.log(0.25
 NLL_PREFIX = "val_nll_t"  # metric keys a site sends: val_nll_t<i> = summed NLL of its validation split at GRID[i]
 NLL_COUNT = "val_nll_n"  # and the number of images in those sums
 RELIABILITY_BINS = 10
+METHOD = "temperature scaling (grid of summed validation NLL)"
 _TINY = 1e-30
 
 
@@ -73,7 +74,7 @@ def calibration_record(curve: np.ndarray, n: int, fitted_on: str) -> dict:
     per = max(1, n)
     return {"temperature": t, "nll_before": float(curve[one] / per) if n else None,
             "nll_after": float(curve[i] / per) if n else None, "n": int(n), "fitted_on": fitted_on,
-            "method": "temperature scaling (grid of summed validation NLL)"}
+            "method": METHOD}
 
 
 def curve_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:

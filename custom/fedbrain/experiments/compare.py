@@ -153,19 +153,14 @@ def without_site(fed: Federation, site: str) -> Federation:
 def score_unseen(checkpoint: Path, site: SiteData, cache_dir: Path | None = None) -> dict[str, dict]:
     """A federation's best model on a hospital that took no part: its test split, and every image it has."""
     from fedbrain.checkpoint import load_checkpoint
-    from fedbrain.data.dataset import SiteLoaders
-    from fedbrain.evaluation import evaluate_with_uncertainty
+    from fedbrain.data.dataset import site_loaders
+    from fedbrain.evaluation import evaluate_everywhere
 
     model, card = load_checkpoint(checkpoint)
     every = SiteData(site.name, site.scheme, {"train": [], "val": [],
                                               "test": [r for rs in site.splits.values() for r in rs]}, {})
-    out = {}
-    for label, data in ((UNSEEN_TEST, site), (UNSEEN_ALL, every)):
-        if data.splits["test"]:
-            out[label] = evaluate_with_uncertainty(model, SiteLoaders(data, card.preprocessing, 64,
-                                                                      cache_dir=cache_dir).eval("test"),
-                                                   temperature=card.temperature)
-    return out
+    loaders = site_loaders({UNSEEN_TEST: site, UNSEEN_ALL: every}, card.preprocessing, 64, cache_dir, union=None)
+    return evaluate_everywhere(model, loaders, temperature=card.temperature)
 
 
 def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None, seconds: float,

@@ -12,7 +12,7 @@ from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.metrics import class_recalls
-from fedbrain.input_check import reference_profile
+from fedbrain.input_check import build_profile
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of
@@ -90,9 +90,8 @@ def _train(run, model, model_name, cfg, pool, every, card, log, status, train_si
         probs, targets = predict_proba(model, pool.eval("val"))
         card = card.replace(calibration=calibration.fit(probs, targets, f"pooled validation split of "
                                                         f"{train_site.name} ({len(targets)} images)"))
-    profile = reference_profile(card.preprocessing, train_site.splits["train"], pool.cache_dir,
-                                f"training split of {train_site.name}")
-    card = card.replace(extra={**card.extra, "input_profile": profile} if profile else card.extra)
+    profile = build_profile(pool.dataset("train").images, f"training split of {train_site.name}")
+    card = card.replace(extra={**card.extra, "input_profile": profile})
     results = evaluate_everywhere(model, every, temperature=card.temperature)
     for name, m in results.items():
         log.log(cfg.epochs, name, "test", m, checkpoint="best")

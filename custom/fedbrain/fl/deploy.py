@@ -561,13 +561,9 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
                                                     label_schemes, job_id)
             if out.best_model is not None:
                 from fedbrain.checkpoint import load_weights
-                from fedbrain.fl.metrics import federated_calibration
-                from fedbrain.input_check import profile_of_metrics
 
-                best_metrics = load_weights(out.best_model).get("metrics") or {}
                 save_global_checkpoint(global_state(out.best_model), settings, run_out.best, label_schemes, job_id,
-                                       calibration=federated_calibration(best_metrics),
-                                       input_profile=profile_of_metrics(best_metrics))
+                                       round_metrics=load_weights(out.best_model).get("metrics") or {})
         run_out.deploy_result.write_text(json.dumps({
             "job_id": job_id, "status": status, "ok": out.ok, "error": out.error, "seconds": seconds,
             "result_dir": str(out.result_dir) if out.result_dir else None,
@@ -578,10 +574,12 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
 
 
 def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
-                           job_id: str, calibration: dict | None = None, input_profile: dict | None = None) -> Path:
-    """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``)."""
+                           job_id: str, round_metrics: dict | None = None) -> Path:
+    """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``); with the
+    aggregated ``round_metrics`` of its round, the temperature and input profile fitted from the sites' sums."""
     from fedbrain.checkpoint import ModelCard, save_checkpoint
     from fedbrain.contract import supervised_granularity
+    from fedbrain.fl.metrics import with_round_fits
     from fedbrain.models import create_model, default_preprocessing
 
     model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
@@ -592,6 +590,5 @@ def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dic
                      preprocessing=default_preprocessing(settings.model, settings.image_size),
                      supervised_granularity=granularity, label_schemes=dict(label_schemes or {}),
                      training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
-                               "job_id": job_id}, calibration=dict(calibration or {}),
-                     extra={"input_profile": input_profile} if input_profile else {})
-    return save_checkpoint(path, model, card)
+                               "job_id": job_id})
+    return save_checkpoint(path, model, with_round_fits(card, round_metrics or {}))

@@ -15,9 +15,9 @@ import math
 
 import numpy as np
 
-from fedbrain.calibration import calibration_record, pooled_curve
+from fedbrain.calibration import METHOD, calibration_record, pooled_curve
 from fedbrain.contract import NO_TUMOR, NUM_CLASSES
-from fedbrain.input_check import pooled_ranges
+from fedbrain.input_check import pooled_ranges, profile_of_metrics
 
 NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
 CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
@@ -118,13 +118,14 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     healthy = cm[NO_TUMOR].sum()
     if healthy:
         out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
-    curve = pooled_curve(rows) if prefix == "val" else None
-    if curve is not None:  # the federated temperature fit: the sum of the sites' NLL curves
-        record = calibration_record(curve[0], curve[1], "")
-        out.update({f"{prefix}_pooled_temperature": record["temperature"], f"{prefix}_pooled_nll_n": float(curve[1])})
-        out.update({f"{prefix}_pooled_{k}": record[k] for k in ("nll_before", "nll_after") if record[k] is not None})
-    if prefix == "val":  # the federated input profile: the sum of the sites' feature histograms
-        out.update({f"{prefix}_pooled_{k}": v for k, v in pooled_ranges(rows).items()})
+    if prefix == "val":
+        curve = pooled_curve(rows)
+        if curve is not None:  # the federated temperature fit: the sum of the sites' NLL curves
+            record = calibration_record(curve[0], curve[1], "")
+            out.update({"val_pooled_temperature": record["temperature"], "val_pooled_nll_n": float(curve[1])})
+            out.update({f"val_pooled_{k}": record[k] for k in ("nll_before", "nll_after") if record[k] is not None})
+        # the federated input profile: the sum of the sites' feature histograms
+        out.update({f"val_pooled_{k}": v for k, v in pooled_ranges(rows).items()})
     score = out.get(f"{prefix}_pooled_macro_f1", out.get(f"{prefix}_pooled_tumour_auroc"))
     if score is not None:
         out[f"{prefix}_score"] = score
@@ -141,7 +142,15 @@ def federated_calibration(metrics: dict) -> dict:
     return {"temperature": float(t), "nll_before": metrics.get("val_pooled_nll_before"),
             "nll_after": metrics.get("val_pooled_nll_after"), "n": n,
             "fitted_on": f"federated: the sites' summed validation NLL curves ({n} images), no image left a site",
-            "method": "temperature scaling (grid of summed validation NLL)"}
+            "method": METHOD}
+
+
+def with_round_fits(card, metrics: dict):
+    """``card`` with what the server fitted from the sites' sums in the round of the best model (its aggregated
+    ``metrics``): the temperature and the input profile (each left out when the sites sent nothing for it)."""
+    profile = profile_of_metrics(metrics)
+    return card.replace(calibration=federated_calibration(metrics),
+                        extra={**card.extra, "input_profile": profile} if profile else card.extra)
 
 
 def site_counts(metrics: dict) -> list[int] | None:

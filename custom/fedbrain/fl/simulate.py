@@ -18,9 +18,8 @@ from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
-from fedbrain.fl.metrics import federated_calibration
+from fedbrain.fl.metrics import with_round_fits
 from fedbrain.fl.recipes import build_recipe
-from fedbrain.input_check import profile_of_metrics
 from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
 from fedbrain.settings import JobSettings
@@ -444,16 +443,14 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     model.load_state_dict(global_state(run.round_model(done[-1])))
     save_checkpoint(run.last, model, card.replace(training={**card.training, "last_round": done[-1]}))
     best_round = done[-1]
-    calibration, profile = {}, {}
+    best_metrics = {}
     if best.is_file():
         model.load_state_dict(global_state(best))
         best_file = load_weights(best)
         best_round = int(best_file.get("round", done[-1]))
-        calibration = federated_calibration(best_file.get("metrics") or {})
-        profile = profile_of_metrics(best_file.get("metrics") or {})
+        best_metrics = best_file.get("metrics") or {}
     summary["best_round"] = best_round
-    card = card.replace(calibration=calibration, extra={**card.extra, "input_profile": profile} if profile else
-                        card.extra)
+    card = with_round_fits(card, best_metrics)
     loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
     results = evaluate_everywhere(model, loaders, temperature=card.temperature)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
