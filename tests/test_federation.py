@@ -207,3 +207,46 @@ def test_the_servers_initial_model_is_drawn_from_the_jobs_seed():
     settings = JobSettings.create(rounds=1, cross_site_eval=False, train={"seed": 7})
     recipe = build_recipe(settings, ["a", "b"])
     assert recipe.model["args"]["seed"] == 7  # what the server's persistor builds the model from
+
+
+@pytest.mark.slow
+def test_with_dp_only_the_privatised_update_counts_and_validation_scalars_leave_a_site(tmp_path):
+    """On the wire (the server's audit of every update, and the models cross-site evaluation collected):
+    no update norm, no training loss, no training-image histograms, and each site's submitted model is the
+    privatised update it already released, never its unclipped local model."""
+    from nvflare.fuel.utils import fobs
+
+    from fedbrain.cli.main import main
+    from fedbrain.fl.privacy import weights_digest
+    from fedbrain.runs import RunDir
+
+    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "2", "--dp-clip", "1", "--dp-noise", "1",
+               "--workspace", str(tmp_path)])
+    assert rc == 0
+    run = next(d for d in tmp_path.iterdir() if (d / "config.json").is_file())
+    audit = [json.loads(line) for line in (run / "server_audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 2 * len(SITES)
+    for row in audit:
+        assert {"dp_epsilon", "dp_delta"} <= set(row["meta"])
+        assert not {"dp_update_norm", "dp_clip_scale"} & set(row["meta"]), row["meta"]
+        assert "train_loss" not in row["metrics"]
+        assert not [k for k in row["metrics"] if k.startswith("profile_")]
+    shared = next(run.glob("nvflare/*/server/simulate_job/cross_site_val/model_shareables"))
+    for site in SITES:
+        released = [r["released_sha256"] for r in read_metrics(RunDir(run).site_metrics(site))
+                    if r["split"] == "train"]
+        assert len(released) == 2 and all(released)
+        submitted = fobs.loadf(str(shared / site)).data
+        assert weights_digest(submitted) == released[-1], site
+
+
+def test_scaffold_with_dp_is_refused(tmp_path, capsys):
+    from fedbrain.cli.main import main
+    from fedbrain.settings import JobSettings
+
+    with pytest.raises(ValueError, match="control variates"):
+        JobSettings.create("scaffold", dp_clip=1.0, dp_noise=1.0)
+    assert main(["simulate", "--algorithm", "scaffold", "--dp-clip", "1", "--max-images-per-site", "10",
+                 "--workspace", str(tmp_path)]) != 0
+    assert "control variates" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before a run folder is made

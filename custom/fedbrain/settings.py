@@ -120,6 +120,9 @@ class JobSettings:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if self.train.norm not in ("batch", "running"):
             raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
+        if self.dp_clip > 0 and self.algorithm == "scaffold":
+            raise ValueError("differential privacy does not cover SCAFFOLD's control variates (they are computed "
+                             "from the unclipped local model): use fedavg or fedprox with --dp-clip")
 
     def freeze_round(self) -> int:
         """FixBN: the round whose pooled BatchNorm moments are frozen for the rest of the job."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fedbrain.runs import DEFAULT_WORKSPACE
@@ -277,6 +278,9 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
     add_workspace_arg(g)
 
 
+CLIENT_DP_MIN_SITES = 100  # client-level DP's noise is averaged over the sites: useful only with many of them
+
+
 def job_settings(args: argparse.Namespace, fed=None):
     """The :class:`JobSettings` the job flags describe (validated). Without ``--rounds``, the rounds give
     ``--budget-epochs`` passes over ``fed``'s training data (without ``fed``: JobSettings' default rounds)."""
@@ -306,6 +310,10 @@ def job_settings(args: argparse.Namespace, fed=None):
             pretrained=pretrained_flag(args), finetune=args.finetune, **levers)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if settings.dp_clip > 0 and fed is not None and len(fed.sites) < CLIENT_DP_MIN_SITES:
+        print(f"warning: --dp-clip is client-level DP: it protects a whole hospital's participation, which needs "
+              f"hundreds of sites; with {len(fed.sites)} it destroys the model long before ε is meaningful, and it "
+              "does not protect single patients' scans (docs/deployment.md, 'What leaves a site')", file=sys.stderr)
     if args.rounds is not None:
         if args.rounds < 1:
             raise UsageError(f"--rounds must be at least 1, not {args.rounds}")

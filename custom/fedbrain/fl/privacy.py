@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+# what a site may send of its DP accounting: data-independent numbers only (never the update's norm)
+PUBLIC_DP_KEYS = ("dp_epsilon", "dp_delta")
+
 
 @dataclass
 class DPConfig:
@@ -17,6 +20,21 @@ class DPConfig:
     @property
     def enabled(self) -> bool:
         return self.clip > 0
+
+
+def weights_digest(params: dict) -> str:
+    """sha256 of a state dict's values (names sorted, float32): which released weights a model is."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for k in sorted(params):
+        v = params[k]
+        arr = np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype.kind == "f" else arr.dtype).tobytes())
+    return h.hexdigest()
 
 
 def epsilon_after(rounds: int, noise_multiplier: float, delta: float) -> float:

@@ -30,7 +30,7 @@ from fedbrain.fl.metrics import (
     site_batch_size,
     validation_counts,
 )
-from fedbrain.fl.privacy import DPConfig, privatize_update
+from fedbrain.fl.privacy import PUBLIC_DP_KEYS, DPConfig, privatize_update, weights_digest
 from fedbrain.input_check import feature_histograms
 from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     def log(row: dict) -> None:
         if log_dir:
             append_jsonl(metrics_file(log_dir), {"site": site, **row})
-        if tracker is not None:
+        if tracker is not None and not (dp.enabled and row["split"] == "train"):  # training scalars stay home
             prefix = row["split"]
             tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
                                  if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
+
+    released = None  # the last weights this site sent: the only local model that may leave it again
 
     while flare.is_running():
         # (2) receive the global model
@@ -144,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
         rnd = int(input_model.current_round or 0)
         meta_in = input_model.meta or {}
         if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
-            flare.send(flare.FLModel(params={k: v.cpu() for k, v in model.state_dict().items()}))
+            # what the site already released (privatised under DP), never the unclipped local weights; a site
+            # that never trained sends the global model it holds
+            sent = released if released is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            flare.send(flare.FLModel(params=sent))
             continue
         model.load_state_dict(to_torch_state(input_model.params, model))
 
@@ -160,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
             val_counts.update(curve_metrics(probs, targets))  # for the federated temperature fit
-            val_counts.update(own_profile)  # for the federated input profile
+            if not dp.enabled:  # the training images' feature histograms are not privatised: kept home under DP
+                val_counts.update(own_profile)  # for the federated input profile
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
         if rnd == args.fail_at_round and site == args.fail_site:
@@ -221,14 +227,19 @@ def main(argv: list[str] | None = None) -> None:
         dp_info = {}
         if dp.enabled:
             params, dp_info = privatize_update(params, global_state, dp, rnd)
-            meta.update(dp_info)
+            # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
+            # the local log (they would tell the server the unclipped update's size)
+            meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS})
+        released = params
         log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, "norm": norm, "batch_size": batch,
              "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
-             "train_seconds": time.perf_counter() - t0})
+             "train_seconds": time.perf_counter() - t0,
+             "released_sha256": weights_digest(params) if dp.enabled else None})  # local log: for the audit
         if rnd == args.corrupt_at_round and site == args.corrupt_site:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
-        metrics = {"val_score": headline(val) if val else float("nan"), "train_loss": stats["loss"],
+        metrics = {"val_score": headline(val) if val else float("nan"),
+                   **({} if dp.enabled else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
                    **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
                    **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
