@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	FEDBRAIN_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900
+
+# on a machine with a CUDA GPU (sized for under 10 minutes; not yet run on one): placement, mixed precision, images/s per model at 128 and 224 px,
+# then the 224 px budget for the baselines that are hopeless on 2 CPU cores (needs ../shared/data)
+gpu-check: $(STAMP)
+	mkdir -p workspace
+	$(BIN)/fedbrain bench gpu --json workspace/gpu_check.json
+	$(BIN)/fedbrain bench models --device cuda --data-root ../shared/data --image-size 0 --rounds 3 \
+		--max-train-per-site 200 --models resnet50 vgg16 --latency-repeats 20
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

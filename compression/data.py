@@ -29,7 +29,8 @@ class LocalData:
     def of_run(cls, run: RunDir, source: str | None = None) -> LocalData:
         """The leak-free splits a run trained on (``splits/<site>.csv``); empty when it recorded none."""
         sites = [SiteData.read_split_file(name, run.split_file(name)) for name in run.site_names()]
-        return cls(sites, source or f"run splits {run.splits}")
+        # the run's own folder name, not its path on this machine (reports get committed)
+        return cls(sites, source or f"run splits {run.root.name}/{run.splits.name}")
 
 
 def evenly(records: list, n: int | None) -> list:

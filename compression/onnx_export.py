@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedbrain.checkpoint import ONNX_INPUT, ONNX_OUTPUT, ModelCard
+from fedbrain.checkpoint import ONNX_INPUT, ONNX_OUTPUT, ModelCard, deployable
 
 INPUT_NAME = ONNX_INPUT
 OUTPUT_NAME = ONNX_OUTPUT
@@ -40,6 +40,7 @@ def export_onnx(model: nn.Module, card: ModelCard, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model, card = deployable(model, card)  # no normalisation arithmetic left in the graph
     pre = card.preprocessing
     x = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
     model = model.eval()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain.checkpoint import load_checkpoint, save_checkpoint
+from fedbrain.checkpoint import deployable, load_checkpoint, save_checkpoint
 from fedbrain.compression import report as rep
 from fedbrain.compression.data import LocalData, arrays, evenly, normalise, sample
 from fedbrain.compression.latency import interleaved, torch_threads
@@ -28,7 +28,14 @@ class CompressConfig:
     finetune_epochs: int = 3
     finetune_lr: float = 1e-3
     finetune_batch_size: int = 32
+    # the pruned model also learns the unpruned model's soft labels (share of the loss; 0: labels only)
+    finetune_distil: float = 1.0
     calib_images: int = 256  # train-split images for int8 calibration
+    # where the pruning fine-tune and the int8 calibration read images: one hospital's training split (a real
+    # federation has no pooled data), or for calibration the public Br35H set ("embedded"); None: the hospital
+    # with the most training images
+    finetune_site: str | None = None
+    calibration_site: str | None = None
     calib_method: str = "minmax"
     keep_input_conv_fp32: bool = True
     max_eval_images: int | None = None  # evaluate on all test images unless set
@@ -57,14 +64,16 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
-    model, card = load_checkpoint(checkpoint)
+    model, card = deployable(*load_checkpoint(checkpoint))
     card = card.replace(source_checkpoint=str(checkpoint))
     pre = card.preprocessing
-    train_recs, test_recs = data.records("train"), evenly(data.records("test"), cfg.max_eval_images)
+    test_recs = evenly(data.records("test"), cfg.max_eval_images)
     if not test_recs:
         raise ValueError(f"no test images in {data.source}")
+    tune_site = one_site(data, cfg.finetune_site)
+    train_recs = tune_site.splits["train"]
     if not train_recs:
-        raise ValueError(f"no train images in {data.source} (needed for fine-tuning and calibration)")
+        raise ValueError(f"no train images at {tune_site.name} (needed for fine-tuning and calibration)")
     timings: dict[str, float] = {}
 
     def lap(name: str, t0: float) -> None:
@@ -86,32 +95,35 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
     log(f"pruned: {info['params_before']:,} -> {info['params_after']:,} params, "
         f"{info['macs_before'] / 1e6:.1f} -> {info['macs_after'] / 1e6:.1f} MMACs "
         f"(conv widths {info['widths_before']} -> {info['widths_after']}); "
-        f"fine-tuning {cfg.finetune_epochs} epoch(s) on {len(train_recs)} train images")
+        f"fine-tuning {cfg.finetune_epochs} epoch(s) on {len(train_recs)} train images of {tune_site.name}")
     t0 = time.perf_counter()
     ft = {"epochs": 0}
     if cfg.finetune_epochs > 0:
         ds = SliceDataset(train_recs, pre, cache, progress=progress)
         loader = BatchLoader(ds, cfg.finetune_batch_size, train=True, augmentation=Augmentation(),
                              seed=cfg.seed)
-        val_recs = data.records("val")
+        val_recs = tune_site.splits["val"]
         val = BatchLoader(SliceDataset(val_recs, pre, cache), 64, train=False) if val_recs else None
         ft = finetune(pruned, loader, cfg.finetune_epochs, cfg.finetune_lr, seed=cfg.seed, val_loader=val,
-                      progress=progress)
+                      progress=progress, teacher=model, distil_weight=cfg.finetune_distil)
     lap("finetune_s", t0)
+    ft["site"] = tune_site.name
+    ft["train_images"] = len(train_recs)
     pcard = pruned_card(card, {**info, "finetune": ft})
     save_checkpoint(out / "pruned.pt", pruned, pcard)
     export_onnx(pruned, pcard, out / "pruned.onnx")
 
     # int8 -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    calib_recs = sample(train_recs, cfg.calib_images, cfg.seed)
+    calib_recs, calib_source = calibration_records(data, cfg.calibration_site, tune_site, cache)
+    calib_recs = sample(calib_recs, cfg.calib_images, cfg.seed)
     calib = normalise(arrays(calib_recs, pre, cache)[0], pre)
     for src, dst, variant in (("fp32.onnx", "int8.onnx", "int8"),
                               ("pruned.onnx", "pruned_int8.onnx", "pruned+int8")):
         quantize_int8(out / src, out / dst, calib, card.to_onnx_metadata(variant),
                       method=cfg.calib_method, keep_input_conv_fp32=cfg.keep_input_conv_fp32)
     lap("quantize_s", t0)
-    log(f"int8: calibrated on {len(calib_recs)} train images ({cfg.calib_method})")
+    log(f"int8: calibrated on {len(calib_recs)} images of {calib_source} ({cfg.calib_method})")
 
     # evaluation on the test split -------------------------------------------------------------
     t0 = time.perf_counter()
@@ -168,7 +180,8 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
         "model": {"name": card.model, "kwargs": card.model_kwargs},
         "supervised_granularity": card.supervised_granularity,
         "data": {"source": data.source, "sites": [s.name for s in data.sites], "test_images": len(test_recs),
-                 "train_images": len(train_recs), "calibration_images": len(calib_recs)},
+                 "finetune_site": tune_site.name, "train_images": len(train_recs),
+                 "calibration": calib_source, "calibration_images": len(calib_recs)},
         "latency": {"batch": 1, "runtime": "onnxruntime CPUExecutionProvider", "warmup": cfg.warmup,
                     "repeats": cfg.repeats, "threads": list(cfg.threads), "interleaved": True,
                     "cpu_count": os.cpu_count(), "load_avg_at_start": _loadavg()},
@@ -189,6 +202,27 @@ def compress(checkpoint: str | Path, data: LocalData, out_dir: str | Path, cfg: 
     }
     rep.write_report(out, report)
     return report
+
+
+def one_site(data: LocalData, name: str | None):
+    """The hospital whose training split a compression step may read: ``name``, else the one with most images."""
+    if name is None:
+        return max(data.sites, key=lambda s: len(s.splits["train"]))
+    for site in data.sites:
+        if site.name == name:
+            return site
+    raise ValueError(f"unknown site {name!r}; the data has {[s.name for s in data.sites]}")
+
+
+def calibration_records(data: LocalData, name: str | None, default_site, cache: Path | None) -> tuple[list, str]:
+    """The int8 calibration images: one hospital's training split, or the public Br35H set (``"embedded"``)."""
+    if name == "embedded":
+        from fedbrain.data.federation import build_federation, embedded_spec
+
+        fed = build_federation(embedded_spec(sites=1), cache_dir=cache)
+        return [r for s in fed.sites.values() for r in s.splits["train"]], "the public Br35H set (embedded)"
+    site = default_site if name is None else one_site(data, name)
+    return site.splits["train"], f"the training split of {site.name}"
 
 
 def _loadavg() -> list[float] | None:

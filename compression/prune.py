@@ -133,21 +133,39 @@ def magnitude_sparsify(model: nn.Module, amount: float = 0.5) -> dict:
 
 
 def finetune(model: nn.Module, loader, epochs: int = 2, lr: float = 1e-3, weight_decay: float = 1e-4,
-             seed: int = 0, val_loader=None, progress: bool = False) -> dict:
+             seed: int = 0, val_loader=None, progress: bool = False, teacher: nn.Module | None = None,
+             distil_weight: float = 0.0) -> dict:
     """A short fine-tune on local data: AdamW, one cosine schedule over all epochs, the class-weighted
     partial-label loss of training. With ``val_loader`` the epoch with the best validation headline
-    (macro-F1, else tumour AUROC) is kept, as in training; the model ends in eval mode."""
+    (macro-F1, else tumour AUROC) is kept, as in training; the model ends in eval mode.
+
+    ``teacher`` (the unpruned model) with ``distil_weight`` > 0: the pruned model also learns the unpruned one's
+    soft labels, which carry every class even where the fine-tune site has no label for one (a hospital without
+    healthy scans would otherwise unlearn ``no_tumor``)."""
+    from fedbrain.distillation import DistillConfig, Distiller
     from fedbrain.training import TrainConfig, train_keep_best
 
     if epochs <= 0:
         return {"epochs": 0}
     torch.manual_seed(seed)
     cfg = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    distiller = None
+    if teacher is not None and distil_weight > 0:
+        teacher.eval()
+
+        @torch.no_grad()
+        def soft(x: torch.Tensor) -> torch.Tensor:
+            return teacher.to(x.device)(x)
+
+        distiller = Distiller(soft, DistillConfig(weight=distil_weight))
     best, _score, history = train_keep_best(model, lambda _epoch: loader, cfg, val_loader=val_loader,
-                                            progress="fine-tune" if progress else None)
+                                            progress="fine-tune" if progress else None, distiller=distiller)
     model.load_state_dict(best)
-    model.eval()
-    return {"epochs": epochs, "lr": lr, "selected_by": "val headline" if val_loader is not None else "train loss",
+    model.to("cpu", memory_format=torch.contiguous_format).eval()  # export and int8 calibration run on the CPU
+    if teacher is not None:
+        teacher.to("cpu")
+    return {"epochs": epochs, "lr": lr, "distil_weight": distil_weight if distiller else 0.0,
+            "selected_by": "val headline" if val_loader is not None else "train loss",
             "best_epoch": max(history, key=lambda h: h["val_score"])["epoch"], "history": history}
 
 

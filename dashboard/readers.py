@@ -478,7 +478,7 @@ def bench_models_meta(workspace: str | Path) -> dict:
 
 
 def bench_goal_rows(meta: dict) -> pd.DataFrame:
-    """The goal check (fedbrain_cnn vs the best baseline per mode and budget) as a table."""
+    """The goal check (fedbrain's best own model vs the best baseline per mode and budget) as a table."""
     rows = [g for g in meta.get("goal") or [] if isinstance(g, dict)]
     df = pd.DataFrame(rows)
     if not df.empty and "met" in df:

@@ -736,7 +736,8 @@ def _external_section(run: R.Run) -> None:
 
 MODEL_COLUMNS = {  # bench_models.json key -> column label
     "model": "model", "mode": "mode", "budget": "budget", "weights": "init", "finetune": "fine-tune",
-    "macro_f1": "macro-F1", "accuracy": "accuracy", "tumour_auroc": "tumour AUROC", "params": "params",
+    "teacher": "distilled from", "macro_f1": "macro-F1", "accuracy": "accuracy", "tumour_auroc": "tumour AUROC",
+    "params": "params",
     "macs": "MACs", "fp32_onnx_bytes": "fp32 ONNX bytes", "int8_onnx_bytes": "int8 ONNX bytes",
     "int8_macro_f1": "int8 macro-F1", "latency_ms_fp32_1t": "ms (1 thread)", "latency_ms_fp32_2t": "ms (2 threads)",
     "latency_ms_int8_1t": "int8 ms (1 thread)", "train_seconds": "train s", "error": "error",
@@ -755,7 +756,8 @@ def models_page() -> None:
                 "(macro-F1, latency and size per model).")
         return
     meta = _bench_models_meta(str(ws), stamp)
-    st.caption("fedbrain_cnn against the baselines on the union of the hospitals' leak-free test splits. "
+    st.caption("fedbrain's own models (fedbrain_cnn_v2, distilled or not; fedbrain_cnn) against the baselines on the "
+               "union of the hospitals' leak-free test splits. "
                "Every row carries its training budget; compare rows of one budget. "
                + (f"Hardware: {meta['hardware']}." if meta.get("hardware") else ""))
     filters = [c for c in ("mode", "budget") if c in table and table[c].nunique() > 1]
@@ -774,7 +776,7 @@ def models_page() -> None:
     if x and y:
         data = table.dropna(subset=[x, y]).copy()
         symbol = "mode" if "mode" in data and data["mode"].nunique() > 1 else None
-        hover = [c for c in ("budget", "weights", "finetune", "params", size) if c in data]
+        hover = [c for c in ("budget", "weights", "finetune", "teacher", "params", size) if c in data]
         marker = None
         if size:  # sizes span 1000x (0.6 MB to 0.5 GB): a log scale keeps the small models visible
             values = pd.to_numeric(data[size], errors="coerce")
@@ -788,7 +790,8 @@ def models_page() -> None:
     st.dataframe(shown, hide_index=True, width="stretch")
     goal = R.bench_goal_rows(meta)
     if not goal.empty:
-        st.subheader("Goal: fedbrain_cnn within 2 pp of the best baseline at >= 10x fewer params and latency")
+        st.subheader("Goal: fedbrain's best own model within 2 pp of the best baseline, >= 10x fewer params, "
+                     ">= 10x lower latency (fp32 and int8), its int8 >= 2x faster than its fp32")
         st.dataframe(goal, hide_index=True, width="stretch")
     per_class = [c for c in table.columns if c.endswith(("_precision", "_recall"))]
     if per_class and name:

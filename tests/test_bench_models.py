@@ -118,17 +118,23 @@ def test_merge_replaces_rows_of_the_same_model_mode_and_budget():
 
 
 def test_goal_compares_within_one_budget_and_mode():
-    rows = [{"model": "fedbrain_cnn", "mode": "centralized", "budget": "b", "macro_f1": 0.90, "params": 1e5,
-             "latency_ms_fp32_1t": 1.0},
+    rows = [{"model": "fedbrain_cnn", "mode": "centralized", "budget": "b", "macro_f1": 0.80, "params": 1e5,
+             "latency_ms_fp32_1t": 1.0, "latency_ms_int8_1t": 0.4},
+            {"model": "fedbrain_cnn_v2", "mode": "centralized", "budget": "b", "macro_f1": 0.90, "params": 1e5,
+             "latency_ms_fp32_1t": 1.0, "latency_ms_int8_1t": 0.4, "teacher": "efficientnet_lite0 (federated)"},
             {"model": "resnet50", "mode": "centralized", "budget": "b", "macro_f1": 0.91, "params": 2e7,
-             "latency_ms_fp32_1t": 30.0},
+             "latency_ms_fp32_1t": 30.0, "latency_ms_int8_1t": 10.0},
             {"model": "vgg16", "mode": "centralized", "budget": "other", "macro_f1": 0.99, "params": 1e8,
              "latency_ms_fp32_1t": 90.0}]
-    (g,) = bm.goal(rows)
-    assert g["best_baseline"] == "resnet50" and g["macro_f1_gap_pp"] == -1.0 and g["met"]
-    rows[1]["macro_f1"] = 0.95
+    (g,) = bm.goal(rows)  # fedbrain's best own model of the group, a distilled one included
+    assert g["ours"] == "fedbrain_cnn_v2" and g["teacher"] and g["best_baseline"] == "resnet50"
+    assert g["macro_f1_gap_pp"] == -1.0 and g["latency_ratio_1t"] == 30.0 and g["int8_latency_ratio_1t"] == 25.0
+    assert g["int8_speedup_1t"] == 2.5 and g["met"]
+    rows[2]["macro_f1"] = 0.95
     assert not bm.goal(rows)[0]["met"]
     assert "NOT met" in bm.format_goal(bm.goal(rows))
+    rows[2]["macro_f1"], rows[1]["latency_ms_int8_1t"] = 0.91, 0.6  # int8 must pay: >= 2x faster than fp32
+    assert not bm.goal(rows)[0]["met"]
 
 
 def test_bad_model_and_finetune_are_clear_errors(capsys, tmp_path):

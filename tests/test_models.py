@@ -99,7 +99,8 @@ def test_every_model_gets_one_batchnorm_momentum():
         for name in list_models():
             bns = [m for m in create_model(name, pretrained=False).modules()
                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-            no_bn = name in ("vgg16", "fedbrain_cnn_gn")  # VGG16 has no normalisation, the GN variant GroupNorm
+            # VGG16 has no normalisation, the GN variant GroupNorm, v2 weight standardisation
+            no_bn = name in ("vgg16", "fedbrain_cnn_gn", "fedbrain_cnn_v2")
             assert {m.momentum for m in bns} == (set() if no_bn else {0.1}), name
         own = create_model("mobilenet_v3_small", pretrained=False, bn_momentum=None)
         assert {m.momentum for m in own.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}

@@ -49,6 +49,12 @@ class ModelCard:
     created: str = ""
     calibration: dict = field(default_factory=dict)  # temperature scaling record (fedbrain.calibration)
 
+    def __post_init__(self) -> None:
+        from fedbrain.models import architecture, list_models
+
+        if self.model in list_models():  # the full architecture, defaults included, travels with the weights
+            self.model_kwargs = architecture(self.model, self.model_kwargs)
+
     def replace(self, **changes) -> ModelCard:
         return replace(self, **changes)
 
@@ -217,6 +223,19 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, ModelCard]:
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     model.eval()
     return model, card
+
+
+def deployable(model: nn.Module, card: ModelCard) -> tuple[nn.Module, ModelCard]:
+    """The model as it is exported, pruned and quantised: weight-standardised convolutions folded into plain ones
+    (the same outputs; the card then describes the plain architecture, ``norm="none"``). Other models unchanged."""
+    from fedbrain.models import WSConv2d, fold_weight_standardisation
+
+    if not any(isinstance(m, WSConv2d) for m in model.modules()):
+        return model, card
+    import copy
+
+    folded = fold_weight_standardisation(copy.deepcopy(model)).eval()
+    return folded, card.replace(model_kwargs={**card.model_kwargs, "norm": "none"})
 
 
 def global_state(path: str | Path) -> dict[str, torch.Tensor]:

@@ -118,6 +118,11 @@ class RunDir:
         return self.checkpoints / "last.pt"
 
     @property
+    def teacher(self) -> Path:
+        """``checkpoints/teacher.pt``: the frozen teacher a distilled run learned from (the job carries it to sites)."""
+        return self.checkpoints / "teacher.pt"
+
+    @property
     def rounds(self) -> Path:
         """``checkpoints/rounds/``: the global model after every finished round (federated runs)."""
         return self.checkpoints / "rounds"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
+from fedbrain.distillation import DistillConfig
 from fedbrain.training import TrainConfig
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
@@ -34,7 +36,8 @@ TRACKING = ("", "mlflow")  # experiment tracking besides the run's own JSONL + T
 LEVER_CHOICES = {"server_optimizer": ("sgd", "adam"), "class_balance": ("site", "federation"),
                  "missing_classes": ("keep", "restrict"), "lr_schedule": ("constant", "cosine"),
                  "site_weighting": ("steps", "samples", "equal"),
-                 "bn_statistics": ("batch", "pooled", "frozen", "renorm"), "batch_split": ("site", "proportional")}
+                 "bn_statistics": ("batch", "pooled", "frozen", "renorm"), "batch_split": ("site", "proportional"),
+                 "distil_teacher_bn": ("site", "global")}
 
 
 def legacy_overrides() -> dict:
@@ -109,6 +112,14 @@ class JobSettings:
     tracking: str = ""  # "mlflow": sites stream their round metrics to the server's MLflow receiver (NVFlare)
     tracking_uri: str = ""  # the MLflow tracking URI (default: a SQLite store in the run / server job folder)
     initial_checkpoint: str | None = None  # a plain {"model": state_dict} file NVFlare starts from
+    # knowledge distillation (issue 12): a frozen teacher model file (e.g. a federated EfficientNet-Lite0's best.pt)
+    # that the job carries to every site; each site's loss mixes in the teacher's soft labels on its own batches
+    distil_from: str = ""
+    distil_weight: float = DistillConfig.weight
+    distil_temperature: float = DistillConfig.temperature
+    # "site": a BatchNorm teacher normalises by statistics each site estimates on its own training images (they
+    # never leave it; a teacher federated with site-pure batches needs them) | "global": by the teacher's own
+    distil_teacher_bn: str = "site"
     start_round: int = 0  # resume: round numbering continues from here
     extra_site_args: str = ""  # appended to every site's args (fault injection in tests)
 
@@ -120,6 +131,7 @@ class JobSettings:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if self.train.norm not in ("batch", "running"):
             raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
+        self.distillation()  # validates weight and temperature
         if self.dp_clip > 0 and self.algorithm == "scaffold":
             raise ValueError("differential privacy does not cover SCAFFOLD's control variates (they are computed "
                              "from the unclipped local model): use fedavg or fedprox with --dp-clip")
@@ -147,6 +159,11 @@ class JobSettings:
         """The same job under another algorithm: its defaults, the user's explicit choices kept."""
         return replace(self, algorithm=algorithm, train=algorithm_train_config(algorithm, **self.user_train),
                        **changes)
+
+    def distillation(self) -> DistillConfig | None:
+        """The distillation settings, or None without a teacher."""
+        config = DistillConfig(self.distil_weight, self.distil_temperature)
+        return config if self.distil_from else None
 
     # shorthands for the local training config
     @property
@@ -178,8 +195,12 @@ class JobSettings:
     # -------------------------------------------------------------- what a site receives
 
     def site_dict(self) -> dict:
-        """The settings a site trains by (no server-side fields, no paths)."""
-        return {k: v for k, v in self.to_dict().items() if k not in SERVER_ONLY}
+        """The settings a site trains by (no server-side fields, no paths: the teacher is named by the file the job
+        carries to the site's ``custom/`` folder)."""
+        d = {k: v for k, v in self.to_dict().items() if k not in SERVER_ONLY}
+        if self.distil_from:
+            d["distil_from"] = Path(self.distil_from).name
+        return d
 
     def site_json(self) -> str:
         """``site_dict`` as compact JSON for the site script's ``--job`` argument.

@@ -43,11 +43,59 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in {f.name for f in fields(cls)}})
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device when one is present, else the CPU."""
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """The one device rule: ``auto`` is the first CUDA device when one is present, else the CPU; asking for CUDA
+    where there is none is an error (never a silent CPU run)."""
+    name = name or "auto"
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be {DEVICE_HELP}, not {name!r}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but this machine has no usable CUDA device "
+                             "(use --device auto or cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"device must be {DEVICE_HELP}, not {name!r}")
+    return device
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where the GPU has it, else fp16; None (fp32) on the CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device):
+    """``torch.autocast`` at :func:`autocast_dtype` on CUDA; a no-op on the CPU."""
+    import contextlib
+
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to ``device``: channels-last on CUDA (faster convolutions with tensor cores)."""
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``: pinned and copied asynchronously, channels-last for images, on CUDA."""
+    if device.type != "cuda":
+        return x.to(device)
+    x = x.pin_memory().to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -231,6 +279,7 @@ def train_epochs(
     progress: str | None = None,
     class_counts: torch.Tensor | None = None,
     present: torch.Tensor | None = None,
+    distiller: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train in place for ``epochs`` (or ``cfg.steps`` optimiser steps); returns loss, samples, steps, images/s.
 
@@ -238,13 +287,16 @@ def train_epochs(
     step with the current lr (SCAFFOLD's correction), ``lr_schedule(step, total)`` scales the lr.
     ``class_counts`` (5 kinds) sets the class weights instead of the loader's own targets (the federation's
     pooled counts); ``present`` restricts the softmax to the classes the data can show.
+    ``distiller(logits, x)`` is a distillation term against a frozen teacher on the (augmented) batch, mixed in
+    with its ``weight`` (:class:`fedbrain.distillation.Distiller`).
     """
     epochs = cfg.epochs if epochs is None else epochs
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model.to(device)
+    place(model, device)
     optimizer = optimizer or make_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(device) == torch.float16 else None
     targets = getattr(getattr(loader, "ds", None), "targets", None)
     weight = None
     if cfg.class_weighting and (class_counts is not None or targets is not None):
@@ -252,7 +304,7 @@ def train_epochs(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     total_steps = cfg.steps if cfg.steps else max(1, epochs * len(loader))
     step = 0
-    seen, loss_sum = 0, 0.0
+    seen, loss_sum, kd_sum = 0, 0.0, 0.0
     if cfg.norm == "running":
         use_running_statistics(model)
     else:
@@ -267,20 +319,31 @@ def train_epochs(
         if lr_schedule:
             for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = base * lr_schedule(step, total_steps)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
+        x, y = to_device(x, device), to_device(y, device)
+        with autocast(device):
+            logits = model(x).float()
         # with the federation's counts, each site's batch is part of one pooled batch: normalise by the batch
         # size (E[w] = 1 over the pooled data), not by this batch's own weight sum, which would undo the
         # up-weighting of a class that lives at one site (sartaj's healthy scans)
         loss = partial_label_loss(logits, y, weight, cfg.label_smoothing, present,
                                   normalise="count" if class_counts is not None else "weights")
+        if distiller is not None:
+            with autocast(device):
+                kd = distiller(logits, x)
+            loss = (1 - distiller.weight) * loss + distiller.weight * kd
+            kd_sum += kd.item() * len(y)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at step {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:  # fp16 autocast: scaled gradients
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         if after_step is not None:
             after_step(model, optimizer.param_groups[0]["lr"])
         seen += len(y)
@@ -294,8 +357,11 @@ def train_epochs(
     for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
         g["lr"] = base
     elapsed = time.perf_counter() - t0
-    return {"loss": loss_sum / max(1, seen), "samples": seen, "steps": step, "seconds": elapsed,
-            "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+    out = {"loss": loss_sum / max(1, seen), "samples": seen, "steps": step, "seconds": elapsed,
+           "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
+    if distiller is not None:
+        out["distil_loss"] = kd_sum / max(1, seen)
+    return out
 
 
 def _batches(loader: Iterable, epochs: int, steps: int | None):
@@ -334,6 +400,7 @@ def train_keep_best(
     val_loader: Iterable | None = None,
     on_epoch: Callable[[int, dict, dict, float], None] | None = None,
     progress: str | None = None,
+    distiller: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict | None, float, list[dict]]:
     """``cfg.epochs`` epochs with one optimizer and one cosine schedule across all of them, scoring each
     epoch by the validation headline (or minus the training loss without ``val_loader``).
@@ -341,7 +408,7 @@ def train_keep_best(
     Returns ``(best_state, best_score, history)``; the model keeps its last-epoch weights.
     ``on_epoch(epoch, train_stats, val_metrics, score)`` runs after each epoch (logging).
     """
-    model.to(resolve_device(cfg.device))
+    place(model, resolve_device(cfg.device))
     optimizer = make_optimizer(model, cfg)  # its state carries over between epochs
     schedule = cosine_schedule()
     best, best_score, history = None, -float("inf"), []
@@ -352,7 +419,8 @@ def train_keep_best(
         stats = train_epochs(model, loader, cfg, epochs=1, optimizer=optimizer,
                              lr_schedule=lambda step, _n, start=epoch * per_epoch, total=total:
                              schedule(start + step, total),
-                             progress=f"{progress} {epoch + 1}/{cfg.epochs}" if progress else None)
+                             progress=f"{progress} {epoch + 1}/{cfg.epochs}" if progress else None,
+                             distiller=distiller)
         val = evaluate(model, val_loader) if val_loader is not None else {}
         score = headline(val) if val else -stats["loss"]
         history.append({"epoch": epoch + 1, "loss": stats["loss"], "val_score": score,
@@ -372,7 +440,9 @@ def predict_proba(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.nd
     device = model_device(model)
     probs, ys = [], []
     for x, y in loader:
-        probs.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
+        with autocast(device):
+            logits = model(to_device(x, device))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         ys.append(np.asarray(y))
     if not probs:
         return np.zeros((0, NUM_CLASSES), np.float32), np.zeros(0, np.int64)

@@ -76,10 +76,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if not 0 < args.target_macs < 1:
         raise UsageError("--target-macs must be in (0, 1): the pruned MACs as a fraction of fp32")
     data = resolve_data(args, ckpt)
+    names = [s.name for s in data.sites]
+    for flag, site in (("--finetune-site", args.finetune_site), ("--calibration-site", args.calibration_site)):
+        if site is not None and site not in names and not (flag == "--calibration-site" and site == "embedded"):
+            raise UsageError(f"{flag} {site!r}: not a site of {data.source} ({', '.join(names)})")
     out = Path(args.out) if args.out else default_compression_dir(ckpt)
     cfg = CompressConfig(target_macs_ratio=args.target_macs, round_to=args.round_to or None,
                          finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                          calib_images=args.calib_images, calib_method=args.calibration,
+                         finetune_site=args.finetune_site, calibration_site=args.calibration_site,
+                         finetune_distil=args.finetune_distil,
                          keep_input_conv_fp32=not args.quantize_input_conv,
                          max_eval_images=args.max_eval_images,
                          warmup=args.warmup, repeats=args.repeats, threads=_threads(args.threads),
@@ -198,6 +204,15 @@ def register(groups) -> None:
     g.add_argument("--calib-images", type=POSITIVE_INT, default=256,
                    help="train images for int8 calibration (default 256)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax")
+    g.add_argument("--finetune-distil", type=float_in(0.0, 1.0), default=1.0,
+                   help="the share of the fine-tune's loss given to the unpruned model's soft labels (0: labels "
+                        "only; default %(default)s)")
+    g.add_argument("--finetune-site", metavar="SITE", default=None,
+                   help="the hospital whose training split the pruning fine-tune reads (default: the one with the "
+                        "most training images); never pooled data, which no federation has")
+    g.add_argument("--calibration-site", metavar="SITE|embedded", default=None,
+                   help="int8 calibration images: a hospital's training split (default: the fine-tune site) or "
+                        "'embedded' (the public Br35H set)")
     g.add_argument("--quantize-input-conv", action="store_true",
                    help="also quantise the first convolution (kept fp32 by default: faster)")
     g.add_argument("--max-eval-images", type=POSITIVE_INT, default=None, help="evaluate on at most N test images")

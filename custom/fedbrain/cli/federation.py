@@ -12,11 +12,13 @@ from fedbrain.cli.options import (
     POSITIVE,
     POSITIVE_INT,
     UsageError,
+    add_device_arg,
     add_federation_args,
     add_job_args,
     add_workspace_arg,
     cache_dir,
     check_finetune,
+    distillation_settings,
     job_settings,
     load_federation,
 )
@@ -126,6 +128,12 @@ def _bench_command(args: argparse.Namespace) -> str:
     parts += ["--models", *args.models, "--modes", *args.modes, "--image-size", str(args.image_size),
               "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--finetune", args.finetune,
               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed)]
+    if args.device:
+        parts += ["--device", args.device]
+    if args.distil_from:
+        parts += ["--distil-from", args.distil_from]
+    if args.include_runs:
+        parts += ["--include-runs", *args.include_runs]
     return shlex.join(parts)
 
 
@@ -149,9 +157,16 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown model(s) {unknown}; choose from {list_models()}")
     check_finetune(args.finetune)
+    teacher = distillation_settings(args).get("distil_from", "")
+    include = [RunDir(r) for r in args.include_runs or []]
+    for r in include:
+        if not (r.config.is_file() and r.results.is_file() and r.best.is_file()):
+            raise UsageError(f"--include-runs {r.root}: not a finished run (config.json, results.json and "
+                             "checkpoints/best.pt)")
     budget = bm.Budget(image_size=args.image_size or None, rounds=args.rounds, local_epochs=args.local_epochs,
                        max_train_per_site=args.max_train_per_site, finetune=args.finetune,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device or "auto",
+                       distil_from=teacher)
     fed = load_federation(args)
     run_dir = RunDir.create(args.workspace, "bench-models")
     print(f"run: {run_dir}\nbudget: {budget.label()} (centralised: {budget.epochs} epochs), fine-tune "
@@ -159,7 +174,8 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows = bm.run_bench(fed, args.models, budget, run_dir, outs=outs, modes=tuple(args.modes),
                         cache_dir=cache_dir(args), int8=not args.no_int8,
-                        latency_repeats=args.latency_repeats, command=_bench_command(args))
+                        latency_repeats=args.latency_repeats, command=_bench_command(args),
+                        include_runs=tuple(include))
     print("\n" + bm.format_table(rows, markdown=args.markdown))
     print(bm.format_goal(bm.goal(rows)))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s on {bm.hardware()}; rows: {run_dir.bench_models_json}; "
@@ -210,7 +226,8 @@ def register(groups) -> None:
                          "macro-F1, size, CPU latency at one budget")
     add_federation_args(p)
     g = p.add_argument_group("budget (the same for every model; written beside every number)")
-    g.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    g.add_argument("--models", nargs="*", default=list(DEFAULT_MODELS),
+                   help="registry models to train (none: only the --include-runs rows)")
     g.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     g.add_argument("--image-size", type=NON_NEGATIVE_INT, default=Budget.image_size,
                    help="input size for every model (0 = "
@@ -226,6 +243,12 @@ def register(groups) -> None:
                    "ImageNet weights (random-init models always train all layers)")
     g.add_argument("--batch-size", type=POSITIVE_INT, default=Budget.batch_size)
     g.add_argument("--lr", type=POSITIVE, default=Budget.lr)
+    add_device_arg(g)
+    g.add_argument("--distil-from", metavar="RUN_OR_MODEL", default=None,
+                   help="fedbrain's own models learn from this teacher as well (its soft labels; the baselines "
+                        "never do): e.g. a federated efficientnet_lite0 run")
+    p.add_argument("--include-runs", nargs="+", metavar="RUN", help="finished simulate/train runs to add as rows "
+                   "(e.g. the teacher, or runs made on a GPU): their own test metrics and budget, profiled here")
     p.add_argument("--no-int8", action="store_true", help="skip int8 quantisation")
     p.add_argument("--latency-repeats", type=POSITIVE_INT, default=50,
                    help="timed batch-1 calls per variant and thread count")

@@ -72,6 +72,24 @@ def PORT(text: str) -> int:  # noqa: N802 (a type, like int)
     return value
 
 
+def DEVICE(text: str) -> str:  # noqa: N802 (a type, like int)
+    """A ``--device`` value that exists on this machine (fedbrain.training.resolve_device: the one rule)."""
+    from fedbrain.training import resolve_device
+
+    try:
+        resolve_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_device_arg(g) -> None:
+    from fedbrain.training import DEVICE_HELP, TrainConfig
+
+    g.add_argument("--device", type=DEVICE, default=None, help=f"{DEVICE_HELP} (default {TrainConfig.device}); "
+                   "on CUDA: mixed precision (bf16, else fp16) and channels-last")
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -144,7 +162,43 @@ def add_model_args(g, what: str = "ImageNet weights for baselines") -> None:
     g.add_argument("--image-size", type=int_at_least(32), default=None, help="input size (default: the model's)")
     g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
                    help=f"{what} (auto: the model's default)")
+    g.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
+                   help="architecture arguments of the registry model, saved in its card, e.g. "
+                        "'{\"stem\": 4, \"depths\": [1, 2, 2]}' for fedbrain_cnn_v2")
     add_finetune_arg(g, FINETUNE_HELP)
+
+
+def json_object(text: str) -> dict:
+    """A ``--model-kwargs`` value: a JSON object."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {text!r}")
+    return value
+
+
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """``--model-kwargs``, checked by building the model once (a bad argument is one line, before any run)."""
+    kwargs = getattr(args, "model_kwargs", None) or {}
+    if kwargs:
+        import inspect
+
+        from fedbrain.models import create_model, model_info
+
+        known = {n for n, p in inspect.signature(model_info(args.model).builder).parameters.items()
+                 if p.kind is not p.VAR_KEYWORD} - {"num_classes", "pretrained", "weights"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise UsageError(f"--model-kwargs: {args.model} takes {sorted(known) or 'no arguments'}, not {unknown}")
+        try:
+            create_model(args.model, pretrained=False, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"--model-kwargs {kwargs} do not build {args.model}: {exc}") from exc
+    return kwargs
 
 
 def add_finetune_arg(g, help_text: str | None = None) -> None:
@@ -170,8 +224,7 @@ def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: 
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help=f"local optimiser (default {TrainConfig.optimizer}, SCAFFOLD: sgd)")
     g.add_argument("--momentum", type=MOMENTUM, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
-    g.add_argument("--device", default=None,
-                   help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {TrainConfig.device})")
+    add_device_arg(g)
     g.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default=None,
                    help=f"train-only augmentation policy (default {TrainConfig.augmentation}; 'standard' is the "
                         "policy before the robustness measurements, 'robust' also widens the scale range)")
@@ -256,6 +309,7 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                         help="how the server applies the averaged update: sgd (FedAvg / FedAvgM) or adam (FedAdam)")
     levers.add_argument("--server-lr", type=POSITIVE, default=None, help="server step on the averaged update")
     levers.add_argument("--server-momentum", type=MOMENTUM, default=None, help="FedAvgM server momentum")
+    add_distillation_args(p)
     g.add_argument("--min-clients", type=POSITIVE_INT, default=None,
                    help="sites that must answer each round (default all)")
     g.add_argument("--site-weighting", choices=["steps", "samples", "equal"], default=None,
@@ -276,6 +330,40 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                    "numbering rounds after it")
     g.add_argument("--threads-per-site", type=POSITIVE_INT, default=None)
     add_workspace_arg(g)
+
+
+def add_distillation_args(p: argparse.ArgumentParser, pooled: bool = False) -> None:
+    from fedbrain.distillation import DistillConfig
+
+    g = p.add_argument_group("knowledge distillation (e.g. from a federated EfficientNet-Lite0 into fedbrain_cnn_v2)")
+    g.add_argument("--distil-from", metavar="RUN_OR_MODEL", default=None,
+                   help="a teacher: a run folder (its best model) or a .pt model file. The job carries it to every "
+                        "site, where the student also learns the teacher's soft labels on the site's own batches")
+    g.add_argument("--distil-weight", type=float_in(0.0, 1.0), default=DistillConfig.weight,
+                   help="the distillation term's share of the loss (default %(default)s)")
+    g.add_argument("--distil-temperature", type=POSITIVE, default=DistillConfig.temperature,
+                   help="softmax temperature of the distillation term (default %(default)s)")
+    if not pooled:
+        g.add_argument("--distil-teacher-bn", choices=["site", "global"], default="site",
+                       help="a BatchNorm teacher normalises by statistics each site estimates on its own training "
+                            "images (site; they never leave it) or by its own (global) (default %(default)s)")
+
+
+def distillation_settings(args: argparse.Namespace) -> dict:
+    """The JobSettings fields of the distillation flags; the teacher is checked here, before any run starts."""
+    if not getattr(args, "distil_from", None):
+        return {}
+    from fedbrain.checkpoint import CheckpointError, read_card
+    from fedbrain.distillation import teacher_checkpoint
+
+    try:
+        path = teacher_checkpoint(args.distil_from).resolve()
+        read_card(path)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise UsageError(str(exc)) from exc
+    given = {k: getattr(args, k) for k in ("distil_weight", "distil_temperature", "distil_teacher_bn")
+             if getattr(args, k, None) is not None}
+    return {"distil_from": str(path), **given}
 
 
 CLIENT_DP_MIN_SITES = 100  # client-level DP's noise is averaged over the sites: useful only with many of them
@@ -302,12 +390,12 @@ def job_settings(args: argparse.Namespace, fed=None):
     try:
         settings = JobSettings.create(
             args.algorithm, train={**base["train"], **train_overrides(args)}, model=args.model,
-            image_size=args.image_size,
+            model_kwargs=model_kwargs(args), image_size=args.image_size,
             fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
             cross_site_eval=not args.no_cross_site_eval, tracking=getattr(args, "tracking", None) or "",
             tracking_uri=getattr(args, "tracking_uri", None) or "",
-            pretrained=pretrained_flag(args), finetune=args.finetune, **levers)
+            pretrained=pretrained_flag(args), finetune=args.finetune, **distillation_settings(args), **levers)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if settings.dp_clip > 0 and fed is not None and len(fed.sites) < CLIENT_DP_MIN_SITES:

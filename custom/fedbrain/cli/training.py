@@ -9,8 +9,11 @@ import time
 from pathlib import Path
 
 from fedbrain.cli.options import (
+    DEVICE,
     POSITIVE_INT,
     UsageError,
+    add_device_arg,
+    add_distillation_args,
     add_federation_args,
     add_finetune_arg,
     add_model_args,
@@ -19,14 +22,17 @@ from fedbrain.cli.options import (
     cache_dir,
     check_finetune,
     data_given,
+    distillation_settings,
     int_at_least,
     load_federation,
+    model_kwargs,
     pretrained_flag,
     train_config,
 )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fedbrain.distillation import DistillConfig
     from fedbrain.evaluation import results_table
     from fedbrain.experiments.pooled import train_pooled
     from fedbrain.runs import RunDir
@@ -34,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.mode == "local" and not args.site:
         raise UsageError("--mode local needs --site NAME")
     check_finetune(args.finetune)
+    kwargs = model_kwargs(args)
+    distil = distillation_settings(args)  # the teacher is checked before any run folder exists
     fed = load_federation(args)
     sites = [args.site] if args.mode == "local" else None
     if args.site and args.site not in fed.sites:
@@ -41,13 +49,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = RunDir.create(args.workspace, f"{args.mode}-{args.model}")
     fed.write(run.root)
     cfg = train_config(args)
-    run.write_config(kind=args.mode, model=args.model, site=args.site, train=cfg.to_dict(),
+    run.write_config(kind=args.mode, model=args.model, model_kwargs=kwargs, site=args.site, train=cfg.to_dict(),
                      federation=fed.spec.to_dict(), image_size=args.image_size, finetune=args.finetune,
                      argv=sys.argv[1:])
     print(f"run: {run}")
     t0 = time.perf_counter()
     res = train_pooled(fed, args.model, cfg, run, sites=sites, image_size=args.image_size,
-                       pretrained=pretrained_flag(args), cache_dir=cache_dir(args), finetune=args.finetune)
+                       pretrained=pretrained_flag(args), cache_dir=cache_dir(args), finetune=args.finetune,
+                       model_kwargs=kwargs,
+                       teacher=distil.get("distil_from"),
+                       distill=DistillConfig(args.distil_weight, args.distil_temperature) if distil else None)
     print(f"\ntest metrics of the best checkpoint ({time.perf_counter() - t0:.0f} s):")
     print(results_table(res["test"]))
     print(f"\ncheckpoints: {run.checkpoints}")
@@ -85,6 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.dataset import site_loaders
     from fedbrain.evaluation import evaluate_everywhere, results_table, site_separability
+    from fedbrain.training import place, resolve_device
 
     if args.layout and not args.external:
         raise UsageError("--layout describes the --external folder; give --external DIR")
@@ -97,6 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, card = load_checkpoint(checkpoint)
     sites, source = _evaluation_data(args, checkpoint)
     loaders = site_loaders({s.name: s for s in sites}, card.preprocessing, 64, cache_dir(args))
+    place(model, resolve_device(args.device))
     res = evaluate_everywhere(model, loaders, args.split, temperature=card.temperature)
     print(f"model {card.model} (supervised: {card.supervised_granularity}) on split {args.split} of {source}:")
     print(results_table(res))
@@ -221,6 +234,18 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    """The accelerator check: device, placement, images/s per model; then (with data) the 224 px baselines."""
+    from fedbrain.experiments.throughput import device_check
+
+    t0 = time.perf_counter()
+    result = device_check(args.device, tuple(args.image_sizes), args.steps, models=args.models or None)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"device check {'passed' if result['placement']['ok'] else 'FAILED'} in {time.perf_counter() - t0:.0f} s")
+    return 0 if result["placement"]["ok"] else 1
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fedbrain.models import list_models, model_info
 
@@ -245,6 +270,7 @@ def register(groups) -> None:
     add_optimizer_args(g)
     g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     add_workspace_arg(g)
+    add_distillation_args(p, pooled=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="a model on the test split of every site of its run and their union, "
@@ -268,6 +294,7 @@ def register(groups) -> None:
     add_workspace_arg(e)
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
     p.add_argument("--json", help="write the metrics as JSON")
+    add_device_arg(p)
     p.add_argument("--embedded", action="store_true",
                    help="evaluate on the embedded Br35H federation instead of the run's recorded splits")
     add_federation_args(p)
@@ -282,7 +309,18 @@ def register(groups) -> None:
     p.add_argument("--steps", type=POSITIVE_INT, default=3)
     p.add_argument("--image-size", type=int_at_least(32), default=None)
     p.add_argument("--threads", type=POSITIVE_INT, default=None)
-    p.add_argument("--device", default=None, help="auto (CUDA when present), cpu or cuda")
+    add_device_arg(p)
     add_finetune_arg(p)
     p.add_argument("--json")
     p.set_defaults(func=cmd_bench_train)
+
+    p = groups.group("bench").add_parser(
+        "gpu", help="the accelerator check: training really runs on the device (mixed precision, channels-last), "
+        "checkpoints come back device-free, and training images/s of every registry model at 128 and 224 px")
+    p.add_argument("--device", type=DEVICE, default="cuda",
+                   help="the device to check (default cuda; cpu for a dry run)")
+    p.add_argument("--models", nargs="*", help="subset of models (default: all)")
+    p.add_argument("--image-sizes", nargs="+", type=int_at_least(32), default=[128, 224])
+    p.add_argument("--steps", type=POSITIVE_INT, default=5, help="timed training steps per model and size")
+    p.add_argument("--json", help="write the result as JSON")
+    p.set_defaults(func=cmd_bench_gpu)

@@ -41,13 +41,13 @@ FORMAT = "fedbrain-bench-models/1"
 MODES = ("federated", "centralized")
 DEFAULT_MODELS = ("fedbrain_cnn", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                   "efficientnet_lite0", "resnet50", "vgg16")
-PRODUCT = "fedbrain_cnn"
+PRODUCTS = ("fedbrain_cnn_v2", "fedbrain_cnn", "fedbrain_cnn_gn")  # fedbrain's own models; the rest are baselines
 METRICS = ("accuracy", "macro_f1", "tumour_auroc", "tumour_accuracy", "macro_auroc")
 PROFILE = ("params", "trainable_params", "macs", "fp32_onnx_bytes", "int8_onnx_bytes", "int8_macro_f1",
            "latency_ms_fp32_1t", "latency_ms_fp32_2t", "latency_ms_int8_1t", "latency_ms_int8_2t")
 BUDGET = ("budget", "image_size", "rounds", "local_epochs", "epochs", "train_images", "max_train_per_site",
           "weights", "finetune")
-FIELDS = (["model", "mode", *BUDGET, *METRICS]
+FIELDS = (["model", "mode", *BUDGET, "teacher", *METRICS]
           + [f"{c}_{k}" for c in CLASSES for k in ("precision", "recall")]
           + ["n_test", *PROFILE, "train_seconds", "hardware", "command", "error", "int8_error", "profile_error"])
 
@@ -65,9 +65,11 @@ class Budget:
     batch_size: int = TrainConfig.batch_size
     lr: float = TrainConfig.lr
     seed: int = 0
+    device: str = TrainConfig.device  # where training runs (latency is always measured on the CPU)
+    distil_from: str = ""  # a teacher model file: fedbrain's own models learn from it (baselines never do)
 
     def train_config(self, epochs: int) -> TrainConfig:
-        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed)
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed, device=self.device)
 
     @property
     def epochs(self) -> int:
@@ -87,8 +89,8 @@ class Budget:
         return asdict(self)
 
 
-def hardware() -> str:
-    """'<cpu model>, <n> cores' (the numbers' hardware, written into every row)."""
+def hardware(device: str = "cpu") -> str:
+    """'<cpu model>, <n> cores, CPU' (the numbers' hardware, written into every row), and the GPU that trained."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -97,7 +99,15 @@ def hardware() -> str:
                 break
     except OSError:
         pass
-    return f"{name}, {os.cpu_count()} cores, CPU"
+    out = f"{name}, {os.cpu_count()} cores, CPU"
+    from fedbrain.training import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        import torch
+
+        out += f"; trained on {torch.cuda.get_device_name(dev)}"
+    return out
 
 
 def cap_train(fed: Federation, n: int | None, seed: int = 0) -> Federation:
@@ -179,7 +189,13 @@ def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tu
             "train_images": sum(len(s.splits["train"]) for s in fed.sites.values()),
             "max_train_per_site": budget.max_train_per_site, "weights": weights, "finetune": finetune,
             "params": tuned["params"], "trainable_params": tuned["trainable_params"],
-            "macs": count_macs(model, pre), "hardware": hardware()}
+            "macs": count_macs(model, pre), "hardware": hardware(budget.device)}
+    teacher = budget.distil_from if name in PRODUCTS else ""
+    base["teacher"] = ""
+    if teacher:
+        from fedbrain.checkpoint import read_card
+
+        base["teacher"] = teacher_label(read_card(teacher))
     rows, best_ckpt = [], None
     for mode in modes:
         if progress:
@@ -192,9 +208,9 @@ def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tu
             if mode == "federated":
                 # the default federation at the same budget in epochs; the server takes the budget's lr
                 settings = JobSettings.create(
-                    "fedavg", train={"batch_size": budget.batch_size, "seed": budget.seed}, model=name,
-                    image_size=budget.image_size, cross_site_eval=False, finetune=finetune,
-                    server_lr=budget.lr)  # ImageNet start if any
+                    "fedavg", train={"batch_size": budget.batch_size, "seed": budget.seed, "device": budget.device},
+                    model=name, image_size=budget.image_size, cross_site_eval=False, finetune=finetune,
+                    server_lr=budget.lr, distil_from=teacher)  # ImageNet start if any
                 settings.rounds = rounds_for_budget(settings, fed, budget.epochs)
                 row["rounds"] = settings.rounds
                 summary = run_simulation(fed, settings, mode_run, cache_dir=cache_dir)
@@ -208,7 +224,8 @@ def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tu
                                       federation=fed.spec.to_dict(), image_size=budget.image_size,
                                       finetune=finetune, weights=weights)
                 test = train_pooled(fed, name, cfg, mode_run, image_size=budget.image_size, pretrained=None,
-                                    finetune=finetune, cache_dir=cache_dir, progress=progress)["test"]
+                                    finetune=finetune, cache_dir=cache_dir, progress=progress,
+                                    teacher=teacher or None)["test"]
             row.update(_metric_cells(test[UNION]))
             best_ckpt = best_ckpt or mode_run.best
         except Exception as exc:  # one failing model or mode must not cost the rest of the table
@@ -232,10 +249,73 @@ def bench_one(fed: Federation, name: str, budget: Budget, run: RunDir, modes: tu
     return rows
 
 
+def teacher_label(card) -> str:
+    """How a row names its teacher: the teacher's model and how it was trained."""
+    mode = (card.training or {}).get("mode", "")
+    return f"{card.model} ({'federated' if mode == 'federated' else 'centralized' if mode else 'file'})"
+
+
+def run_rows(run: RunDir, fed: Federation, cache_dir: Path | None = None, latency_repeats: int = 50,
+             progress: bool = True) -> list[dict]:
+    """A row for a finished ``fedbrain simulate`` or ``fedbrain train`` run (e.g. a teacher trained earlier, or
+    on a GPU): its union test metrics and budget from its own files, profiled like the table's own rows."""
+    from fedbrain.checkpoint import read_card
+    from fedbrain.experiments.compare import budget_epochs
+
+    config = run.read_config()
+    results = json.loads(run.results.read_text())
+    card = read_card(run.best)
+    if config.get("kind") == "federated":
+        settings = JobSettings.from_dict(config["job"])
+        mode, epochs, rounds = "federated", budget_epochs(settings, fed), settings.rounds
+        train = settings.train
+    elif config.get("kind") == "centralized":
+        train = TrainConfig.from_dict(config["train"])
+        mode, epochs, rounds = "centralized", train.epochs, train.epochs
+    else:
+        raise ValueError(f"{run.root}: not a federated or centralised run (kind {config.get('kind')!r})")
+    budget = Budget(image_size=card.preprocessing.image_size, rounds=epochs, local_epochs=1,
+                    batch_size=train.batch_size, lr=train.lr if mode == "centralized" else settings.server_lr)
+    model = card.build_model()
+    teacher = (card.training or {}).get("distil_from")
+    row = {"model": card.model, "mode": mode, "budget": budget.label(card.model), "image_size": budget.image_size,
+           "rounds": rounds, "local_epochs": 1, "epochs": epochs,
+           "train_images": sum(len(s.splits["train"]) for s in fed.sites.values()), "max_train_per_site": None,
+           "weights": _weights_of(card), "finetune": (card.training or {}).get("finetune", "all"),
+           "params": sum(p.numel() for p in model.parameters()),
+           "trainable_params": None, "macs": count_macs(model, card.preprocessing),
+           "hardware": hardware(train.device), "teacher": teacher_label(read_card(teacher)) if teacher and
+           Path(teacher).is_file() else ("yes" if teacher else ""),
+           "train_seconds": None, "source_run": run.root.name, **_metric_cells(results["test"][UNION])}
+    if progress:
+        print(f"   {card.model} / {mode} from {run.root.name}: ONNX export, int8 and CPU latency", flush=True)
+    local = LocalData(list(fed.sites.values()), str(run))
+    try:
+        prof = profile_model(run.best, run.root / "onnx", local.records("train"), local.records("test"), cache_dir,
+                             repeats=latency_repeats)
+    except Exception as exc:
+        prof = {"profile_error": f"{type(exc).__name__}: {exc}"}
+    prof["profiled_checkpoint"] = str(run.best)
+    return [{**row, **prof}]
+
+
+def _weights_of(card) -> str:
+    """Where a run's model started: what its card recorded, else the registry default unless it said no."""
+    from fedbrain.models import model_info
+
+    training = card.training or {}
+    if training.get("weights"):
+        return training["weights"]
+    pretrained = training.get("pretrained")
+    return "imagenet" if (model_info(card.model).pretrained_default if pretrained is None else pretrained) \
+        else "random"
+
+
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` rows with the same (model, mode, budget, fine-tuning) replaced in place by ``new`` ones; other
-    new rows are appended."""
-    key = lambda r: (r.get("model"), r.get("mode"), r.get("budget"), r.get("finetune"))  # noqa: E731
+    """``old`` rows with the same (model, mode, budget, fine-tuning, teacher) replaced in place by ``new`` ones;
+    other new rows are appended."""
+    key = lambda r: (r.get("model"), r.get("mode"), r.get("budget"), r.get("finetune"),  # noqa: E731
+                     r.get("teacher") or "")
     fresh = {key(r): r for r in new}
     merged = [fresh.pop(key(r), r) for r in old]
     return merged + [r for r in new if key(r) in fresh]
@@ -264,25 +344,34 @@ def read_table(path: str | Path) -> list[dict]:
     return doc["rows"]
 
 
+def _ratio(a, b) -> float | None:
+    return round(a / b, 1) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b > 0 else None
+
+
 def goal(rows: list[dict]) -> list[dict]:
-    """Per (mode, budget): fedbrain_cnn against the best baseline by macro-F1 (goal: within 2 pp,
-    >= 10x fewer parameters, >= 10x lower 1-thread fp32 latency)."""
+    """Per (mode, budget): fedbrain's best own model (a distilled one counts) against the best baseline by
+    macro-F1. Goal (issue 12): within 2 pp, >= 10x fewer parameters, and >= 10x lower 1-thread latency both
+    fp32 against fp32 and int8 against int8; its int8 >= 2x faster than its fp32."""
     out = []
     for mode, budget in dict.fromkeys((r["mode"], r["budget"]) for r in rows):
         same = [r for r in rows if r["mode"] == mode and r["budget"] == budget and r.get("macro_f1") is not None]
-        ours = next((r for r in same if r["model"] == PRODUCT), None)
-        others = [r for r in same if r["model"] != PRODUCT]
-        if ours is None or not others:
+        own = [r for r in same if r["model"] in PRODUCTS]
+        others = [r for r in same if r["model"] not in PRODUCTS]
+        if not own or not others:
             continue
+        ours = max(own, key=lambda r: r["macro_f1"])
         best = max(others, key=lambda r: r["macro_f1"])
-        lat_ours, lat_best = ours.get("latency_ms_fp32_1t"), best.get("latency_ms_fp32_1t")
         gap = ours["macro_f1"] - best["macro_f1"]
         params_x = best["params"] / ours["params"]
-        latency_x = lat_best / lat_ours if lat_ours and lat_best else None
-        out.append({"mode": mode, "budget": budget, "best_baseline": best["model"],
-                    "macro_f1_gap_pp": round(100 * gap, 2), "params_ratio": round(params_x, 1),
-                    "latency_ratio_1t": round(latency_x, 1) if latency_x else None,
-                    "met": bool(gap >= -0.02 and params_x >= 10 and (latency_x or 0) >= 10)})
+        fp32_x = _ratio(best.get("latency_ms_fp32_1t"), ours.get("latency_ms_fp32_1t"))
+        int8_x = _ratio(best.get("latency_ms_int8_1t"), ours.get("latency_ms_int8_1t"))
+        int8_gain = _ratio(ours.get("latency_ms_fp32_1t"), ours.get("latency_ms_int8_1t"))
+        out.append({"mode": mode, "budget": budget, "ours": ours["model"], "teacher": ours.get("teacher") or "",
+                    "best_baseline": best["model"], "macro_f1_gap_pp": round(100 * gap, 2),
+                    "params_ratio": round(params_x, 1), "latency_ratio_1t": fp32_x, "int8_latency_ratio_1t": int8_x,
+                    "int8_speedup_1t": int8_gain,
+                    "met": bool(gap >= -0.02 and params_x >= 10 and (fp32_x or 0) >= 10 and (int8_x or 0) >= 10
+                                and (int8_gain or 0) >= 2)})
     return out
 
 
@@ -293,7 +382,8 @@ def _f(v, fmt: str) -> str:
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     """The comparison table (one line per model and mode), with each row's budget."""
     cols = [("model", "model", "s"), ("mode", "mode", "s"), ("budget", "budget", "s"),
-            ("weights", "init", "s"), ("finetune", "fine-tune", "s"), ("accuracy", "acc", ".3f"),
+            ("weights", "init", "s"), ("finetune", "fine-tune", "s"), ("teacher", "distilled from", "s"),
+            ("accuracy", "acc", ".3f"),
             ("macro_f1", "macro-F1", ".3f"), ("tumour_auroc", "tumour AUROC", ".3f"),
             ("params", "params (M)", "p"), ("macs", "GMACs", "g"), ("fp32_onnx_bytes", "fp32 MB", "mb"),
             ("int8_onnx_bytes", "int8 MB", "mb"), ("latency_ms_fp32_1t", "ms 1t", ".2f"),
@@ -310,7 +400,9 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
             return _f(v / 1e9 if isinstance(v, (int, float)) else None, ".3f")
         if fmt == "mb":
             return _f(v / 1e6 if isinstance(v, (int, float)) else None, ".2f")
-        return str(v) if fmt == "s" and v is not None else _f(v, fmt)
+        if fmt == "s":
+            return str(v) if v else "-"
+        return _f(v, fmt)
 
     grid = [[cell(r, k, f) for k, _, f in cols] for r in rows]
     head = [h for _, h, _ in cols]
@@ -319,7 +411,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         lines += ["| " + " | ".join(g) + " |" for g in grid]
         return "\n".join(lines)
     widths = [max(len(h), *(len(g[i]) for g in grid)) if grid else len(h) for i, h in enumerate(head)]
-    fmt_line = lambda cells: "  ".join(c.rjust(w) if i > 4 else c.ljust(w)  # noqa: E731
+    fmt_line = lambda cells: "  ".join(c.rjust(w) if i > 5 else c.ljust(w)  # noqa: E731
                                        for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
     return "\n".join([fmt_line(head), "-" * (sum(widths) + 2 * (len(widths) - 1))] + [fmt_line(g) for g in grid])
 
@@ -327,16 +419,21 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 def format_goal(g: list[dict]) -> str:
     lines = []
     for x in g:
-        lat = f"{x['latency_ratio_1t']}x" if x["latency_ratio_1t"] else "n/a"
-        lines.append(f"goal ({x['mode']}, {x['budget']}): fedbrain_cnn vs best baseline {x['best_baseline']}: "
+        lat = f"{x['latency_ratio_1t']}x" if x.get("latency_ratio_1t") else "n/a"
+        int8 = f"{x['int8_latency_ratio_1t']}x" if x.get("int8_latency_ratio_1t") else "n/a"
+        gain = f"{x['int8_speedup_1t']}x" if x.get("int8_speedup_1t") else "n/a"
+        ours = x.get("ours", "fedbrain_cnn") + (f" (distilled from {x['teacher']})" if x.get("teacher") else "")
+        lines.append(f"goal ({x['mode']}, {x['budget']}): {ours} vs best baseline {x['best_baseline']}: "
                      f"macro-F1 {x['macro_f1_gap_pp']:+.2f} pp, {x['params_ratio']}x fewer params, "
-                     f"{lat} lower 1-thread latency -> {'MET' if x['met'] else 'NOT met'}")
+                     f"{lat} lower 1-thread latency (fp32; int8 {int8}), its int8 {gain} faster than its fp32 "
+                     f"-> {'MET' if x['met'] else 'NOT met'}")
     return "\n".join(lines)
 
 
 def run_bench(fed: Federation, models: list[str], budget: Budget, run: RunDir, outs: tuple[Path, ...] = (),
               modes: tuple[str, ...] = MODES, cache_dir: Path | None = None, int8: bool = True,
-              latency_repeats: int = 50, command: str = "", progress: bool = True) -> list[dict]:
+              latency_repeats: int = 50, command: str = "", progress: bool = True,
+              include_runs: tuple[RunDir, ...] = ()) -> list[dict]:
     """All ``models`` under one budget; rows saved after every model into the run's ``bench_models.json``
     and merged into each of ``outs`` (rows of the same model, mode and budget are replaced)."""
     fed = cap_train(fed, budget.max_train_per_site, budget.seed)
@@ -347,9 +444,13 @@ def run_bench(fed: Federation, models: list[str], budget: Budget, run: RunDir, o
     run.write_config(kind="bench-models", models=models, modes=list(modes), budget=budget.to_dict(),
                      command=command, **meta)
     rows: list[dict] = []
-    for name in models:
-        rows += [{**r, "command": command}
-                 for r in bench_one(fed, name, budget, run, modes, cache_dir, int8, latency_repeats, progress)]
+    jobs = [("run", r) for r in include_runs] + [("model", name) for name in models]
+    for kind, what in jobs:
+        if kind == "run":
+            rows += [{**r, "command": command} for r in run_rows(what, fed, cache_dir, latency_repeats, progress)]
+        else:
+            rows += [{**r, "command": command}
+                     for r in bench_one(fed, what, budget, run, modes, cache_dir, int8, latency_repeats, progress)]
         write_table(run.bench_models_json, rows, meta)
         for out in outs:
             write_table(out, merge_rows(_safe_read(out), rows), meta)

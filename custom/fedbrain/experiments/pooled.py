@@ -10,13 +10,14 @@ from fedbrain.checkpoint import ModelCard, save_checkpoint
 from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
+from fedbrain.distillation import DistillConfig, Distiller, Teacher
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
 from fedbrain.fl.metrics import class_recalls
 from fedbrain.input_check import build_profile
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of
-from fedbrain.training import TrainConfig, predict_proba, seed_everything, train_keep_best
+from fedbrain.training import TrainConfig, predict_proba, resolve_device, seed_everything, train_keep_best
 
 
 def train_pooled(
@@ -31,11 +32,13 @@ def train_pooled(
     cache_dir: Path | None = None,
     progress: bool = True,
     finetune: str = "all",
+    teacher: str | Path | None = None,
+    distill: DistillConfig | None = None,
 ) -> dict:
     """Centralised (all ``sites`` pooled) or local-only (one site) training with validation-based selection.
 
     Evaluates the best checkpoint on every site's test split and on the union of them; writes the run's
-    checkpoints, metrics and results.
+    checkpoints, metrics and results. ``teacher``: a model file whose soft labels the loss mixes in (``distill``).
     """
     seed_everything(cfg.seed)
     names = sites or list(fed.sites)
@@ -57,17 +60,25 @@ def train_pooled(
                      training={**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,
                                "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
                                "augmentation": pool.augmentation.to_dict()})
+    guide = None
+    if teacher:
+        guide = Teacher(teacher, pre, resolve_device(cfg.device))
+        distill = distill or DistillConfig()
+        card = card.replace(training={**card.training, "distil_from": str(teacher), "distil_weight": distill.weight,
+                                      "distil_temperature": distill.temperature, "teacher": guide.describe()})
     log = MetricsLog.of(run)
     status = StatusWriter(run, kind="centralized" if len(names) > 1 else "local", model=model_name, done=0,
                           total=cfg.epochs, unit="epoch", sites={n: {} for n in names})
     try:
-        return _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress)
+        return _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress,
+                      Distiller(guide.logits, distill) if guide else None)
     except BaseException as exc:
         status.finish(STOPPED if isinstance(exc, KeyboardInterrupt) else FAILED, error=f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress) -> dict:
+def _train(run, model, model_name, cfg, pool, every, card, log, status, train_site, progress,
+           distiller=None) -> dict:
     def on_epoch(epoch: int, stats: dict, val: dict, score: float) -> None:
         status.progress(epoch + 1, cfg.epochs)
         log.log(epoch + 1, train_site.name, "train", stats)
@@ -81,7 +92,7 @@ def _train(run, model, model_name, cfg, pool, every, card, log, status, train_si
     best, best_score, history = train_keep_best(
         model, lambda epoch: pool.train(seed=cfg.seed + epoch), cfg,
         val_loader=pool.eval("val") if train_site.splits["val"] else None, on_epoch=on_epoch,
-        progress="epoch" if progress else None)
+        progress="epoch" if progress else None, distiller=distiller)
     train_seconds = time.perf_counter() - t0
     save_checkpoint(run.last, model, card)
     if best is not None:

@@ -64,3 +64,48 @@ def simulator_overhead(fed: Federation, settings: JobSettings, run: RunDir, cach
            "local_epochs": settings.local_epochs, "sites": list(fed.sites), "model": settings.model}
     write_json(run.bench_federation_json, out)
     return out
+
+
+def device_check(device: str = "cuda", image_sizes: tuple[int, ...] = (128, 224), steps: int = 5,
+                 batch_size: int = 32, models: list[str] | None = None, log=print) -> dict:
+    """The accelerator check (``fedbrain bench gpu``): what the device is, that training really runs there (every
+    trainable parameter and the loss on it, mixed precision as the rule says), that checkpoints come back
+    device-free, and training images/s per registry model at each input size."""
+    import tempfile
+
+    from fedbrain.checkpoint import ModelCard, save_checkpoint
+    from fedbrain.models import GREY, list_models
+    from fedbrain.training import autocast_dtype, predict_proba, resolve_device
+
+    dev = resolve_device(device)
+    info = {"device": str(dev), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "autocast": str(autocast_dtype(dev)).replace("torch.", "") if autocast_dtype(dev) else "fp32"}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=round(props.total_memory / 2**30, 1))
+    log(f"device {info['device']} ({info.get('name', 'CPU')}), torch {info['torch']}, CUDA {info['cuda']}, "
+        f"mixed precision {info['autocast']}")
+    # placement: train the product model two steps, predict, save
+    model = create_model("fedbrain_cnn_v2")
+    x, y = torch.randn(16, 1, 64, 64), torch.randint(0, 5, (16,))
+    stats = train_epochs(model, [(x, y)], TrainConfig(epochs=2, device=str(dev), class_weighting=False))
+    on_device = sorted({p.device.type for p in model.parameters()})
+    probs, _ = predict_proba(model, [(x, y)])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_checkpoint(Path(tmp) / "m.pt", model, ModelCard("fedbrain_cnn_v2", GREY, "multiclass"))
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        saved_devices = sorted({v.device.type for v in saved.values()})
+    placement = {"parameters_on": on_device, "loss_finite": bool(stats["loss"] == stats["loss"]),
+                 "probabilities_finite": bool(probs.size and (probs == probs).all()),
+                 "checkpoint_tensors_on": saved_devices}
+    placement["ok"] = (on_device == [dev.type] and placement["loss_finite"] and placement["probabilities_finite"]
+                       and saved_devices == ["cpu"])
+    log(f"placement: parameters on {on_device}, checkpoint tensors on {saved_devices} -> "
+        f"{'ok' if placement['ok'] else 'FAILED'}")
+    rows = []
+    for size in image_sizes:
+        for row in train_throughput(models or list_models(), batch_size, steps, size, device=str(dev)):
+            rows.append(row)
+            log(f"  {row['model']:<22}{size:>5} px {row['images_per_s']:>10.1f} img/s")
+    return {**info, "placement": placement, "throughput": rows}

@@ -74,7 +74,8 @@ def _site_script_runner():
                 server_expected_format=self._server_expected_format, params_transfer_type=self._params_transfer_type,
                 memory_gc_rounds=self._memory_gc_rounds, cuda_empty_cache=self._cuda_empty_cache)
             job.add_executor(executor, tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
-            job.add_resources(resources=[self._script], ctx=ctx)
+            # the site script, and the files the job carries to every site (a distillation teacher)
+            job.add_resources(resources=[self._script, *getattr(self, "fedbrain_resources", [])], ctx=ctx)
             return {}
 
     return SiteScriptRunner
@@ -87,8 +88,9 @@ def _recipe_class():
     from fedbrain.fl.controller import FedbrainController
 
     class FedbrainRecipe(FedAvgRecipe):
-        def __init__(self, *, controller_args: dict, **kwargs):
+        def __init__(self, *, controller_args: dict, site_resources: list[str] = (), **kwargs):
             self._fedbrain_controller_args = controller_args
+            self._fedbrain_site_resources = list(site_resources)
             super().__init__(**kwargs)
 
         def _create_controller(self, persistor_id, model_params, model_aggregator):
@@ -104,6 +106,7 @@ def _recipe_class():
         def _create_client_runner(self, site_config):
             runner = super()._create_client_runner(site_config)
             runner.__class__ = _site_script_runner()
+            runner.fedbrain_resources = self._fedbrain_site_resources
             return runner
 
     return FedbrainRecipe
@@ -150,7 +153,8 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     kwargs = dict(name=name or f"fedbrain-{s.algorithm}", model=model, min_clients=len(sites),
                   num_rounds=s.rounds, train_script=site_module.__file__,
                   train_args=site_args(s, None, run_dir, cache_dir), aggregator=aggregator,
-                  key_metric="val_score", controller_args=controller_args)
+                  key_metric="val_score", controller_args=controller_args,
+                  site_resources=[str(Path(s.distil_from).resolve())] if s.distil_from else [])
     if s.initial_checkpoint:
         kwargs["initial_ckpt"] = str(Path(s.initial_checkpoint).resolve())
     recipe = recipe_cls(**kwargs)

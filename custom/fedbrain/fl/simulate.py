@@ -24,6 +24,7 @@ from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
 from fedbrain.settings import JobSettings
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, from_controller, headline_of, progress_text
+from fedbrain.training import place, resolve_device
 
 # What a failed site or the failed server leaves in its simulator log.
 SITE_FAILURE = re.compile(r"TaskScriptRunner - ERROR - Traceback|Could not start")
@@ -392,6 +393,12 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     fed.write(run.root)
     if not settings.initial_checkpoint:
         pretrained_start(settings, run)
+    if settings.distil_from and Path(settings.distil_from).resolve() != run.teacher.resolve():
+        import shutil
+
+        run.teacher.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(settings.distil_from, run.teacher)  # the run keeps the teacher it learned from
+        settings.distil_from = str(run.teacher)
     sites = list(fed.sites)
     if settings.threads_per_site is None:
         settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
@@ -452,6 +459,7 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     summary["best_round"] = best_round
     card = with_round_fits(card, best_metrics)
     loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
+    place(model, resolve_device(settings.train.device))
     results = evaluate_everywhere(model, loaders, temperature=card.temperature)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
     save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={

@@ -21,6 +21,7 @@ from fedbrain.calibration import curve_metrics
 from fedbrain.contract import augmentation_policy
 from fedbrain.data.dataset import SiteLoaders
 from fedbrain.data.federation import SiteData
+from fedbrain.distillation import Distiller, Teacher, resolve_teacher_file
 from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
@@ -43,6 +44,7 @@ from fedbrain.training import (
     make_optimizer,
     predict_proba,
     present_classes,
+    resolve_device,
     seed_everything,
     target_counts,
     train_epochs,
@@ -113,6 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     if job.bn_statistics == "renorm":
         use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
+    teacher = None
+    if job.distil_from:  # the job carries the teacher file into this script's folder (custom/)
+        here = Path(__file__).resolve().parent
+        job_custom = [here] + [p for p in here.parents if p.name == "custom"]  # NVFlare may keep the package path
+        teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, resolve_device(cfg.device))
+        if job.distil_teacher_bn == "site":
+            teacher.adapt_batchnorm(loaders.eval("train"))
     dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise, seed=cfg.seed)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
     scaffold = None
@@ -212,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd, batch_size=batch), round_cfg,
                              optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step,
-                             class_counts=torch.tensor(pooled) if pooled else None, present=present)
+                             class_counts=torch.tensor(pooled) if pooled else None, present=present,
+                             distiller=Distiller(teacher.logits, job.distillation()) if teacher else None)
         if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
             estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
         # counts and algorithm state, never data
