@@ -185,12 +185,9 @@ def model_kwargs(args: argparse.Namespace) -> dict:
     """``--model-kwargs``, checked by building the model once (a bad argument is one line, before any run)."""
     kwargs = getattr(args, "model_kwargs", None) or {}
     if kwargs:
-        import inspect
+        from fedbrain.models import architecture, create_model
 
-        from fedbrain.models import create_model, model_info
-
-        known = {n for n, p in inspect.signature(model_info(args.model).builder).parameters.items()
-                 if p.kind is not p.VAR_KEYWORD} - {"num_classes", "pretrained", "weights"}
+        known = set(architecture(args.model))
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise UsageError(f"--model-kwargs: {args.model} takes {sorted(known) or 'no arguments'}, not {unknown}")
@@ -344,9 +341,12 @@ def add_distillation_args(p: argparse.ArgumentParser, pooled: bool = False) -> N
     g.add_argument("--distil-temperature", type=POSITIVE, default=DistillConfig.temperature,
                    help="softmax temperature of the distillation term (default %(default)s)")
     if not pooled:
-        g.add_argument("--distil-teacher-bn", choices=["site", "global"], default="site",
+        from fedbrain.settings import LEVER_CHOICES, JobSettings
+
+        g.add_argument("--distil-teacher-bn", choices=LEVER_CHOICES["distil_teacher_bn"], default=None,
                        help="a BatchNorm teacher normalises by statistics each site estimates on its own training "
-                            "images (site; they never leave it) or by its own (global) (default %(default)s)")
+                            f"images (site; they never leave it) or by its own (global) (default "
+                            f"{JobSettings.distil_teacher_bn})")
 
 
 def distillation_settings(args: argparse.Namespace) -> dict:

@@ -102,7 +102,10 @@ def hardware(device: str = "cpu") -> str:
     out = f"{name}, {os.cpu_count()} cores, CPU"
     from fedbrain.training import resolve_device
 
-    dev = resolve_device(device)
+    try:
+        dev = resolve_device(device)
+    except ValueError:  # a device this machine does not have: it did not train here
+        return out
     if dev.type == "cuda":
         import torch
 
@@ -284,7 +287,7 @@ def run_rows(run: RunDir, fed: Federation, cache_dir: Path | None = None, latenc
            "weights": _weights_of(card), "finetune": (card.training or {}).get("finetune", "all"),
            "params": sum(p.numel() for p in model.parameters()),
            "trainable_params": None, "macs": count_macs(model, card.preprocessing),
-           "hardware": hardware(train.device), "teacher": teacher_label(read_card(teacher)) if teacher and
+           "hardware": hardware(), "teacher": teacher_label(read_card(teacher)) if teacher and
            Path(teacher).is_file() else ("yes" if teacher else ""),
            "train_seconds": None, "source_run": run.root.name, **_metric_cells(results["test"][UNION])}
     if progress:
