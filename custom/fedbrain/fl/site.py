@@ -42,6 +42,7 @@ from fedbrain.training import (
     evaluate,
     headline,
     make_optimizer,
+    place,
     predict_proba,
     present_classes,
     resolve_device,
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
     apply_finetune(model, job.model, job.finetune)
+    device = resolve_device(cfg.device)
+    place(model, device)  # the one device rule (CUDA when present); what the site sends is always on the CPU
     if job.bn_statistics == "renorm":
         use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if job.distil_from:  # the job carries the teacher file into this script's folder (custom/)
         here = Path(__file__).resolve().parent
         job_custom = [here] + [p for p in here.parents if p.name == "custom"]  # NVFlare may keep the package path
-        teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, resolve_device(cfg.device))
+        teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
         if job.distil_teacher_bn == "site":
             teacher.adapt_batchnorm(loaders.eval("train"))
     dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise, seed=cfg.seed)
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
         if estimate:
             estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
-        global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         extra_loss, after_step = None, None
         if job.algorithm == "fedprox":
             from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             prox = PTFedProxLoss(mu=mu)
             global_model = create_model(job.model, pretrained=False, **job.model_kwargs)
             global_model.load_state_dict(global_state)
+            place(global_model, device)
 
             def extra_loss(m, _g=global_model, _p=prox):
                 return _p(m, _g)
