@@ -152,8 +152,8 @@ class FedBrainCNNv2(nn.Module):
     latency and centralised macro-F1 (README, Models).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128),
-                 depths: tuple[int, ...] = (2, 2, 2), stem: int = 8, dropout: float = 0.2, norm: str = "ws"):
+    def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, ...], depths: tuple[int, ...], stem: int,
+                 norm: str, dropout: float = 0.2):  # the defaults live in the registry builder (architecture())
         super().__init__()
         layers: list[nn.Module] = [ConvAct(in_channels, widths[0], stem, stem, padding=0, norm=norm)]
         cin = widths[0]
