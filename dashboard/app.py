@@ -14,6 +14,7 @@ PAGES = (
     (views.federation_page, "Federation", "federation", ":material/hub:"),
     (views.compression_page, "Compression", "compression", ":material/compress:"),
     (views.evaluation_page, "Evaluation", "evaluation", ":material/fact_check:"),
+    (views.privacy_page, "Privacy", "privacy", ":material/shield_lock:"),
     (views.predict_page, "Predict", "predict", ":material/radiology:"),
     (views.models_page, "Models", "models", ":material/leaderboard:"),
 )

@@ -546,3 +546,74 @@ def external_table(path: Path) -> tuple[dict, pd.DataFrame]:
     facts = {k: res.get(k) for k in ("external", "layout", "scheme", "n_images", "n_training_twins", "twin_check",
                                      "skipped", "temperature")}
     return facts, pd.DataFrame(rows).dropna(axis=1, how="all")
+
+
+# ---------------------------------------------------------------- Privacy (issue 13)
+
+CMD_AUDIT = "fedbrain audit <run>"
+CMD_DP = "fedbrain simulate --dp-epsilon 8"
+
+
+def privacy_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """ε spent per site over the rounds (the sites' train rows with DP accounting), or empty."""
+    if df.empty or "dp_epsilon" not in df.columns:
+        return pd.DataFrame()
+    rows = df[(df.get("split") == "train") & df["dp_epsilon"].notna()]
+    cols = [c for c in ("round", "site", "dp_epsilon", "dp_epsilon_budget", "dp_mechanism", "dp_delta")
+            if c in rows.columns]
+    return rows[cols].sort_values(["site", "round"]).reset_index(drop=True)
+
+
+def membership_audit(run: Run) -> dict:
+    """``evaluation/membership.json`` (``fedbrain audit``), or {}."""
+    res = read_json(run.dir.membership_audit)
+    return res if isinstance(res, dict) else {}
+
+
+def membership_table(audit: dict) -> pd.DataFrame:
+    """One row per site (and all sites pooled): ε spent, attack AUROC with its CI, TPR at 1 % FPR, n per side."""
+    spent = audit.get("privacy") or {}
+    rows = []
+    sites = dict((audit.get("membership") or {}).get("sites") or {})
+    if (audit.get("membership") or {}).get("pooled"):
+        sites["all sites"] = audit["membership"]["pooled"]
+    for site, m in sites.items():
+        if not isinstance(m, dict):
+            continue
+        eps = (spent.get(site) or {}).get("final_epsilon")
+        row = {"site": site, "ε spent": "no DP" if eps is None and site != "all sites" else
+               (None if eps is None else round(eps, 2))}
+        if "auroc" in m:
+            ci = m.get("auroc_ci") or [None, None]
+            row.update({"attack AUROC": round(m["auroc"], 3),
+                        "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else None,
+                        "TPR @ 1% FPR": round(m.get("tpr_at_1pct_fpr", float("nan")), 3),
+                        "members / non-members": f"{m.get('members')} / {m.get('nonmembers')}"})
+        else:
+            row["attack AUROC"] = m.get("skipped")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def roc_frame(audit: dict) -> pd.DataFrame:
+    """The attack's ROC curves as long rows (site, fpr, tpr)."""
+    rows = []
+    mem = audit.get("membership") or {}
+    curves = {**(mem.get("sites") or {}), **({"all sites": mem["pooled"]} if mem.get("pooled") else {})}
+    for site, m in curves.items():
+        roc = (m or {}).get("roc") if isinstance(m, dict) else None
+        if roc:
+            rows.extend({"site": site, "fpr": f, "tpr": t} for f, t in zip(roc["fpr"], roc["tpr"], strict=False))
+    return pd.DataFrame(rows)
+
+
+def what_left_table(audit: dict) -> pd.DataFrame:
+    """Per site, what its updates carried (from the server's structural audit)."""
+    rows = []
+    for site, w in (audit.get("what_left") or {}).items():
+        rows.append({"site": site, "updates": w.get("updates"), "rejected": w.get("rejected"),
+                     "without DP accounting": w.get("without_dp"), "weight tensors": w.get("tensors"),
+                     "metric names": len(w.get("metric_names") or []),
+                     "meta names": ", ".join(w.get("meta_names") or []),
+                     "computed from training images": ", ".join(w.get("training_data_scalars") or []) or "none"})
+    return pd.DataFrame(rows)

@@ -731,6 +731,52 @@ def _external_section(run: R.Run) -> None:
         st.dataframe(table, hide_index=True, width="stretch")
 
 
+# ---------------------------------------------------------------- Privacy
+
+
+def privacy_page() -> None:
+    ws = workspace()
+    _sidebar(ws)
+    st.title("Privacy")
+    runs = [r for r in _runs(str(ws)) if r.kind == "federated"]
+    if not runs:
+        _no_runs(ws, (R.CMD_DP, "a federation with record-level DP (DP-SGD) at every site"),
+                 (R.CMD_AUDIT, "the membership-inference audit of a run"))
+        return
+    run = _pick_run(runs, "privacy_run", prefer=("federated",))
+    st.subheader("ε spent per site")
+    curves = R.privacy_curves(metrics_of(run))
+    if curves.empty:
+        st.info(f"This run trained without differential privacy: `{R.CMD_DP}` adds DP-SGD at every site.")
+    else:
+        fig = px.line(curves, x="round", y="dp_epsilon", color="site", markers=len(curves) < 200,
+                      title="privacy budget spent (ε at δ = "
+                            f"{curves['dp_delta'].iloc[0] if 'dp_delta' in curves else '?'})",
+                      labels={"dp_epsilon": "ε spent"})
+        if "dp_epsilon_budget" in curves and curves["dp_epsilon_budget"].notna().any():
+            fig.add_hline(y=float(curves["dp_epsilon_budget"].max()), line_dash="dot",
+                          annotation_text="budget")
+        _chart(fig, 340)
+    audit = run_read("membership_audit", run)
+    st.subheader("Membership-inference attack on the global model")
+    if not audit:
+        st.info(f"No audit of this run yet: `{R.CMD_AUDIT}` attacks its best global model and lists what left "
+                "each site.")
+        return
+    st.dataframe(R.membership_table(audit), hide_index=True, width="stretch")
+    roc = R.roc_frame(audit)
+    if not roc.empty:
+        fig = px.line(roc, x="fpr", y="tpr", color="site", range_x=[0, 1], range_y=[0, 1],
+                      title="attack ROC (a loss attack: members = a site's training images, non-members = its "
+                            "held-out images)", labels={"fpr": "false-positive rate", "tpr": "true-positive rate"})
+        fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
+        _chart(fig, 380)
+    st.caption("AUROC 0.5: the attacker does no better than a coin; TPR at 1 % FPR: the members found while "
+               "almost never wrong.")
+    st.subheader("What travelled")
+    st.dataframe(R.what_left_table(audit), hide_index=True, width="stretch")
+
+
 # ---------------------------------------------------------------- Models
 
 

@@ -272,6 +272,8 @@ def _run_paths() -> set[str]:
     run = RunDir("/r")
     out = {str(getattr(run, a).relative_to("/r")) for a in dir(RunDir)
            if isinstance(getattr(RunDir, a, None), property) and isinstance(getattr(run, a), Path)}
+    out |= {str(run.site_policy("<site>").relative_to("/r")), str(run.site_keys("<site>").relative_to("/r")),
+            str(run.site_privacy_ledger("<site>").relative_to("/r"))}
     out |= {str(run.split_file("<site>").relative_to("/r")), str(run.site_metrics("<site>").relative_to("/r")),
             str(run.round_model(0).relative_to("/r")).replace("0000", "NNNN"),
             str(run.evaluation_file("robustness", "<model>").relative_to("/r")),

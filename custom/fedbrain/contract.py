@@ -96,6 +96,12 @@ class Augmentation:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def changes_images(self) -> bool:
+        """False for a policy that leaves every image as it is ("none")."""
+        return (self.hflip or self.max_rotate_deg > 0 or tuple(self.scale) != (1.0, 1.0) or self.translate > 0
+                or self.brightness > 0 or self.contrast > 0 or tuple(self.gamma) != (1.0, 1.0) or bool(self.extra))
+
 
 # Named policies (TrainConfig.augmentation), measured with `fedbrain evaluate --robustness` on the benchmark FedAvg
 # model (README, Results: robustness). "standard"'s model lost most macro-F1 under a brighter gamma, a wider or
@@ -106,6 +112,9 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     "standard": Augmentation(),
     "intensity": Augmentation(contrast=0.3, gamma=(0.67, 1.5)),
     "robust": Augmentation(scale=(0.8, 1.25), contrast=0.3, gamma=(0.6, 1.6)),
+    # every image as it is: a frozen backbone's linear probe, and DP-SGD's privacy-utility curve (issue 13)
+    "none": Augmentation(hflip=False, max_rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0,
+                         contrast=0.0),
 }
 DEFAULT_AUGMENTATION = "intensity"
 

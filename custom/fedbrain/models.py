@@ -472,6 +472,19 @@ def apply_finetune(model: nn.Module, name: str, spec: str = "all") -> dict:
             "params": count_parameters(model), "blocks": len(blocks)}
 
 
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Freeze every BatchNorm layer: fixed affine parameters, normalising by its running statistics (which stay
+    fixed) even in train mode, so no layer mixes the images of a batch (DP-SGD). Returns how many."""
+    bns = batchnorms(model)
+    for m in bns:
+        for p in m.parameters(recurse=False):
+            p.requires_grad_(False)
+        if not getattr(m, "_fedbrain_frozen", False):
+            m.register_forward_pre_hook(_keep_bn_frozen)
+            m._fedbrain_frozen = True
+    return len(bns)
+
+
 def count_macs(model: nn.Module, preprocessing: Preprocessing) -> int:
     """Multiply-accumulates of one forward pass at the contract's input size (conv + linear layers)."""
     macs = 0

@@ -153,6 +153,22 @@ class RunDir:
     def site_metrics(self, site: str) -> Path:
         return metrics_file(self.site_log_dir(site))
 
+    def site_policy(self, site: str) -> Path:
+        """A simulated hospital's own privacy policy (its admin's ``local/fedbrain_privacy.json``)."""
+        return self.site_log_dir(site) / "local" / SITE_POLICY_FILE
+
+    def site_keys(self, site: str) -> Path:
+        """A simulated hospital's secure-aggregation keys (its kit's ``local/fedbrain_secagg.json``)."""
+        return self.site_log_dir(site) / "local" / SITE_KEYS_FILE
+
+    def site_privacy_ledger(self, site: str) -> Path:
+        return privacy_ledger(self.site_log_dir(site))
+
+    @property
+    def membership_audit(self) -> Path:
+        """``fedbrain audit --membership``: the membership-inference attack on the best global model."""
+        return self.evaluations / "membership.json"
+
     @property
     def nvflare(self) -> Path:
         return self.root / "nvflare"
@@ -214,6 +230,10 @@ class RunDir:
         return self.root / "bench_federation.json"
 
     @property
+    def bench_secure_aggregation_json(self) -> Path:
+        return self.root / "bench_secure_aggregation.json"
+
+    @property
     def deploy_result(self) -> Path:
         return self.root / "deploy_result.json"
 
@@ -254,6 +274,8 @@ class RunDir:
 
 
 CHECKPOINTS = "checkpoints"
+SITE_POLICY_FILE = "fedbrain_privacy.json"  # a site's own privacy policy, in its workspace's local/ folder
+SITE_KEYS_FILE = "fedbrain_secagg.json"  # a site's secure-aggregation keys, in its workspace's local/ folder
 COMPRESSION = "compression"
 BENCH_MODELS = "bench_models.json"
 # the server writes these into its checkpoint folder (a run's checkpoints/rounds/, or its own job folder)
@@ -274,6 +296,11 @@ def list_run_dirs(workspace: str | os.PathLike) -> list[RunDir]:
         if d.is_dir() and marker is not None:
             found.append((marker.stat().st_mtime, d.name, run))
     return [r for *_, r in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def privacy_ledger(folder: str | os.PathLike) -> Path:
+    """``<folder>/privacy_ledger.json``: the DP-SGD steps a site took and the ε they spent (its resume point)."""
+    return Path(folder) / "privacy_ledger.json"
 
 
 def metrics_file(folder: str | os.PathLike) -> Path:

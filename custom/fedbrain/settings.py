@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from fedbrain.distillation import DistillConfig
+from fedbrain.dp import DPSGDConfig
 from fedbrain.training import TrainConfig
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
@@ -106,9 +107,17 @@ class JobSettings:
     wait_after_min_s: int = 60  # with min_clients < sites: how long a round waits for the others
     threads_per_site: int | None = None
     site_weighting: str = "samples"  # the average weighted by training-set size | "steps" (NVFlare's) | "equal"
-    dp_clip: float = 0.0
+    dp_clip: float = 0.0  # client-level DP of each whole update (needs hundreds of sites; see the README)
     dp_noise: float = 0.0
+    # record-level DP (DP-SGD at each site, issue 13): the (ε, δ) budget of this job at each site (0: off; a
+    # site's own policy may impose a stricter one), each image's gradient clip and the Poisson sampling rate
+    dp_epsilon: float = 0.0
+    dp_delta: float = DPSGDConfig.delta
+    dp_max_grad_norm: float = DPSGDConfig.max_grad_norm
+    dp_sample_rate: float = DPSGDConfig.sample_rate
     cross_site_eval: bool = True
+    # pairwise-masked secure aggregation (fedbrain.secagg): the server sees only the sum of the sites' updates
+    secure_aggregation: bool = False
     tracking: str = ""  # "mlflow": sites stream their round metrics to the server's MLflow receiver (NVFlare)
     tracking_uri: str = ""  # the MLflow tracking URI (default: a SQLite store in the run / server job folder)
     initial_checkpoint: str | None = None  # a plain {"model": state_dict} file NVFlare starts from
@@ -132,9 +141,37 @@ class JobSettings:
         if self.train.norm not in ("batch", "running"):
             raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
         self.distillation()  # validates weight and temperature
+        self.dp_sgd()  # validates the DP-SGD settings
+        if self.dp_epsilon > 0 and self.dp_clip > 0:
+            raise ValueError("choose one kind of DP: record-level (--dp-epsilon, DP-SGD at each site) or client-level "
+                             "(--dp-clip/--dp-noise)")
+        if self.dp_epsilon > 0 and self.bn_statistics != "batch":
+            raise ValueError("DP-SGD freezes BatchNorm statistics; --bn-statistics pooled/frozen/renorm would estimate "
+                             "them on the training images outside the privacy accounting")
+        if self.dp_epsilon > 0 and self.distil_from and self.distil_teacher_bn == "site":
+            raise ValueError("DP-SGD with a teacher needs --distil-teacher-bn global: statistics a site estimates on "
+                             "its training images would reach every image's gradient outside the privacy accounting")
+        if self.dp_epsilon > 0 and self.algorithm != "fedavg":
+            raise ValueError(f"DP-SGD runs with fedavg: {self.algorithm}'s extra terms (FedProx's proximal term, "
+                             "SCAFFOLD's control variates) are not privatised")
         if self.dp_clip > 0 and self.algorithm == "scaffold":
             raise ValueError("differential privacy does not cover SCAFFOLD's control variates (they are computed "
                              "from the unclipped local model): use fedavg or fedprox with --dp-clip")
+
+    def check_server_settings(self) -> None:
+        """Checks of the fields only the server holds (a site rebuilds its settings without them)."""
+        if self.secure_aggregation:
+            if self.cross_site_eval:
+                raise ValueError("secure aggregation hides each site's update from the server, and cross-site "
+                                 "evaluation would send it each site's model: add --no-cross-site-eval")
+            if self.algorithm == "scaffold":
+                raise ValueError("secure aggregation does not mask SCAFFOLD's control variates: use fedavg or fedprox")
+            if self.site_weighting != "samples":
+                raise ValueError("secure aggregation weights each update by its site's training images (the sites "
+                                 "weight before masking): --site-weighting samples")
+            if self.min_clients:
+                raise ValueError("secure aggregation needs every site in every round (a missing site's masks do not "
+                                 "cancel): leave --min-clients unset")
 
     def freeze_round(self) -> int:
         """FixBN: the round whose pooled BatchNorm moments are frozen for the rest of the job."""
@@ -159,6 +196,11 @@ class JobSettings:
         """The same job under another algorithm: its defaults, the user's explicit choices kept."""
         return replace(self, algorithm=algorithm, train=algorithm_train_config(algorithm, **self.user_train),
                        **changes)
+
+    def dp_sgd(self) -> DPSGDConfig:
+        """The record-level DP this job asks of every site (``enabled`` is False without a budget)."""
+        return DPSGDConfig(epsilon=self.dp_epsilon, delta=self.dp_delta, max_grad_norm=self.dp_max_grad_norm,
+                           sample_rate=self.dp_sample_rate)
 
     def distillation(self) -> DistillConfig | None:
         """The distillation settings, or None without a teacher."""

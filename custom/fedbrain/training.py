@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ from torch import nn
 
 from fedbrain.contract import CLASSES, DEFAULT_AUGMENTATION, NO_TUMOR, NUM_CLASSES, TUMOUR_ANY, TUMOUR_CLASSES
 from fedbrain.models import batchnorms
+
+if TYPE_CHECKING:
+    from fedbrain.dp import PrivateTraining
 
 
 @dataclass
@@ -280,6 +285,7 @@ def train_epochs(
     class_counts: torch.Tensor | None = None,
     present: torch.Tensor | None = None,
     distiller: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    private: PrivateTraining | None = None,
 ) -> dict:
     """Train in place for ``epochs`` (or ``cfg.steps`` optimiser steps); returns loss, samples, steps, images/s.
 
@@ -289,6 +295,9 @@ def train_epochs(
     pooled counts); ``present`` restricts the softmax to the classes the data can show.
     ``distiller(logits, x)`` is a distillation term against a frozen teacher on the (augmented) batch, mixed in
     with its ``weight`` (:class:`fedbrain.distillation.Distiller`).
+    ``private`` trains by DP-SGD (:class:`fedbrain.dp.PrivateTraining`; ``loader`` should be a
+    :class:`~fedbrain.data.dataset.PoissonLoader`): per-image clipping and noise, every step accounted, and training
+    stops (``budget_spent``) before a step that would overspend the budget.
     """
     epochs = cfg.epochs if epochs is None else epochs
     if cfg.threads:
@@ -296,7 +305,13 @@ def train_epochs(
     device = resolve_device(cfg.device)
     place(model, device)
     optimizer = optimizer or make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(device) == torch.float16 else None
+    if private is not None:
+        if extra_loss is not None:
+            raise ValueError("DP-SGD clips per-image gradients: a model-level loss term (FedProx) would escape it")
+        optimizer = private.wrap(optimizer)
+    # mixed precision is left out under DP-SGD (Opacus' per-image gradients are computed in float32)
+    mixed = private is None
+    scaler = torch.amp.GradScaler("cuda") if mixed and autocast_dtype(device) == torch.float16 else None
     targets = getattr(getattr(loader, "ds", None), "targets", None)
     weight = None
     if cfg.class_weighting and (class_counts is not None or targets is not None):
@@ -315,20 +330,25 @@ def train_epochs(
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, desc=progress, unit="batch", leave=False, disable=None)
+    budget_spent = False
     for x, y in _batches(loader, epochs, cfg.steps):
+        if private is not None and not private.can_step():
+            budget_spent = True
+            break
         if lr_schedule:
             for g, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 g["lr"] = base * lr_schedule(step, total_steps)
         x, y = to_device(x, device), to_device(y, device)
-        with autocast(device):
+        with autocast(device) if mixed else contextlib.nullcontext():
             logits = model(x).float()
         # with the federation's counts, each site's batch is part of one pooled batch: normalise by the batch
         # size (E[w] = 1 over the pooled data), not by this batch's own weight sum, which would undo the
-        # up-weighting of a class that lives at one site (sartaj's healthy scans)
+        # up-weighting of a class that lives at one site (sartaj's healthy scans). Under DP-SGD always by the
+        # count: each image's gradient must depend on that image alone
         loss = partial_label_loss(logits, y, weight, cfg.label_smoothing, present,
-                                  normalise="count" if class_counts is not None else "weights")
+                                  normalise="count" if class_counts is not None or private else "weights")
         if distiller is not None:
-            with autocast(device):
+            with autocast(device) if mixed else contextlib.nullcontext():
                 kd = distiller(logits, x)
             loss = (1 - distiller.weight) * loss + distiller.weight * kd
             kd_sum += kd.item() * len(y)
@@ -344,6 +364,8 @@ def train_epochs(
         else:
             loss.backward()
             optimizer.step()
+        if private is not None:
+            private.record_step()
         if after_step is not None:
             after_step(model, optimizer.param_groups[0]["lr"])
         seen += len(y)
@@ -361,6 +383,9 @@ def train_epochs(
            "images_per_s": seen / elapsed if elapsed > 0 else float("nan")}
     if distiller is not None:
         out["distil_loss"] = kd_sum / max(1, seen)
+    if private is not None:
+        private.save()
+        out.update(private.summary(), dp_stopped_early=budget_spent)
     return out
 
 

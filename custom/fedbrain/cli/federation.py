@@ -19,6 +19,7 @@ from fedbrain.cli.options import (
     cache_dir,
     check_finetune,
     distillation_settings,
+    epsilon_budget,
     job_settings,
     load_federation,
 )
@@ -40,7 +41,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         fed = load_federation(args)
         settings = job_settings(args, fed)
+        policies = site_policies(args.site_policy, list(fed.sites))
         run_dir = RunDir.create(args.workspace, f"{settings.algorithm}-{settings.model}")
+        for site, policy in policies.items():  # each simulated hospital's admin file
+            run_dir.site_policy(site).parent.mkdir(parents=True, exist_ok=True)
+            run_dir.site_policy(site).write_text(Path(policy.source).read_text())
         if args.resume:
             continue_from(settings, Path(args.resume), run_dir)
     print(f"run: {run_dir}")
@@ -67,6 +72,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_policies(specs: list[str] | None, sites: list[str]) -> dict:
+    """``SITE=FILE`` (or ``all=FILE``) -> each simulated hospital's privacy policy, read and checked now."""
+    from fedbrain.fl.policy import PolicyError, SitePolicy
+
+    out = {}
+    for spec in specs or []:
+        site, sep, file = spec.partition("=")
+        if not sep or not file:
+            raise UsageError(f"--site-policy {spec!r}: expected SITE=FILE (or all=FILE)")
+        if site != "all" and site not in sites:
+            raise UsageError(f"--site-policy {spec!r}: no site {site!r} in this federation ({', '.join(sites)})")
+        try:
+            policy = SitePolicy.read(Path(file))
+        except PolicyError as exc:
+            raise UsageError(str(exc)) from exc
+        out.update({s: policy for s in (sites if site == "all" else [site])})
+    return out
+
+
 def _local_work(settings) -> str:
     t = settings.train
     return f"{t.steps} local step(s)" if t.steps else f"{t.epochs} local epoch(s)"
@@ -84,8 +108,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row
     run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
     dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
+    if settings.dp_epsilon > 0:
+        raise UsageError("compare: give DP-SGD budgets with --dp-curve EPS ... (one row each), not --dp-epsilon")
     modes = plan_modes(fed, settings, args.algorithms, dp=dp, iid_control=args.iid_control, ablation=args.ablation,
-                       legacy=args.legacy_row, baselines=args.baselines, leave_one_out=args.leave_one_out)
+                       legacy=args.legacy_row, baselines=args.baselines, leave_one_out=args.leave_one_out,
+                       dp_curve=args.dp_curve)
     print(f"run: {run_dir}\nbudget: {budget_epochs(settings, fed)} epochs over the data for every mode "
           f"(federated: {settings.rounds} rounds); {len(modes)} modes x {len(args.seeds)} seed(s): "
           f"{', '.join(m.name for m in modes)}", flush=True)
@@ -114,6 +141,34 @@ def cmd_bench_federation(args: argparse.Namespace) -> int:
     print(f"  NVFlare simulator wall time          {res['simulator_wall_s']:8.1f} s  (sites in parallel processes)")
     print(f"  same epochs, plain PyTorch, in turn  {res['plain_local_s']:8.1f} s")
     print(f"  overhead ratio (simulator / plain)   {res['ratio']:8.2f}")
+    return 0
+
+
+def cmd_bench_secure_aggregation(args: argparse.Namespace) -> int:
+    """The same job plain and with secure aggregation: wall time, bytes per round, model difference."""
+    from fedbrain.experiments.throughput import secure_aggregation_cost
+    from fedbrain.runs import RunDir
+
+    fed = load_federation(args)
+    settings = job_settings(args, fed)
+    run_dir = RunDir.create(args.workspace, f"bench-secure-aggregation-{settings.model}")
+    res = secure_aggregation_cost(fed, settings, run_dir, cache_dir=cache_dir(args))
+    if res.get("failed_sites"):
+        print(f"fedbrain: error: sites failed: {res['failed_sites']}", file=sys.stderr)
+        return 3
+    p, s = res["plain"], res["secure"]
+    print(f"benchmark: {len(fed.sites)} sites, {settings.rounds} rounds x {_local_work(settings)}, model "
+          f"{settings.model}, server optimiser {settings.server_optimizer}")
+    print(f"  wall time            plain {p['wall_s']:8.1f} s   secure {s['wall_s']:8.1f} s   "
+          f"ratio {res['wall_ratio']:.2f}")
+    print(f"  bytes / site / round plain {p['bytes_per_site_round']:>10,}   secure {s['bytes_per_site_round']:>10,}   "
+          f"ratio {res['bytes_ratio']:.2f}  (weights as {'/'.join(p['dtypes'])} vs {'/'.join(s['dtypes'])})")
+    print(f"  masking one update       {res['mask_ms_per_site_round']:8.1f} ms per site and round "
+          f"({len(fed.sites) - 1} peer mask streams)")
+    print(f"  max |difference| between the two global models after the last round: {res['max_abs_difference']:.3g} "
+          f"(plain against plain with {settings.threads_per_site or 1}+1 threads per site, another float summation "
+          f"order: {res['float_floor']:.3g})")
+    print(f"written to {run_dir.bench_secure_aggregation_json}")
     return 0
 
 
@@ -193,6 +248,9 @@ def register(groups) -> None:
     p = sub.add_parser("simulate", help="the main job: a federated run in the NVFlare simulator")
     add_federation_args(p)
     add_job_args(p)
+    p.add_argument("--site-policy", action="append", metavar="SITE=FILE",
+                   help="a simulated hospital's own privacy policy (what its admin keeps in "
+                        "local/fedbrain_privacy.json, e.g. {\"dp_epsilon\": 8}); all=FILE for every site; repeatable")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("compare", help="federated vs centralised vs local-only at the same budget")
@@ -212,6 +270,10 @@ def register(groups) -> None:
     c.add_argument("--leave-one-out", action="store_true",
                    help="add one federation per hospital without it (the same epochs over the smaller data), scored "
                         "on that hospital's test split and on all its images as an unseen hospital")
+    c.add_argument("--dp-curve", type=epsilon_budget, nargs="+", metavar="EPS", default=None,
+                   help="the privacy-utility curve: one FedAvg row per per-site DP-SGD budget (e.g. inf 8 3 1; inf: "
+                        "the same schedule without clipping or noise), with --dp-sample-rate / --dp-max-grad-norm "
+                        "and the same epochs as every row")
     c.add_argument("--legacy-row", action="store_true",
                    help="add a row with fedbrain's federation before the levers (see --legacy)")
     p.set_defaults(func=cmd_compare)
@@ -221,6 +283,12 @@ def register(groups) -> None:
     add_federation_args(p)
     add_job_args(p, rounds=3)
     p.set_defaults(func=cmd_bench_federation)
+
+    p = bench.add_parser("secure-aggregation", help="the same job plain and with secure aggregation: wall time, "
+                         "bytes per round, how far apart the global models end")
+    add_federation_args(p)
+    add_job_args(p, rounds=5)
+    p.set_defaults(func=cmd_bench_secure_aggregation)
 
     p = bench.add_parser("models", help="every registry model, federated and centralised: accuracy, "
                          "macro-F1, size, CPU latency at one budget")

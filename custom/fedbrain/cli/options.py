@@ -105,6 +105,9 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-images-per-site", type=POSITIVE_INT, default=None, help="subsample each site (quick runs)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fedbrain)")
+    g.add_argument("--exclude-twins-of", metavar="RUN", default=None,
+                   help="leave out every image that is a near-duplicate of any image RUN recorded (its splits): "
+                        "e.g. pretrain on the public Br35H set without the benchmark hospitals' scans")
 
 
 def data_given(args: argparse.Namespace) -> bool:
@@ -144,7 +147,34 @@ def cache_dir(args: argparse.Namespace) -> Path | None:
 def load_federation(args: argparse.Namespace, progress: bool = True):
     from fedbrain.data.federation import build_federation
 
-    return build_federation(federation_spec(args), cache_dir=cache_dir(args), progress=progress)
+    fed = build_federation(federation_spec(args), cache_dir=cache_dir(args), progress=progress)
+    if getattr(args, "exclude_twins_of", None):
+        exclude_twins(fed, args.exclude_twins_of, cache_dir(args))
+    return fed
+
+
+def exclude_twins(fed, run_path: str, cache: Path | None = None) -> None:
+    """Drop, in place, every image of ``fed`` that is a near-duplicate of an image of the run's splits; the data
+    summary says how many left each site and split."""
+    from fedbrain.data.federation import Federation
+    from fedbrain.data.readers import DataLayoutError
+    from fedbrain.external import training_twins
+    from fedbrain.runs import RunDir
+
+    try:
+        other = Federation.read(RunDir(run_path))
+    except DataLayoutError as exc:
+        raise UsageError(f"--exclude-twins-of {run_path!r}: {exc}") from exc
+    theirs = [r for site in other.sites.values() for split in site.splits.values() for r in split]
+    dropped: dict[str, dict[str, int]] = {}
+    for name, site in fed.sites.items():
+        for split, records in site.splits.items():
+            twin = training_twins(records, theirs, cache)
+            site.splits[split] = [r for r, t in zip(records, twin, strict=True) if not t]
+            dropped.setdefault(name, {})[split] = int(twin.sum())
+    fed.summary["excluded_twins"] = {"of": RunDir(run_path).name, "dropped": dropped}
+    print(f"left out near-duplicates of {RunDir(run_path).name}'s images: "
+          + ", ".join(f"{n} {sum(d.values())}" for n, d in dropped.items()), flush=True)
 
 
 def add_workspace_arg(p) -> None:
@@ -313,9 +343,15 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                    help="the average (and SCAFFOLD's control update) weighted by each site's local steps, its "
                         "training images, or "
                         f"equally (default {JobSettings.site_weighting})")
-    g.add_argument("--dp-clip", type=NON_NEGATIVE, default=0.0, help="differential privacy: L2 clip of each update")
-    g.add_argument("--dp-noise", type=NON_NEGATIVE, default=0.0, help="differential privacy: noise multiplier")
+    add_dp_sgd_args(p)
+    g.add_argument("--dp-clip", type=NON_NEGATIVE, default=0.0,
+                   help="client-level DP (needs hundreds of sites; see --dp-epsilon): L2 clip of each whole update")
+    g.add_argument("--dp-noise", type=NON_NEGATIVE, default=0.0, help="client-level DP: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
+    g.add_argument("--secure-aggregation", action="store_true",
+                   help="pairwise-masked secure aggregation: each site masks its weighted update with secrets it "
+                        "shares with the other sites, so the server sees only the sum (needs every site every round "
+                        "and --no-cross-site-eval; keys come with the sites' kits)")
     g.add_argument("--tracking", choices=["mlflow"], default=None,
                    help="also stream every site's round metrics to MLflow through NVFlare's experiment tracking "
                         "(pip install 'fedbrain[mlflow]'); JSONL and TensorBoard are always written")
@@ -327,6 +363,39 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                    "numbering rounds after it")
     g.add_argument("--threads-per-site", type=POSITIVE_INT, default=None)
     add_workspace_arg(g)
+
+
+def add_dp_sgd_args(p: argparse.ArgumentParser) -> None:
+    from fedbrain.dp import DPSGDConfig
+
+    g = p.add_argument_group("record-level differential privacy (DP-SGD at each site; a site's own policy, "
+                             "local/fedbrain_privacy.json, may impose a stricter budget)")
+    g.add_argument("--dp-epsilon", type=epsilon_budget, default=0.0,
+                   help="the (ε, δ) budget of the whole job at each site, per training image (0: off; inf: the same "
+                        "schedule without clipping or noise, DP's reference). The noise is set so the planned rounds "
+                        "spend it; a site whose budget is spent stops training")
+    g.add_argument("--dp-delta", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=DPSGDConfig.delta,
+                   help="δ (default %(default)s)")
+    g.add_argument("--dp-max-grad-norm", type=POSITIVE, default=DPSGDConfig.max_grad_norm,
+                   help="each image's gradient is clipped to this L2 norm (default %(default)s)")
+    g.add_argument("--dp-sample-rate", type=float_in(0.0, 1.0, lo_open=True), default=DPSGDConfig.sample_rate,
+                   help="the chance that an image is in a step's batch (Poisson sampling; default %(default)s). "
+                        "With --budget-epochs, the rounds are the epochs divided by it")
+
+
+def epsilon_budget(text: str) -> float:
+    """A DP budget: a number ≥ 0, or inf."""
+    if text.strip().lower() in ("inf", "infinity"):
+        return float("inf")
+    return NON_NEGATIVE(text)
+
+
+def dp_sgd_settings(args: argparse.Namespace) -> dict:
+    """The JobSettings fields of the DP-SGD flags (the sampling and clipping also shape compare's --dp-curve)."""
+    if not hasattr(args, "dp_epsilon"):
+        return {}
+    return {"dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta, "dp_max_grad_norm": args.dp_max_grad_norm,
+            "dp_sample_rate": args.dp_sample_rate}
 
 
 def add_distillation_args(p: argparse.ArgumentParser, pooled: bool = False) -> None:
@@ -393,9 +462,13 @@ def job_settings(args: argparse.Namespace, fed=None):
             model_kwargs=model_kwargs(args), image_size=args.image_size,
             fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-            cross_site_eval=not args.no_cross_site_eval, tracking=getattr(args, "tracking", None) or "",
+            cross_site_eval=not args.no_cross_site_eval,
+            secure_aggregation=getattr(args, "secure_aggregation", False),
+            tracking=getattr(args, "tracking", None) or "",
             tracking_uri=getattr(args, "tracking_uri", None) or "",
-            pretrained=pretrained_flag(args), finetune=args.finetune, **distillation_settings(args), **levers)
+            pretrained=pretrained_flag(args), finetune=args.finetune, **distillation_settings(args),
+            **dp_sgd_settings(args), **levers)
+        settings.check_server_settings()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if settings.dp_clip > 0 and fed is not None and len(fed.sites) < CLIENT_DP_MIN_SITES:

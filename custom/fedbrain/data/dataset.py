@@ -87,15 +87,42 @@ class BatchLoader:
     def __iter__(self):
         n = len(self.ds)
         order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        pre = self.ds.pre
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             if self.train and len(idx) < 2 and n >= 2:  # BatchNorm cannot train on one sample
                 continue
-            raw = torch.from_numpy(self.ds.images[idx.numpy()]).float().div_(255.0).unsqueeze(1)
-            if self.augmentation is not None:
-                raw = augment_batch(raw, self.augmentation, self.generator)
-            yield normalise(raw, pre), self.ds.targets[idx]
+            yield make_batch(self.ds, idx, self.augmentation, self.generator)
+
+
+def make_batch(ds: SliceDataset, idx: torch.Tensor, augmentation: Augmentation | None,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``idx`` of ``ds`` as one normalised (and, with ``augmentation``, augmented) batch."""
+    raw = torch.from_numpy(ds.images[idx.numpy()]).float().div_(255.0).unsqueeze(1)
+    if augmentation is not None and augmentation.changes_images:
+        raw = augment_batch(raw, augmentation, generator)
+    return normalise(raw, ds.pre), ds.targets[idx]
+
+
+class PoissonLoader:
+    """DP-SGD's batches: each takes every image independently with probability ``rate``, so a batch's size is
+    random (the privacy accounting assumes it); ``len``: the batches of one expected pass. The draws come from
+    OS entropy unless a ``seed`` is given (tests): a known seed would tell which images each step used."""
+
+    def __init__(self, ds: SliceDataset, rate: float, augmentation: Augmentation | None = None,
+                 seed: int | None = None):
+        import secrets
+
+        self.ds, self.rate, self.augmentation = ds, rate, augmentation
+        self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
+
+    def __len__(self) -> int:
+        return max(1, round(1 / self.rate))
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            idx = (torch.rand(len(self.ds), generator=self.generator) < self.rate).nonzero().flatten()
+            if len(idx):  # an empty draw (chance (1-rate)^n, negligible at DP's batch sizes) takes no step
+                yield make_batch(self.ds, idx, self.augmentation, self.generator)
 
 
 UNION = "union"  # the pooled test split of every site: the headline of every results table
@@ -139,5 +166,6 @@ def site_loaders(sites: dict[str, SiteData], pre: Preprocessing, batch_size: int
     return out
 
 
-__all__ = ["UNION", "SliceDataset", "BatchLoader", "SiteLoaders", "normalise", "to_tensor", "augment_batch",
+__all__ = ["UNION", "SliceDataset", "BatchLoader", "PoissonLoader", "make_batch", "SiteLoaders", "normalise",
+           "to_tensor", "augment_batch",
            "pooled_site", "site_loaders"]

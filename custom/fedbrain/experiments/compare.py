@@ -66,6 +66,8 @@ class Mode:
 def epochs_per_round(settings: JobSettings, fed: Federation) -> float:
     """Passes over the federation's training data one round makes (local epochs, or local steps on each site's
     batch: its own, or its share of a federation-wide batch)."""
+    if settings.dp_epsilon > 0:  # DP-SGD: every site samples each image with the job's rate, every step
+        return (settings.train.steps or settings.train.epochs / settings.dp_sample_rate) * settings.dp_sample_rate
     if not settings.train.steps:
         return float(settings.train.epochs)
     sizes = [len(s.splits["train"]) for s in fed.sites.values()]
@@ -112,8 +114,8 @@ def iid_federation(fed: Federation, seed: int = 0) -> Federation:
 
 def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp: tuple[float, float] | None = None,
                iid_control: bool = False, ablation: bool = False, legacy: bool = False,
-               central: TrainConfig | None = None, baselines: bool = True, leave_one_out: bool = False
-               ) -> list[Mode]:
+               central: TrainConfig | None = None, baselines: bool = True, leave_one_out: bool = False,
+               dp_curve: list[float] | None = None) -> list[Mode]:
     """The rows of a comparison; every federated mode has the same budget as the pooled ones (``baselines``:
     with the centralised and local-only rows; ``leave_one_out``: one federation per hospital without it, the
     same epochs over its smaller data, scored on the hospital it never saw)."""
@@ -134,6 +136,9 @@ def plan_modes(fed: Federation, settings: JobSettings, algorithms: list[str], dp
     if dp:
         modes.append(Mode("fedavg+dp", "federated", settings.with_algorithm("fedavg", dp_clip=dp[0],
                                                                              dp_noise=dp[1]), dp=dp))
+    for eps in dp_curve or []:  # record-level DP at every site; inf: the same schedule without noise or clipping
+        s = with_overrides(settings.with_algorithm("fedavg"), {"dp_epsilon": eps}, fed)
+        modes.append(Mode(f"fedavg dp-sgd ε={eps:g}", "federated", s))
     if not baselines:
         return modes
     epochs = budget_epochs(settings, fed)
@@ -242,6 +247,9 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
                     status.progress(status.doc["done"] + 1, status.doc["total"])
                     continue
                 eps = epsilon_after(s.rounds, mode.dp[1], 1e-5) if mode.dp else None
+                if s.dp_epsilon > 0:  # DP-SGD: the most any site spent (inf: no noise)
+                    spent = (summary.get("privacy") or {}).get("epsilon_per_site") or {}
+                    eps = max(spent.values()) if spent else s.dp_epsilon
                 rows += _rows(mode, seed, summary["test"], budget, s.rounds, summary["wall_seconds"], eps,
                               summary.get("site_probe"))
                 if mode.held_out:

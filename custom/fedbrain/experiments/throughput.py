@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from fedbrain.models import (
     create_model,
     default_preprocessing,
 )
-from fedbrain.runs import RunDir, write_json
+from fedbrain.runs import RunDir, read_metrics, write_json
 from fedbrain.settings import JobSettings
 from fedbrain.training import TrainConfig, evaluate, make_optimizer, train_epochs
 
@@ -109,3 +111,68 @@ def device_check(device: str = "cuda", image_sizes: tuple[int, ...] = (128, 224)
             rows.append(row)
             log(f"  {row['model']:<22}{size:>5} px {row['images_per_s']:>10.1f} img/s")
     return {**info, "placement": placement, "throughput": rows}
+
+
+def update_bytes(audit_row: dict) -> int:
+    """The bytes of one update's weights, from the server's structural audit (``array:<dtype>:[shape]``)."""
+    import numpy as np
+
+    total = 0
+    for kind in (audit_row.get("params") or {}).values():
+        if kind.startswith("array:"):
+            _, dtype, shape = kind.split(":", 2)
+            total += int(np.prod(json.loads(shape) or [1])) * np.dtype(dtype).itemsize
+    return total
+
+
+def masking_ms(state: dict, sites: list[str], repeats: int = 5) -> float:
+    """Milliseconds one site spends masking one round's update of ``state`` (median of ``repeats``)."""
+    import statistics
+
+    from fedbrain.secagg import mask_update, pair_secrets, provision_keys
+
+    keys = provision_keys(sites)[sites[0]]
+    secrets = pair_secrets(keys)
+    delta = {k: v.double().numpy() * 1e-3 for k, v in state.items()}
+    times = []
+    for rnd in range(repeats):
+        t0 = time.perf_counter()
+        mask_update(delta, 1000.0, keys, rnd, secrets)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def secure_aggregation_cost(fed: Federation, settings: JobSettings, run: RunDir,
+                            cache_dir: Path | None = None) -> dict:
+    """The same job plain and with pairwise-masked secure aggregation: wall time, bytes each site sends per round,
+    and how far apart the two global models end. The masks cancel exactly; what is left is fixed-point rounding,
+    which the rounds amplify as they amplify any float rounding: a third run, plain again with one more thread
+    per site (another summation order), measures that floor."""
+    from fedbrain.fl.simulate import finished_rounds, global_state
+
+    out: dict = {"rounds": settings.rounds, "sites": list(fed.sites), "model": settings.model,
+                 "server_optimizer": settings.server_optimizer}
+    models = {}
+    threads = settings.threads_per_site or 1
+    jobs = (("plain", False, threads), ("secure", True, threads), ("plain-threads", False, threads + 1))
+    for mode, secure, t in jobs:
+        child = run.child(mode)
+        s = replace(settings, secure_aggregation=secure, cross_site_eval=False, threads_per_site=t)
+        summary = run_simulation(fed, s, child, cache_dir=cache_dir)
+        if summary.get("failed_sites") or not finished_rounds(child):
+            return {"failed_sites": summary.get("failed_sites") or {mode: "no global model"}}
+        audit = read_metrics(child.server_audit)
+        models[mode] = global_state(child.round_model(finished_rounds(child)[-1]))
+        out[mode] = {"wall_s": summary["wall_seconds"],
+                     "bytes_per_site_round": max(update_bytes(r) for r in audit),
+                     "dtypes": sorted({k.split(":")[1] for r in audit for k in (r.get("params") or {}).values()})}
+
+    def diff(a: str, b: str) -> float:
+        return max(float((models[a][k].double() - models[b][k].double()).abs().max()) for k in models[a])
+
+    out["mask_ms_per_site_round"] = masking_ms(models["plain"], list(fed.sites))
+    out.update({"max_abs_difference": diff("plain", "secure"), "float_floor": diff("plain", "plain-threads"),
+                "wall_ratio": out["secure"]["wall_s"] / out["plain"]["wall_s"],
+                "bytes_ratio": out["secure"]["bytes_per_site_round"] / out["plain"]["bytes_per_site_round"]})
+    write_json(run.bench_secure_aggregation_json, out)
+    return out

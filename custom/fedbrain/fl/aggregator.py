@@ -19,7 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AlgorithmConstants
 
-from fedbrain.fl.metrics import COUNT_PREFIX, NUM_SAMPLES, pooled_validation, site_counts
+from fedbrain.fl.metrics import COUNT_PREFIX, NUM_SAMPLES, SECURE_META, pooled_validation, site_counts
 
 WEIGHTINGS = ("steps", "samples", "equal")
 MAX_WEIGHT = 1e9  # a step or sample count above this is not a real site's
@@ -70,6 +70,11 @@ def check_weight(value) -> tuple[float | None, str | None]:
     return w, None
 
 
+def budget_spent(meta: dict) -> bool:
+    """Whether a site says it sent no update because its DP-SGD budget is spent (0 steps)."""
+    return meta.get("dp_budget_spent") is True and meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND) == 0
+
+
 def describe_update(model: FLModel) -> dict:
     """What a site sent, structurally: parameter names/dtypes/shapes, metric and meta names and value types."""
 
@@ -101,8 +106,11 @@ class ValidatingAggregator(ModelAggregator):
     """
 
     def __init__(self, audit_file: str | None = None, weighting: str = "steps", rounds_file: str | None = None,
-                 scaffold: bool = False):
+                 scaffold: bool = False, secure_sites: list[str] | None = None):
         super().__init__()
+        # secure aggregation (fedbrain.secagg): every one of these sites sends a masked, sample-weighted update;
+        # this aggregator only ever holds masked sums, and the mean exists once all of them are in
+        self.secure_sites = sorted(secure_sites) if secure_sites else None
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, not {weighting!r}")
         self.weighting = weighting
@@ -121,11 +129,13 @@ class ValidatingAggregator(ModelAggregator):
 
     def reset_stats(self) -> None:
         self._sum: dict[str, np.ndarray] = {}
+        self._masked: dict[str, np.ndarray] = {}  # secure aggregation: the running sum mod 2^64 (still masked)
         self._ctrl_sum: dict[str, np.ndarray] = {}
         self._bn_sq: dict[str, np.ndarray] = {}
         self._total = 0.0
         self._samples = 0.0
         self._sites: list[dict] = []
+        self._spent: list[str] = []  # sites that could not train this round: their DP budget is spent
         self._val_rows: list[dict] = []
         self._metric_sum: dict[str, float] = {}
         self.params_type = None
@@ -145,6 +155,10 @@ class ValidatingAggregator(ModelAggregator):
         if model.params_type not in (None, ParamsType.FULL):
             return None, f"params_type {model.params_type} (fedbrain sites send full weights)"
         meta = model.meta or {}
+        if self.secure_sites is not None and not meta.get(SECURE_META):
+            return None, "not masked: this job aggregates securely"
+        if self.secure_sites is not None and any(as_array(v).dtype != np.int64 for v in model.params.values()):
+            return None, "a masked update must hold 64-bit integers"
         steps, why = check_weight(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
         if why:
             return None, f"step count: {why}"
@@ -165,9 +179,17 @@ class ValidatingAggregator(ModelAggregator):
         site = meta.get("client_name", "unknown site")
         rnd = model.current_round if model.current_round is not None else self.round
         weight, reason = self._reason(model)
+        spent = reason is not None and budget_spent(meta)
         if self.audit_file:
             with open(self.audit_file, "a") as fh:
-                fh.write(json.dumps({"site": site, "round": rnd, "rejected": reason, **describe_update(model)}) + "\n")
+                fh.write(json.dumps({"site": site, "round": rnd, "rejected": None if spent else reason,
+                                     **({"no_update": "privacy budget spent"} if spent else {}),
+                                     **describe_update(model)}) + "\n")
+        if spent:  # a site whose DP budget is spent sends no update
+            self.info(f"{site} sent no update in round {rnd}: its privacy budget is spent")
+            self._spent.append(site)
+            self._val_rows.append(dict(model.metrics or {}))
+            return
         if reason is not None:
             self.rejected.append({"site": site, "round": rnd, "reason": reason})
             self.error(f"rejected update from {site} in round {rnd}: {reason}")
@@ -177,6 +199,9 @@ class ValidatingAggregator(ModelAggregator):
             self._accumulate(model, meta, weight, samples, site)
 
     def _accumulate(self, model: FLModel, meta: dict, weight: float, samples: float, site: str) -> None:
+        if self.secure_sites is not None:
+            self._accumulate_masked(model, samples, site)
+            return
         norm2 = 0.0
         for k, v in model.params.items():
             arr = as_array(v).astype(np.float64)
@@ -206,6 +231,55 @@ class ValidatingAggregator(ModelAggregator):
                             "steps": float(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))})
         self.params_type = model.params_type
 
+    def _accumulate_masked(self, model: FLModel, samples: float, site: str) -> None:
+        """Secure aggregation: add a masked update to the masked sum; only the clear scalars are kept per site."""
+        from fedbrain.secagg import add_masked
+
+        add_masked(self._masked, {k: as_array(v) for k, v in model.params.items()})
+        for k, v in (model.metrics or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
+                    "val_") and not k.startswith(("val_cm_", "val_hist_", "val_nll_")):
+                self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * samples
+        counts = site_counts(model.metrics or {})
+        if counts is not None:
+            self.counts[site] = counts
+        self._val_rows.append(dict(model.metrics or {}))
+        self._total += samples  # the sites weighted their updates by their training images before masking
+        self._samples += samples
+        self._sites.append({"site": site, "weight": samples, "samples": samples, "update_norm": None,
+                            "steps": float((model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)),
+                            "masked": True})
+        self.params_type = model.params_type
+
+    def _unmasked_mean(self) -> FLModel:
+        """Secure aggregation: once every site is in, the masks cancel; the mean update joins the global model."""
+        from fedbrain.secagg import dequantise
+
+        present = sorted(s["site"] for s in self._sites)
+        if present != self.secure_sites:
+            missing = sorted(set(self.secure_sites) - set(present))
+            return self._unchanged(f"secure aggregation needs every site's masked update; missing {missing}")
+        ref = self.reference or {}
+        params = {}
+        for k, total in self._masked.items():
+            mean = dequantise(total) / self._total
+            v = ref[k].astype(np.float64) + mean if k in ref else mean
+            dtype = ref[k].dtype if k in ref else np.float32
+            params[k] = (np.rint(v) if np.dtype(dtype).kind in "iub" else v).astype(dtype)
+        if any(not np.isfinite(v).all() for v in params.values()):
+            return self._unchanged("the unmasked aggregate is not finite")
+        return self._finish(params, ParamsType.FULL, {"nr_accepted": len(present), "secure_aggregation": True},
+                            "masked site update(s)")
+
+    def _finish(self, params: dict, params_type, meta: dict, what: str = "site update(s)") -> FLModel:
+        """The round's aggregate with its pooled validation metrics; logged, and the stats reset."""
+        metrics = {k: v / self._total for k, v in self._metric_sum.items()}
+        metrics.update(pooled_validation(self._val_rows))
+        self._log_round(accepted=True)
+        self.info(f"aggregated {len(self._sites)} {what}")
+        self.reset_stats()
+        return FLModel(params=params, params_type=params_type, metrics=metrics, meta=meta)
+
     @staticmethod
     def _add(acc: dict, k: str, v: np.ndarray) -> None:
         acc[k] = acc[k] + v if k in acc else v.copy()
@@ -224,6 +298,10 @@ class ValidatingAggregator(ModelAggregator):
             return self._aggregate()
 
     def _aggregate(self) -> FLModel:
+        if self.secure_sites is not None and self._sites:
+            return self._unmasked_mean()
+        if not self._sites and self._spent and self.reference is not None:
+            return self._unchanged(f"no site can train any more: the privacy budget of {sorted(self._spent)} is spent")
         if not self._sites:
             if self.reference is None:
                 raise RuntimeError("no valid site update this round: every update was rejected")
@@ -259,12 +337,7 @@ class ValidatingAggregator(ModelAggregator):
                 k: (acc / self._total).astype(ref_dtypes.get(k, np.float32)) for k, acc in self._ctrl_sum.items()}
             if any(not np.isfinite(v).all() for v in meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF].values()):
                 return self._unchanged("the SCAFFOLD control aggregate is not finite")
-        metrics = {k: v / self._total for k, v in self._metric_sum.items()}
-        metrics.update(pooled_validation(self._val_rows))
-        self._log_round(accepted=True)
-        self.info(f"aggregated {len(self._sites)} site update(s)")
-        self.reset_stats()
-        return FLModel(params=params, params_type=self.params_type or ParamsType.FULL, metrics=metrics, meta=meta)
+        return self._finish(params, self.params_type or ParamsType.FULL, meta)
 
     def _log_round(self, accepted: bool, why: str | None = None) -> None:
         if not self.rounds_file:

@@ -223,11 +223,36 @@ def provision(spec: ProjectSpec, out_dir: str | Path, server_storage: str | Path
         allow_components(kit, classes["client"])
     if server_storage:
         set_server_storage(kits.server, server_storage)
+    write_site_privacy_files(kits)
     (out_dir / "kits.json").write_text(json.dumps({
         "project_yml": str(project_yml), "root": str(kits.root), "server": str(kits.server),
         "clients": {k: str(v) for k, v in kits.clients.items()},
         "admins": {k: str(v) for k, v in kits.admins.items()}}, indent=2))
     return kits
+
+
+POLICY_TEMPLATE = {"dp_epsilon": 0, "dp_delta": 1e-5,
+                   "comment": "this hospital's own privacy policy, applied to every job: dp_epsilon > 0 trains every "
+                              "job by DP-SGD with at most this (epsilon, delta) per training image (0: the job "
+                              "decides)"}
+
+
+def write_site_privacy_files(kits: Kits) -> None:
+    """Into each site kit's ``local/``: its secure-aggregation keys (its private key and every site's public key;
+    the server's kit gets none), a privacy policy for its admin to set (off until edited), and NVFlare's
+    ``privacy.json`` whose default scope runs that policy as a filter on every task result."""
+    from fedbrain.fl.policy_filter import PRIVACY_JSON
+    from fedbrain.runs import SITE_KEYS_FILE, SITE_POLICY_FILE
+    from fedbrain.secagg import provision_keys
+
+    for site, keys in provision_keys(sorted(kits.clients)).items():
+        local = kits.clients[site] / "local"
+        keys.write(local / SITE_KEYS_FILE)
+        # NVFlare's site privacy scope: the policy filter sees every result of every job before it leaves
+        (local / "privacy.json").write_text(json.dumps(PRIVACY_JSON, indent=1))
+        policy = local / SITE_POLICY_FILE
+        if not policy.exists():
+            policy.write_text(json.dumps(POLICY_TEMPLATE, indent=1))
 
 
 def _edit_resources(kit: str | Path, edit) -> Path:

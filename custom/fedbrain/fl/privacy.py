@@ -6,8 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+from fedbrain.dp import secret_generator
+
 # what a site may send of its DP accounting: data-independent numbers only (never the update's norm)
-PUBLIC_DP_KEYS = ("dp_epsilon", "dp_delta")
+PUBLIC_DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_epsilon_budget", "dp_noise_multiplier",
+                  "dp_sample_rate", "dp_max_grad_norm", "dp_steps", "dp_budget_spent")
 
 
 @dataclass
@@ -15,7 +18,6 @@ class DPConfig:
     clip: float = 0.0  # L2 bound of one site's update per round; 0 disables DP
     noise_multiplier: float = 0.0  # noise std = noise_multiplier * clip
     delta: float = 1e-5
-    seed: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -56,10 +58,11 @@ def privatize_update(params: dict[str, torch.Tensor], global_state: dict[str, to
     delta = {k: params[k] - global_state[k] for k in keys}
     norm = torch.sqrt(sum((d.float() ** 2).sum() for d in delta.values()))
     scale = min(1.0, dp.clip / (float(norm) + 1e-12))
-    gen = torch.Generator().manual_seed(dp.seed * 100_003 + round_)
+    gen = secret_generator()  # noise from a known seed could be subtracted by whoever knows the seed
     out = dict(params)
     for k in keys:
         noise = torch.randn(delta[k].shape, generator=gen) * (dp.noise_multiplier * dp.clip)
         out[k] = global_state[k] + delta[k] * scale + noise.to(delta[k].dtype)
     eps = epsilon_after(round_ + 1, dp.noise_multiplier, dp.delta)
-    return out, {"dp_update_norm": float(norm), "dp_clip_scale": scale, "dp_epsilon": eps, "dp_delta": dp.delta}
+    return out, {"dp_update_norm": float(norm), "dp_clip_scale": scale, "dp_epsilon": eps, "dp_delta": dp.delta,
+                 "dp_mechanism": "client-level"}

@@ -51,6 +51,7 @@ def site_args(s: JobSettings, split_file: str | None = None, run_dir: str | None
 
 
 TASK_REQUEST_INTERVAL_S = 0.05
+SITE_TASKS = ["train", "validate", "submit_model"]  # every task a fedbrain job gives a site (filters name them)
 SITE_SCRIPT = "site.py"  # found in the job's custom/ copy at every site, wherever fedbrain is installed there
 
 
@@ -127,6 +128,7 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
+    s.check_server_settings()
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
              "args": {"name": s.model, "num_classes": 4, "seed": s.train.seed}}
     if s.model_kwargs:
@@ -148,7 +150,8 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
     aggregator = ValidatingAggregator(audit_file=str(run.server_audit) if run else None,
                                       rounds_file=str(run.server_log) if run else None,
-                                      weighting=s.site_weighting, scaffold=s.algorithm == "scaffold")
+                                      weighting=s.site_weighting, scaffold=s.algorithm == "scaffold",
+                                      secure_sites=list(sites) if s.secure_aggregation else None)
     recipe_cls = _recipe_class()
     kwargs = dict(name=name or f"fedbrain-{s.algorithm}", model=model, min_clients=len(sites),
                   num_rounds=s.rounds, train_script=site_module.__file__,

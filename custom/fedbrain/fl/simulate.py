@@ -233,6 +233,31 @@ def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
     return out
 
 
+def ensure_site_keys(run: RunDir, sites: list[str]) -> None:
+    """Secure aggregation on one machine (simulator, POC): the simulated hospitals' keys in their run folders
+    (what ``fedbrain provision`` puts in real kits; the server gets none)."""
+    if all(run.site_keys(s).is_file() for s in sites):
+        return
+    from fedbrain.secagg import provision_keys
+
+    for site, keys in provision_keys(sites).items():
+        keys.write(run.site_keys(site))
+
+
+def privacy_record(rows: list[dict], up_to_round: int) -> dict:
+    """The DP guarantee of the global model of ``up_to_round``: each site's mechanism, δ and the ε it had spent by
+    then (from the sites' logs); {} without DP."""
+    from fedbrain.privacy_audit import privacy_spent
+
+    spent = privacy_spent([r for r in rows if int(r.get("round", -1)) <= up_to_round])
+    if not spent:
+        return {}
+    return {"mechanism": sorted({s["mechanism"] for s in spent.values()}),
+            "delta": max(s["delta"] or 0 for s in spent.values()),
+            "epsilon_per_site": {site: round(s["final_epsilon"], 4) for site, s in spent.items()},
+            "budget_per_site": {site: s["budget"] for site, s in spent.items()}}
+
+
 def cross_site_matrix(nv_root: Path) -> dict | None:
     files = _find(nv_root, "cross_val_results.json")
     if not files:
@@ -400,12 +425,20 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
         shutil.copyfile(settings.distil_from, run.teacher)  # the run keeps the teacher it learned from
         settings.distil_from = str(run.teacher)
     sites = list(fed.sites)
+    if settings.secure_aggregation:
+        ensure_site_keys(run, sites)
     if settings.threads_per_site is None:
         settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
     run.write_config(kind="federated", algorithm=settings.algorithm, model=settings.model,
                      job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
     recipe = build_recipe(settings, sites, run.split_files(sites), run_dir=str(run),
                           cache_dir=str(cache_dir) if cache_dir else None)
+    # the simulator ignores a site's own local/privacy.json (a deployed kit's, from fedbrain provision): the same
+    # filter goes into the job, reading each simulated hospital's policy file
+    from fedbrain.fl.policy_filter import SitePolicyFilter
+    from fedbrain.fl.recipes import SITE_TASKS
+
+    recipe.add_client_output_filter(SitePolicyFilter(str(run.site_policy("{site}"))), tasks=SITE_TASKS)
     env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(run.nvflare),
                  log_config=_quiet_log_config(run) if quiet else None)
     t0 = time.perf_counter()
@@ -462,8 +495,12 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     place(model, resolve_device(settings.train.device))
     results = evaluate_everywhere(model, loaders, temperature=card.temperature)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
+    privacy = privacy_record(rows, best_round)
+    if privacy:
+        summary["privacy"] = privacy
     save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
-        **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts"}))
+        **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts",
+        **({"privacy": privacy} if privacy else {})}))
     log = MetricsLog.of(run)  # (the per-round rows reached TensorBoard while the run was live)
     for name, m in results.items():
         log.log(done[-1], name, "test", m, checkpoint="best", model="global")

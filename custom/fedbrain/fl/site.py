@@ -19,22 +19,25 @@ import torch
 
 from fedbrain.calibration import curve_metrics
 from fedbrain.contract import augmentation_policy
-from fedbrain.data.dataset import SiteLoaders
+from fedbrain.data.dataset import PoissonLoader, SiteLoaders
 from fedbrain.data.federation import SiteData
 from fedbrain.distillation import Distiller, Teacher, resolve_teacher_file
+from fedbrain.dp import PrivateTraining
 from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
     NUM_SAMPLES,
+    SECURE_META,
     class_recalls,
     cosine_scale,
     site_batch_size,
     validation_counts,
 )
+from fedbrain.fl.policy import PolicyError, check_outgoing, find_policy, site_workspace_policy
 from fedbrain.fl.privacy import PUBLIC_DP_KEYS, DPConfig, privatize_update, weights_digest
 from fedbrain.input_check import feature_histograms
 from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
-from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file
+from fedbrain.runs import SITE_KEYS_FILE, RunDir, append_jsonl, flat_scalars, metrics_file, privacy_ledger
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
@@ -125,8 +128,36 @@ def main(argv: list[str] | None = None) -> None:
         teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
         if job.distil_teacher_bn == "site":
             teacher.adapt_batchnorm(loaders.eval("train"))
-    dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise, seed=cfg.seed)
+    dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
+    # record-level DP: the job's request, made at least as strict as this hospital's own policy
+    policy = find_policy(run.site_policy(site) if run else None, starts=(Path(__file__).parent, Path.cwd()))
+    dp_sgd = policy.apply(job.dp_sgd())
+    private = None
+    if dp_sgd.private and job.bn_statistics != "batch":
+        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and --bn-statistics {job.bn_statistics} "
+                          "would estimate statistics on its training images outside the accounting")
+    if dp_sgd.private:
+        per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
+        private = PrivateTraining(model, dp_sgd, len(train_targets), planned_steps=job.rounds * per_round,
+                                  ledger=privacy_ledger(log_dir) if log_dir else None)
+        print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
+              f"steps: noise multiplier {private.noise_multiplier:.3f}"
+              + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
+    private_any = dp.enabled or private is not None  # under any DP, training-data scalars stay home
+    secure = None  # secure aggregation: this site's keys (its kit's local/ folder) and the secrets it shares
+    if job.secure_aggregation:
+        from fedbrain.secagg import SecureAggregationError, SiteKeys, pair_secrets
+
+        found = site_workspace_policy(Path(__file__).parent, SITE_KEYS_FILE) or \
+            site_workspace_policy(Path.cwd(), SITE_KEYS_FILE) or (run.site_keys(site) if run else None)
+        if found is None or not found.is_file():
+            raise SecureAggregationError(f"{site}: this job aggregates securely and the site has no keys (local/"
+                                         f"{SITE_KEYS_FILE} of its kit: fedbrain provision --secure-aggregation)")
+        keys = SiteKeys.read(found)
+        if keys.site != site:
+            raise SecureAggregationError(f"{found} holds the keys of {keys.site!r}, not of {site!r}")
+        secure = (keys, pair_secrets(keys))
     scaffold = None
     if job.algorithm == "scaffold":
         from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
@@ -143,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     def log(row: dict) -> None:
         if log_dir:
             append_jsonl(metrics_file(log_dir), {"site": site, **row})
-        if tracker is not None and not (dp.enabled and row["split"] == "train"):  # training scalars stay home
+        if tracker is not None and not (private_any and row["split"] == "train"):  # training scalars stay home
             prefix = row["split"]
             tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
                                  if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
@@ -177,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
             val_counts.update(curve_metrics(probs, targets))  # for the federated temperature fit
-            if not dp.enabled:  # the training images' feature histograms are not privatised: kept home under DP
+            if not private_any:  # the training images' feature histograms are not privatised: kept home under DP
                 val_counts.update(own_profile)  # for the federated input profile
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
@@ -222,11 +253,29 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
             if job.batch_split == "proportional" else cfg.batch_size
-        stats = train_epochs(model, loaders.train(seed=cfg.seed + rnd, batch_size=batch), round_cfg,
-                             optimizer=optimizer,
+        if dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
+            batch = None
+            train_loader = PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate, loaders.augmentation)
+        else:
+            train_loader = loaders.train(seed=cfg.seed + rnd, batch_size=batch)
+        if private is not None and not private.can_step():
+            # the budget is spent: no more training here; the site still validates and says so
+            print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
+                  f"round {rnd}", file=sys.stderr)
+            log({"round": rnd, "split": "train", "model": "local", **private.summary()})
+            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: len(data.splits["train"]),
+                    **{k: v for k, v in private.summary().items() if k in PUBLIC_DP_KEYS}}
+            check_outgoing(policy, meta)
+            flare.send(flare.FLModel(params=global_state, meta=meta, metrics={
+                "val_score": headline(val) if val else float("nan"),
+                **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
+                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}))
+            continue
+        stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step,
                              class_counts=torch.tensor(pooled) if pooled else None, present=present,
-                             distiller=Distiller(teacher.logits, job.distillation()) if teacher else None)
+                             distiller=Distiller(teacher.logits, job.distillation()) if teacher else None,
+                             private=private)
         if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
             estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
         # counts and algorithm state, never data
@@ -241,19 +290,29 @@ def main(argv: list[str] | None = None) -> None:
         dp_info = {}
         if dp.enabled:
             params, dp_info = privatize_update(params, global_state, dp, rnd)
-            # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
-            # the local log (they would tell the server the unclipped update's size)
-            meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS})
+        elif private is not None:
+            dp_info = {k: v for k, v in stats.items() if k.startswith("dp_")}
+        # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
+        # the local log (they would tell the server the unclipped update's size)
+        meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
+        check_outgoing(policy, meta)
         released = params
         log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, "norm": norm, "batch_size": batch,
              "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
              "train_seconds": time.perf_counter() - t0,
-             "released_sha256": weights_digest(params) if dp.enabled else None})  # local log: for the audit
+             "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
         if rnd == args.corrupt_at_round and site == args.corrupt_site:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
+        if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
+            from fedbrain.secagg import mask_update
+
+            delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
+            params = {k: torch.from_numpy(v) for k, v in mask_update(delta, float(len(data.splits["train"])),
+                                                                     secure[0], rnd, secure[1]).items()}
+            meta[SECURE_META] = True
         metrics = {"val_score": headline(val) if val else float("nan"),
-                   **({} if dp.enabled else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
+                   **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
                    **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
                    **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
