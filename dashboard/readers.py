@@ -497,9 +497,13 @@ CMD_EXTERNAL = "fedbrain evaluate <run> --external DIR --layout yesno|folders|sa
 
 
 def calibration_summary(run: Run, site: str = "union") -> dict:
-    """The best model's temperature, its ECE before/after and its reliability bins on ``site``'s test split."""
+    """The best model's calibration (its parameters; older results: a temperature), its ECE before/after and its
+    reliability bins on ``site``'s test split."""
     m = final_results(run).get(site) or {}
-    return {"temperature": m.get("temperature"), "ece": m.get("ece"), "tumour_ece": m.get("tumour_ece"),
+    params = m.get("calibration")
+    if not isinstance(params, dict):
+        params = {"temperature": m["temperature"]} if isinstance(m.get("temperature"), (int, float)) else {}
+    return {"calibration": params, "ece": m.get("ece"), "tumour_ece": m.get("tumour_ece"),
             "uncalibrated": m.get("uncalibrated") or {}, "reliability": m.get("reliability") or {}, "n": m.get("n")}
 
 
@@ -544,7 +548,7 @@ def external_table(path: Path) -> tuple[dict, pd.DataFrame]:
             row["ECE"] = None if m.get("ece") is None else round(m["ece"], 3)
             rows.append(row)
     facts = {k: res.get(k) for k in ("external", "layout", "scheme", "n_images", "n_training_twins", "twin_check",
-                                     "skipped", "temperature")}
+                                     "skipped", "calibration")}
     return facts, pd.DataFrame(rows).dropna(axis=1, how="all")
 
 

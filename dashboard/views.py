@@ -632,9 +632,10 @@ def predict_page() -> None:
         _chart(fig)
         if not binary:
             st.caption(f"Tumour vs no tumour: {tumour:.1%} tumour, {1 - tumour:.1%} no tumour.")
-    calibrated = (f"probabilities calibrated by temperature scaling (T = {pred.temperature:.3g}, fitted on "
-                  f"{card.calibration.get('fitted_on', 'validation data')})" if pred.temperature != 1.0
-                  else "probabilities not calibrated (this model carries no temperature)")
+    calibrator = card.calibrator
+    calibrated = ("probabilities not calibrated (this model carries no calibration)" if calibrator.identity else
+                  f"probabilities calibrated ({calibrator.describe()}; fitted on "
+                  f"{card.calibration.get('fitted_on', 'validation data')})")
     st.caption(f"Model: `{run.name}` / {variant} ({card.model}); {calibrated}.")
 
 
@@ -661,10 +662,19 @@ def _calibration_section(run: R.Run) -> None:
     if cal.get("ece") is None and cal.get("tumour_ece") is None:
         st.info(f"No calibration in this run's results yet; `{R.CMD_SIMULATE}` or `{R.CMD_TRAIN}` writes it.")
         return
-    t = cal.get("temperature") or 1.0
+    params = cal.get("calibration") or {}
     before = cal.get("uncalibrated") or {}
     c1, c2, c3 = st.columns(3)
-    c1.metric("Temperature", f"{t:.3g}", help="fitted on validation data; logits are divided by it")
+    if "temperature" in params:  # older runs: one temperature on all four logits
+        c1.metric("Temperature", f"{params['temperature']:.3g}",
+                  help="fitted on validation data; logits are divided by it")
+    elif params:
+        c1.metric("Tumour log-odds slope", f"{params['tumour_slope']:.3g}",
+                  help="Platt scaling fitted on validation data: p(tumour) = sigmoid(slope x log-odds + bias)")
+        c1.caption(f"bias {params['tumour_bias']:+.3g}; type temperature {params['type_temperature']:.3g} "
+                   "(divides the tumour types' log-probabilities)")
+    else:
+        c1.metric("Calibration", "none", help="this model carries no calibration")
     for col, key, label in ((c2, "ece", "Class ECE"), (c3, "tumour_ece", "Tumour ECE")):
         if cal.get(key) is not None:
             delta = f"{cal[key] - before[key]:+.3f} vs uncalibrated" if before.get(key) is not None else None

@@ -616,7 +616,9 @@ def test_evaluation_page_shows_calibration_robustness_and_external_results(small
     assert [s.value for s in at.subheader] == ["Calibration: does “92 % tumour” mean 92 %?",
                                                "Robustness to acquisition shifts", "External validation"]
     labels = {m.label for m in at.metric}
-    assert {"Temperature", "Tumour ECE"} <= labels  # a pooled run fits its temperature on validation data
+    assert "Tumour ECE" in labels  # a pooled run fits its calibration on validation data, and says which
+    card_params = json.loads((run / "results.json").read_text())["test"]["union"]["calibration"]
+    assert ("Tumour log-odds slope" if card_params else "Calibration") in labels
     info = texts(at, "info")
     assert "--robustness" in info and "--external" in info  # what is missing says how to make it
     from fedbrain.cli.main import main

@@ -372,7 +372,8 @@ def test_deployment_end_to_end(tmp_path, launcher):
     _model, card = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert card.training["job_id"] == res["job_id"] and card.training["rounds"] == 2
     _model, best = load_checkpoint(run_dir / "checkpoints" / "best.pt")  # fitted from the sites' sums (issue 14)
-    assert best.calibration["fitted_on"].startswith("federated") and best.temperature > 0
+    assert best.calibration["fitted_on"].startswith("federated") and best.calibration["n"] > 0
+    assert {"tumour_slope", "tumour_bias", "type_temperature"} <= set(best.calibration)
     assert best.extra["input_profile"]["source"].startswith("federated")
     # the run's live status followed the deployed job (admin API show_stats, then the server's progress.json)
     status = json.loads((run_dir / "status.json").read_text())

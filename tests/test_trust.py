@@ -17,7 +17,15 @@ from PIL import Image
 from fedbrain import calibration as cal
 from fedbrain.checkpoint import ModelCard, read_card, save_checkpoint
 from fedbrain.cli.main import main
-from fedbrain.contract import AUGMENTATIONS, DEFAULT_AUGMENTATION, NO_TUMOR, TUMOUR_ANY, Augmentation, Preprocessing
+from fedbrain.contract import (
+    AUGMENTATIONS,
+    DEFAULT_AUGMENTATION,
+    NO_TUMOR,
+    TUMOUR_ANY,
+    TUMOUR_CLASSES,
+    Augmentation,
+    Preprocessing,
+)
 from fedbrain.data.dataset import augment_batch
 from fedbrain.fl.metrics import federated_calibration, pooled_validation, validation_counts
 from fedbrain.input_check import build_profile, check_input, feature_histograms, pooled_ranges, profile_of_metrics
@@ -30,61 +38,120 @@ os.environ.setdefault("FEDBRAIN_OFFLINE", "1")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def _overconfident(n: int = 3000, scale: float = 3.0, seed: int = 0):
-    """Labels and the probabilities of logits ``scale`` times too sharp (the calibrated ones are known)."""
+def _miscalibrated(n: int = 4000, slope: float = 0.5, bias: float = 1.0, type_scale: float = 2.0, seed: int = 0):
+    """Labels drawn from known posteriors and a model's probabilities that distort them in a known way: its tumour
+    log-odds are ``(z - bias) / slope`` of the true ``z``, its type log-probabilities ``type_scale`` times too sharp.
+    The calibration that undoes this is ``tumour_slope = slope``, ``tumour_bias = bias``, ``type_temperature =
+    type_scale``."""
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, 4, n)
-    logits = rng.normal(0, 1, (n, 4))
-    logits[np.arange(n), y] += 2.0  # the Bayes posterior is softmax(2 * logits)
-    p = np.exp(scale * logits)
-    return p / p.sum(1, keepdims=True), y
+    z = rng.normal(0.5, 2.0, n)  # true tumour log-odds
+    tumour = rng.random(n) < 1 / (1 + np.exp(-z))
+    type_logits = rng.normal(0, 1.2, (n, 3))
+    q = np.exp(type_logits) / np.exp(type_logits).sum(1, keepdims=True)  # true p(type | tumour)
+    types = np.array([rng.choice(3, p=row) for row in q])
+    y = np.where(tumour, np.array(TUMOUR_CLASSES)[types], NO_TUMOR)
+    p_tumour = 1 / (1 + np.exp(-(z - bias) / slope))
+    q_model = np.exp(type_scale * type_logits)
+    q_model /= q_model.sum(1, keepdims=True)
+    probs = np.zeros((n, 4))
+    probs[:, NO_TUMOR] = 1 - p_tumour
+    probs[:, list(TUMOUR_CLASSES)] = q_model * p_tumour[:, None]
+    return probs.astype(np.float32), y
 
 
 # ---------------------------------------------------------------- calibration
 
 
-def test_temperature_scaling_recovers_the_known_temperature_and_lowers_ece():
-    probs, y = _overconfident(scale=3.0)  # calibrated: softmax(2 logits) = softmax(3 logits / 1.5)
-    t = cal.fit_temperature(cal.nll_curve(probs, y))
-    assert t == pytest.approx(1.5, rel=0.06)
-    scaled = cal.apply_temperature(probs, t)
-    assert (scaled.argmax(1) == probs.argmax(1)).all()  # accuracy and macro-F1 cannot change
-    assert compute_metrics(scaled, y)["ece"] < 0.5 * compute_metrics(probs, y)["ece"]
+def test_the_fit_recovers_a_known_distortion_and_lowers_both_eces():
+    probs, y = _miscalibrated()
+    record = cal.fit(probs, y, "synthetic")
+    assert record["tumour_slope"] == pytest.approx(0.5, rel=0.1)
+    assert record["tumour_bias"] == pytest.approx(1.0, abs=0.15)
+    assert record["type_temperature"] == pytest.approx(2.0, rel=0.1)  # the Brier score is proper: the true T wins
+    assert record["tumour"]["fitted"] and record["type"]["fitted"]
+    assert record["tumour"]["nll_after"] < record["tumour"]["nll_before"]
+    assert record["type"]["brier_after"] < record["type"]["brier_before"]
+    calibrator = cal.Calibrator.from_record(record)
+    fresh, y2 = _miscalibrated(seed=1)  # new images from the same distortion
+    calibrated = calibrator.apply(fresh)
+    assert np.allclose(calibrated.sum(1), 1, atol=1e-5)
+    types = list(TUMOUR_CLASSES)
+    assert (calibrated[:, types].argmax(1) == fresh[:, types].argmax(1)).all()  # the type ranking never changes
+    raw, after = compute_metrics(fresh, y2), compute_metrics(calibrated, y2)
+    assert after["tumour_ece"] < 0.5 * raw["tumour_ece"] and after["ece"] < 0.5 * raw["ece"]
+    assert after["tumour_auroc"] == pytest.approx(raw["tumour_auroc"], abs=1e-6)  # monotone in the tumour log-odds
 
 
-def test_the_federated_fit_is_the_pooled_fit_of_the_sites_curves():
-    probs, y = _overconfident(scale=2.5, seed=1)
+def test_the_federated_fit_is_the_pooled_fit_of_the_sites_sums():
+    probs, y = _miscalibrated(slope=0.7, bias=-0.5, type_scale=0.6, seed=2)
     y = y.copy()
-    y[:500] = np.where(y[:500] == NO_TUMOR, NO_TUMOR, TUMOUR_ANY)  # a binary site: "tumour, type unknown"
-    parts = [(probs[:500], y[:500]), (probs[500:1800], y[500:1800]), (probs[1800:], y[1800:])]
-    rows = [{**validation_counts(p, t), **cal.curve_metrics(p, t)} for p, t in parts]
+    y[:800] = np.where(y[:800] == NO_TUMOR, NO_TUMOR, TUMOUR_ANY)  # a binary site: "tumour, type unknown"
+    parts = [(probs[:800], y[:800]), (probs[800:2500], y[800:2500]), (probs[2500:], y[2500:])]
+    rows = [{**validation_counts(p, t), **cal.site_sums(p, t)} for p, t in parts]
+    assert all(isinstance(v, float) for r in rows for k, v in r.items() if k.startswith(cal.PREFIX))
     pooled = pooled_validation(rows)
-    assert pooled["val_pooled_temperature"] == cal.fit_temperature(cal.nll_curve(probs, y))
-    assert pooled["val_pooled_nll_n"] == len(y)
     record = federated_calibration(pooled)
-    assert record["temperature"] == pooled["val_pooled_temperature"] and "federated" in record["fitted_on"]
-    assert record["nll_after"] <= record["nll_before"]
-    assert federated_calibration({}) == {}  # sites that sent no curves: no calibration claimed
+    reference = cal.fit(probs, y, "pooled")
+    for key in ("tumour_slope", "tumour_bias", "type_temperature"):
+        assert record[key] == pytest.approx(reference[key], rel=1e-9), key
+    assert record["n"] == len(y) and record["tumour"]["n_healthy"] == int((y == NO_TUMOR).sum())
+    assert record["type"]["n"] == int(np.isin(y, TUMOUR_CLASSES).sum())  # the binary site's tumours: no type
+    assert "federated" in record["fitted_on"] and record["method"] == cal.METHOD
+    assert federated_calibration({}) == {}  # sites that sent no sums: no calibration claimed
 
 
-def test_the_temperature_travels_in_pt_and_onnx_model_cards_and_predict_uses_it(tmp_path):
+def test_too_few_validation_images_leave_a_level_as_it_is_and_say_why():
+    probs, y = _miscalibrated(n=400, seed=3)
+    y = np.where(y == NO_TUMOR, NO_TUMOR, TUMOUR_ANY)  # tumour / no tumour labels only (the demo's federation)
+    record = cal.fit(probs, y, "binary sites")
+    assert record["tumour"]["fitted"] and not record["type"]["fitted"] and record["type_temperature"] == 1.0
+    assert any("tumour types left as is" in n for n in cal.notes(record))
+    few = np.concatenate([np.flatnonzero(y == NO_TUMOR)[:5], np.flatnonzero(y != NO_TUMOR)[:50]])
+    record = cal.fit(probs[few], y[few], "5 healthy images")
+    assert (record["tumour_slope"], record["tumour_bias"]) == (1.0, 0.0) and not record["tumour"]["fitted"]
+    assert any("5 healthy" in n for n in cal.notes(record))
+    assert cal.Calibrator.from_record(record).identity and cal.fit(probs[:0], y[:0], "none") == {}
+
+
+def test_a_calibrator_reads_older_temperature_cards_and_ignores_malformed_ones():
+    probs, _ = _miscalibrated(n=50)
+    old = cal.Calibrator.from_record({"temperature": 2.0, "fitted_on": "an older run"})
+    assert np.allclose(old.apply(probs), cal.apply_temperature(probs, 2.0)) and old.params() == {"temperature": 2.0}
+    for bad in ({}, None, {"temperature": -1}, {"tumour_slope": float("nan"), "type_temperature": 0},
+                {"temperature": True}):
+        assert cal.Calibrator.from_record(bad).identity, bad
+    assert np.array_equal(cal.Calibrator().apply(probs), probs)
+
+
+def test_the_calibration_travels_in_pt_and_onnx_model_cards_and_predict_uses_it(tmp_path):
     pre = default_preprocessing("fedbrain_cnn")
-    card = ModelCard("fedbrain_cnn", pre, "multiclass",
-                     calibration={"temperature": 2.0, "fitted_on": "test"},
+    record = {"tumour_slope": 0.5, "tumour_bias": 0.8, "type_temperature": 2.0, "fitted_on": "test"}
+    card = ModelCard("fedbrain_cnn", pre, "multiclass", calibration=record,
                      extra={"input_profile": {"ranges": {"mean": [0.1, 0.5]}}})
     torch.manual_seed(0)
     model = create_model("fedbrain_cnn").eval()
     path = save_checkpoint(tmp_path / "best.pt", model, card)
-    assert read_card(path).temperature == 2.0
+    expected_params = {"tumour_slope": 0.5, "tumour_bias": 0.8, "type_temperature": 2.0}
+    assert read_card(path).calibrator.params() == expected_params
     back = ModelCard.from_onnx_metadata(card.to_onnx_metadata())
-    assert back.temperature == 2.0 and back.extra["input_profile"]["ranges"]["mean"] == [0.1, 0.5]
+    assert back.calibrator.params() == expected_params and back.extra["input_profile"]["ranges"]["mean"] == [0.1, 0.5]
     predictor = load_predictor(path)
     rng = np.random.default_rng(0)
     arr = (rng.random((128, 128)) * 60 + np.linspace(0, 150, 128)[None]).astype(np.uint8)
     logits = predictor.logits(predictor.preprocess(arr)).astype(np.float64)[0]
-    expected = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum()
+    p = np.exp(logits) / np.exp(logits).sum()
+    types = list(TUMOUR_CLASSES)
+    z = np.log(p[types].sum()) - np.log(p[NO_TUMOR])
+    p_tumour = 1 / (1 + np.exp(-(0.5 * z + 0.8)))
+    q = p[types] ** 0.5 / (p[types] ** 0.5).sum()  # log-probabilities divided by the type temperature 2
+    expected = np.zeros(4)
+    expected[NO_TUMOR], expected[types] = 1 - p_tumour, q * p_tumour
     pred = predictor.predict(arr)
-    assert np.allclose(list(pred.probabilities.values()), expected, atol=1e-5) and pred.temperature == 2.0
+    assert np.allclose(list(pred.probabilities.values()), expected, atol=1e-5)
+    assert pred.tumour_probability == pytest.approx(p_tumour, abs=1e-5) and pred.calibration == expected_params
+    x = predictor.preprocess(arr)
+    assert np.allclose(predictor.probabilities(x)[0], expected, atol=1e-5)
+    assert np.allclose(predictor.raw_probabilities(x)[0], p, atol=1e-5)
 
 
 # ---------------------------------------------------------------- inputs outside the training data
@@ -133,7 +200,7 @@ def test_the_federated_profile_is_the_pooled_profile_at_bin_resolution():
 # ---------------------------------------------------------------- augmentation policy
 
 
-def test_a_simulated_federation_saves_its_policy_temperature_and_input_profile(sim_run):
+def test_a_simulated_federation_saves_its_policy_calibration_and_input_profile(sim_run):
     card = read_card(sim_run / "checkpoints" / "best.pt")
     assert tuple(card.training["augmentation"]["gamma"]) == AUGMENTATIONS[DEFAULT_AUGMENTATION].gamma
     assert card.calibration["fitted_on"].startswith("federated") and card.calibration["n"] > 0
@@ -142,7 +209,7 @@ def test_a_simulated_federation_saves_its_policy_temperature_and_input_profile(s
                 if row["split"] == "train")
     assert profile["source"].startswith("federated") and profile["n"] == train
     results = json.loads((sim_run / "results.json").read_text())["test"]["union"]
-    assert results["temperature"] == card.temperature and "reliability" in results
+    assert results["calibration"] == card.calibrator.params() and "reliability" in results
 
 
 def test_the_robust_policy_varies_gamma_and_field_of_view():

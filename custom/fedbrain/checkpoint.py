@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedbrain.calibration import Calibrator
 from fedbrain.contract import CLASSES, Preprocessing
 from fedbrain.models import create_model
 
@@ -47,7 +48,7 @@ class ModelCard:
     source_checkpoint: str = ""  # the checkpoint a compressed variant was made from
     extra: dict = field(default_factory=dict)
     created: str = ""
-    calibration: dict = field(default_factory=dict)  # temperature scaling record (fedbrain.calibration)
+    calibration: dict = field(default_factory=dict)  # the calibration record (fedbrain.calibration)
 
     def __post_init__(self) -> None:
         from fedbrain.models import architecture, list_models
@@ -59,10 +60,9 @@ class ModelCard:
         return replace(self, **changes)
 
     @property
-    def temperature(self) -> float:
-        """The fitted temperature the logits are divided by (1.0: uncalibrated)."""
-        t = (self.calibration or {}).get("temperature")
-        return float(t) if isinstance(t, (int, float)) and t > 0 else 1.0
+    def calibrator(self) -> Calibrator:
+        """The fitted calibration of the probabilities (identity when the card carries none)."""
+        return Calibrator.from_record(self.calibration)
 
     @property
     def binary_only(self) -> bool:

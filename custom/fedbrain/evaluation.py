@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedbrain.calibration import Calibrator, reliability
 from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
 from fedbrain.data.dataset import UNION, SiteLoaders
 from fedbrain.data.federation import SiteData
@@ -12,18 +13,18 @@ from fedbrain.runs import fmt_metric
 from fedbrain.training import compute_metrics, predict_proba
 
 __all__ = ["UNION", "evaluate_everywhere", "results_table", "split_differences", "bootstrap_ci", "small_n_flags",
-           "evaluate_with_uncertainty", "scored", "fmt_metric", "MIN_CLASS_N"]
+           "evaluate_with_uncertainty", "scored", "calibration_line", "fmt_metric", "MIN_CLASS_N"]
 
 
 def evaluate_everywhere(model: torch.nn.Module, loaders: dict[str, SiteLoaders], split: str = "test",
-                        n_boot: int = 1000, temperature: float = 1.0) -> dict:
+                        n_boot: int = 1000, calibrator: Calibrator | None = None) -> dict:
     """Metrics on every site's ``split`` and on their union (sites with an empty split are left out), each with
     95 % bootstrap intervals (``ci``) and the metrics that rest on too few images (``unreliable``); probabilities
-    are those of ``logits / temperature`` (the model card's calibration)."""
+    are calibrated by ``calibrator`` (the model card's)."""
     out = {}
     for name, sl in loaders.items():
         if sl.site.splits[split]:
-            out[name] = evaluate_with_uncertainty(model, sl.eval(split), n_boot, temperature=temperature)
+            out[name] = evaluate_with_uncertainty(model, sl.eval(split), n_boot, calibrator=calibrator)
     return out
 
 
@@ -42,7 +43,19 @@ def results_table(results: dict[str, dict]) -> str:
     if flagged:
         lines.append(f"* unreliable: rests on fewer than {MIN_CLASS_N} images of a class (see 'unreliable' in "
                      "results.json); the union is the headline")
+    headline_row = results.get(UNION) or next(iter(results.values()), {})
+    if "calibration" in headline_row:
+        lines.append(calibration_line(headline_row))
     return "\n".join(lines)
+
+
+def calibration_line(m: dict) -> str:
+    """The calibration a result was scored with, and its ECEs raw -> calibrated."""
+    cal = Calibrator.from_record(m.get("calibration"))
+    raw = m.get("uncalibrated") or {}
+    eces = [f"{label} {raw[k]:.3f} -> {m[k]:.3f}" if k in raw else f"{label} {m[k]:.3f}"
+            for k, label in (("ece", "class"), ("tumour_ece", "tumour")) if m.get(k) is not None]
+    return f"probabilities: {cal.describe()}" + (f"; ECE {', '.join(eces)}" if eces else "")
 
 
 def split_differences(recorded: list[SiteData], given: list[SiteData], split: str = "test") -> list[str]:
@@ -141,28 +154,31 @@ def small_n_flags(targets: np.ndarray) -> dict[str, str]:
 
 
 def evaluate_with_uncertainty(model: torch.nn.Module, loader, n_boot: int = 1000, seed: int = 0,
-                              temperature: float = 1.0) -> dict:
+                              calibrator: Calibrator | None = None) -> dict:
     """:func:`fedbrain.training.compute_metrics` plus ``ci`` (95 % bootstrap) and ``unreliable`` (small n)."""
     probs, targets = predict_proba(model, loader)
-    return scored(probs, targets, n_boot, seed, temperature)
+    return scored(probs, targets, n_boot, seed, calibrator)
+
+
+UNCALIBRATED_KEYS = ("ece", "tumour_ece", "macro_f1", "tumour_accuracy", "no_tumor_recall")
 
 
 def scored(probs: np.ndarray, targets: np.ndarray, n_boot: int = 1000, seed: int = 0,
-           temperature: float = 1.0) -> dict:
-    """The full evaluation of predicted probabilities: metrics of the calibrated probabilities (``logits / T``),
-    bootstrap intervals, small-n flags, reliability diagrams and the uncalibrated ECE beside the calibrated one."""
-    from fedbrain.calibration import apply_temperature, reliability
-
-    calibrated = apply_temperature(probs, temperature)
+           calibrator: Calibrator | None = None) -> dict:
+    """The full evaluation of raw class probabilities: metrics of the calibrated probabilities, bootstrap
+    intervals, small-n flags, reliability diagrams, the calibration applied (``calibration``: its parameters) and,
+    for a calibrated model, the raw probabilities' ECEs and decisions (``uncalibrated``)."""
+    calibrator = calibrator or Calibrator()
+    calibrated = calibrator.apply(probs)
     m = compute_metrics(calibrated, targets)
     if len(targets):
         m["ci"] = bootstrap_ci(calibrated, targets, n_boot, seed)
         m["unreliable"] = small_n_flags(targets)
         m["reliability"] = reliability(calibrated, targets)
-        m["temperature"] = float(temperature)
-        if temperature != 1.0:
-            raw = compute_metrics(probs, targets)
-            m["uncalibrated"] = {k: raw[k] for k in ("ece", "tumour_ece") if raw.get(k) is not None}
+        m["calibration"] = calibrator.params()
+        if not calibrator.identity:
+            raw = compute_metrics(np.asarray(probs, np.float32), targets)
+            m["uncalibrated"] = {k: raw[k] for k in UNCALIBRATED_KEYS if raw.get(k) is not None}
     return m
 
 

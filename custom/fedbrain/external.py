@@ -108,15 +108,16 @@ def evaluate_external(predictor, ext: ExternalSet, training: list[Record] | None
     from fedbrain.evaluation import scored
 
     imgs, targets = arrays(ext.records, predictor.preprocessing, cache_dir)
-    probs = predictor.probabilities(normalise(imgs, predictor.preprocessing))
+    probs = predictor.raw_probabilities(normalise(imgs, predictor.preprocessing))
+    cal = predictor.calibrator
     twins = training_twins(ext.records, training or [], cache_dir)
     out = {"external": ext.root, "layout": ext.layout, "scheme": ext.scheme, "n_images": len(ext.records),
            "skipped": dict(ext.skipped), "twin_check": "run training split" if training else
            "not done: the model's run (its splits/) is unknown; pass --train-run RUN",
            "n_training_twins": int(twins.sum()), "twin_threshold": TWIN_THRESHOLD,
-           "temperature": predictor.temperature, "results": {"all images": scored(probs, targets, n_boot)}}
+           "calibration": cal.params(), "results": {"all images": scored(probs, targets, n_boot, calibrator=cal)}}
     if twins.any() and (~twins).any():
-        out["results"]["without training twins"] = scored(probs[~twins], targets[~twins], n_boot)
+        out["results"]["without training twins"] = scored(probs[~twins], targets[~twins], n_boot, calibrator=cal)
     return out
 
 

@@ -4,7 +4,7 @@
 >>> r = p.predict("slice.png")          # a path, raw bytes, or an HxW uint8 array
 >>> r.probabilities, r.tumour_probability, r.predicted, r.latency_ms, r.warnings
 
-Probabilities are calibrated by the temperature the model card carries (``fedbrain.calibration``).
+Probabilities are calibrated by the calibration the model card carries (``fedbrain.calibration``).
 
 The model card (:class:`fedbrain.checkpoint.ModelCard`) is read from the model file (checkpoint fields or
 ONNX ``metadata_props``) and its preprocessing applied exactly as in evaluation: decode to 8-bit
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedbrain.calibration import Calibrator
 from fedbrain.checkpoint import CheckpointError, ModelCard, load_checkpoint
 from fedbrain.contract import NO_TUMOR, Preprocessing
 from fedbrain.data.images import ImageError, check_slice, decode_grayscale, load_grayscale, resize
@@ -34,7 +35,7 @@ class Prediction:
     predicted: str  # argmax class; "tumour" / "no_tumor" for binary-supervised models
     latency_ms: float  # model forward only
     variant: str
-    temperature: float = 1.0  # the calibration the probabilities carry (1.0: uncalibrated)
+    calibration: dict = field(default_factory=dict)  # the calibration's parameters ({}: uncalibrated)
     warnings: list[str] = field(default_factory=list)  # why the input may lie outside the training data
 
     def to_dict(self) -> dict:
@@ -75,9 +76,9 @@ class Predictor:
         return self.card.variant
 
     @property
-    def temperature(self) -> float:
-        """The model card's fitted temperature: logits are divided by it before the softmax."""
-        return self.card.temperature
+    def calibrator(self) -> Calibrator:
+        """The model card's fitted calibration, applied to every probability this predictor returns."""
+        return self.card.calibrator
 
     def __repr__(self) -> str:
         return f"Predictor({self.card.model}, variant={self.variant}, kind={self.kind})"
@@ -127,10 +128,14 @@ class Predictor:
             return self.torch_model(torch.from_numpy(x)).float().numpy()
 
     def probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities ``(N, classes)`` for a preprocessed batch (evaluated in chunks)."""
+        """Calibrated class probabilities ``(N, classes)`` for a preprocessed batch (evaluated in chunks)."""
+        return self.calibrator.apply(self.raw_probabilities(x, batch_size))
+
+    def raw_probabilities(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """The model's own softmax probabilities, before calibration."""
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return np.concatenate([_softmax(self.logits(x[i:i + batch_size]) / self.temperature)
+        return np.concatenate([_softmax(self.logits(x[i:i + batch_size]).astype(np.float64))
                                for i in range(0, len(x), batch_size)]).astype(np.float32)
 
     def warm_up(self, calls: int = 3) -> None:
@@ -153,7 +158,7 @@ class Predictor:
         t0 = time.perf_counter()
         out = self.logits(x)
         latency = (time.perf_counter() - t0) * 1e3
-        probs = _softmax(out.astype(np.float64) / self.temperature)[0]
+        probs = self.calibrator.apply(_softmax(out.astype(np.float64))).astype(np.float64)[0]
         classes = self.classes
         no_tumor = classes.index("no_tumor") if "no_tumor" in classes else NO_TUMOR
         p_tumour = float(1.0 - probs[no_tumor])
@@ -162,7 +167,7 @@ class Predictor:
         else:
             predicted = classes[int(np.argmax(probs))]
         return Prediction({c: float(p) for c, p in zip(classes, probs, strict=True)}, p_tumour, predicted,
-                          latency, self.variant, self.temperature, self.input_warnings(arr))
+                          latency, self.variant, self.calibrator.params(), self.input_warnings(arr))
 
     def input_warnings(self, arr: np.ndarray) -> list[str]:
         """Why a decoded slice lies outside the model's training images (the card's input profile)."""

@@ -163,8 +163,8 @@ def robustness(predictor, imgs: np.ndarray, targets: np.ndarray, shifts: tuple[S
     pre = predictor.preprocessing
 
     def score(x: np.ndarray) -> dict:
-        probs = predictor.probabilities(normalise(x, pre))
-        return scored(probs, targets, n_boot, seed)  # the predictor's probabilities are already calibrated
+        probs = predictor.raw_probabilities(normalise(x, pre))
+        return scored(probs, targets, n_boot, seed, predictor.calibrator)
 
     clean = score(imgs)
     rows = []

@@ -124,14 +124,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                      "warnings": r.warnings})
     if args.json:
         print(json.dumps({"model": card.model, "variant": predictor.variant, "runtime": predictor.kind,
-                          "supervised": card.supervised_granularity, "temperature": predictor.temperature,
+                          "supervised": card.supervised_granularity, "calibration": predictor.calibrator.params(),
                           "predictions": rows, "errors": errors},
                          indent=2))
     else:
         scope = ("tumour vs no tumour only: trained on tumour / no-tumour labels" if card.binary_only
                  else f"supervised: {card.supervised_granularity}")
-        cal = (f"probabilities calibrated (temperature {predictor.temperature:.3g})" if predictor.temperature != 1.0
-               else "probabilities not calibrated (no temperature in the model card)")
+        cal = ("probabilities not calibrated (no calibration in the model card)" if predictor.calibrator.identity
+               else f"probabilities calibrated ({predictor.calibrator.describe()})")
         print(f"model {card.model} ({predictor.variant}, {predictor.kind}; {scope}; {cal})")
         if rows:
             print(_predictions_table(rows))

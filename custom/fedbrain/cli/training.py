@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     sites, source = _evaluation_data(args, checkpoint)
     loaders = site_loaders({s.name: s for s in sites}, card.preprocessing, 64, cache_dir(args))
     place(model, resolve_device(args.device))
-    res = evaluate_everywhere(model, loaders, args.split, temperature=card.temperature)
+    res = evaluate_everywhere(model, loaders, args.split, calibrator=card.calibrator)
     print(f"model {card.model} (supervised: {card.supervised_granularity}) on split {args.split} of {source}:")
     print(results_table(res))
     probe = site_separability(model, card.model, loaders, args.split)
@@ -149,8 +149,7 @@ def _evaluate_shifted(args: argparse.Namespace) -> int:
     model_file = _model_file(Path(args.target))
     predictor = load_predictor(model_file)
     training, run = _training_records(args, model_file)
-    cal = f"temperature {predictor.temperature:.3g}" if predictor.temperature != 1.0 else "uncalibrated"
-    print(f"model {model_file} ({predictor.card.model}, {predictor.variant}, {cal})")
+    print(f"model {model_file} ({predictor.card.model}, {predictor.variant}, {predictor.calibrator.describe()})")
     out_dir = run.evaluations if run is not None else Path(args.workspace)
     written = []
     ext = None
@@ -188,7 +187,7 @@ def _evaluate_shifted(args: argparse.Namespace) -> int:
         print(f"\nrobustness on {where}: {len(records)} images, every shift at three strengths")
         res = robustness(predictor, imgs, targets)
         res.update(model=str(model_file.name), data="the external folder" if ext is not None else
-                   "test splits of the run", temperature=predictor.temperature,
+                   "test splits of the run", calibration=predictor.calibrator.params(),
                    augmentation=predictor.card.training.get("augmentation"))
         print(robustness_table(res))
         kind = "robustness" if ext is None else f"robustness-external-{Path(args.external).resolve().name}"

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fedbrain.calibration import Calibrator
 from fedbrain.data.federation import Federation, SiteData
 from fedbrain.evaluation import UNION
 from fedbrain.experiments.pooled import train_pooled
@@ -32,7 +33,7 @@ from fedbrain.training import TrainConfig
 METRICS = ("macro_f1", "tumour_auroc", "no_tumor_recall", "accuracy")
 FIELDS = (["mode", "kind", "seed", "site", "evaluated_on", "n", "n_no_tumor"]
           + [f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")]
-          + ["tumour_accuracy", "ece", "tumour_ece", "temperature", "unreliable", "site_probe", "budget_epochs",
+          + ["tumour_accuracy", "ece", "tumour_ece", "calibration", "unreliable", "site_probe", "budget_epochs",
              "rounds", "seconds", "dp_epsilon", "error"])
 ALGORITHM_MODES = set(ALGORITHMS)
 UNSEEN_TEST, UNSEEN_ALL = "test split (unseen hospital)", "every image (unseen hospital)"
@@ -165,7 +166,12 @@ def score_unseen(checkpoint: Path, site: SiteData, cache_dir: Path | None = None
     every = SiteData(site.name, site.scheme, {"train": [], "val": [],
                                               "test": [r for rs in site.splits.values() for r in rs]}, {})
     loaders = site_loaders({UNSEEN_TEST: site, UNSEEN_ALL: every}, card.preprocessing, 64, cache_dir, union=None)
-    return evaluate_everywhere(model, loaders, temperature=card.temperature)
+    return evaluate_everywhere(model, loaders, calibrator=card.calibrator)
+
+
+def _calibration_cell(params: dict | None) -> str | None:
+    """A results row's calibration, in words (None where the model was not evaluated)."""
+    return None if params is None else Calibrator.from_record(params).describe()
 
 
 def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None, seconds: float,
@@ -175,7 +181,7 @@ def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None,
     for site, m in results.items():
         row = {"mode": mode.name, "kind": mode.kind, "seed": seed, "site": site, "evaluated_on": evaluated_on,
                "n": m.get("n"), "ece": m.get("ece"), "tumour_ece": m.get("tumour_ece"),
-               "temperature": m.get("temperature"),
+               "calibration": _calibration_cell(m.get("calibration")),
                "n_no_tumor": m.get("n_no_tumor"), "tumour_accuracy": m.get("tumour_accuracy"),
                "unreliable": ";".join(sorted(m.get("unreliable") or {})), "budget_epochs": budget,
                "rounds": rounds, "seconds": round(seconds, 1), "dp_epsilon": eps, "site_probe": probe_acc}

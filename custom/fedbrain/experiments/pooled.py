@@ -97,13 +97,13 @@ def _train(run, model, model_name, cfg, pool, every, card, log, status, train_si
     save_checkpoint(run.last, model, card)
     if best is not None:
         model.load_state_dict(best)
-    if train_site.splits["val"]:  # temperature scaling on the pooled validation split
+    if train_site.splits["val"]:  # calibration fitted on the pooled validation split
         probs, targets = predict_proba(model, pool.eval("val"))
         card = card.replace(calibration=calibration.fit(probs, targets, f"pooled validation split of "
                                                         f"{train_site.name} ({len(targets)} images)"))
     profile = build_profile(pool.dataset("train").images, f"training split of {train_site.name}")
     card = card.replace(extra={**card.extra, "input_profile": profile})
-    results = evaluate_everywhere(model, every, temperature=card.temperature)
+    results = evaluate_everywhere(model, every, calibrator=card.calibrator)
     for name, m in results.items():
         log.log(cfg.epochs, name, "test", m, checkpoint="best")
     log.close()

@@ -19,6 +19,7 @@ from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AlgorithmConstants
 
+from fedbrain.calibration import PREFIX as CALIBRATION_SUMS
 from fedbrain.fl.metrics import COUNT_PREFIX, NUM_SAMPLES, SECURE_META, pooled_validation, site_counts
 
 WEIGHTINGS = ("steps", "samples", "equal")
@@ -218,7 +219,7 @@ class ValidatingAggregator(ModelAggregator):
                 self._add(self._ctrl_sum, k, as_array(v).astype(np.float64) * weight)
         for k, v in (model.metrics or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
-                    ("val_", "train_")) and not k.startswith(("val_cm_", "val_hist_", "val_nll_", COUNT_PREFIX)):
+                    ("val_", "train_")) and not k.startswith(("val_cm_", "val_hist_", CALIBRATION_SUMS, COUNT_PREFIX)):
                 self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * weight
         counts = site_counts(model.metrics or {})
         if counts is not None:
@@ -238,7 +239,7 @@ class ValidatingAggregator(ModelAggregator):
         add_masked(self._masked, {k: as_array(v) for k, v in model.params.items()})
         for k, v in (model.metrics or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and k.startswith(
-                    "val_") and not k.startswith(("val_cm_", "val_hist_", "val_nll_")):
+                    "val_") and not k.startswith(("val_cm_", "val_hist_", CALIBRATION_SUMS)):
                 self._metric_sum[k] = self._metric_sum.get(k, 0.0) + v * samples
         counts = site_counts(model.metrics or {})
         if counts is not None:

@@ -601,7 +601,7 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
 def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
                            job_id: str, round_metrics: dict | None = None) -> Path:
     """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``); with the
-    aggregated ``round_metrics`` of its round, the temperature and input profile fitted from the sites' sums."""
+    aggregated ``round_metrics`` of its round, the calibration and input profile fitted from the sites' sums."""
     from fedbrain.checkpoint import ModelCard, save_checkpoint
     from fedbrain.contract import supervised_granularity
     from fedbrain.fl.metrics import with_round_fits

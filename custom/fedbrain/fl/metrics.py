@@ -4,9 +4,9 @@ A site sends counts, never images or per-image scores: its validation confusion 
 class, or "tumour of unknown type"; columns: the predicted class) and a histogram of the predicted tumour
 probability for tumour and for healthy slices. Summed over sites they give the macro-F1 of the pooled
 validation split exactly and its tumour-vs-healthy AUROC to within the histogram's resolution: the same
-selection criterion centralised training uses, with no site weighted by its size. It also sends the summed
-negative log-likelihood of its validation split on a grid of temperatures (:mod:`fedbrain.calibration`); the
-sum over sites fits the global model's temperature.
+selection criterion centralised training uses, with no site weighted by its size. It also sends the sums the
+calibration fit reads (:mod:`fedbrain.calibration`: a histogram of the tumour log-odds, typed tumour images per
+type, a type Brier curve); their sum over sites fits the global model's calibration.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from fedbrain.calibration import METHOD, calibration_record, pooled_curve
+from fedbrain import calibration
 from fedbrain.contract import NO_TUMOR, NUM_CLASSES
 from fedbrain.input_check import pooled_ranges, profile_of_metrics
 
@@ -24,6 +24,7 @@ CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's poole
 NUM_SITES = "fedbrain_num_sites"  # model meta key: how many sites the job has
 SECURE_META = "secure_aggregation"  # a site's meta flag: its params are a masked, sample-weighted update (secagg)
 COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)
+CAL_PREFIX = "val_pooled_cal_"  # the server's calibration fit among a round's aggregated metrics (flat scalars)
 ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
 BINS = 50
 
@@ -119,12 +120,9 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     healthy = cm[NO_TUMOR].sum()
     if healthy:
         out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
-    if prefix == "val":
-        curve = pooled_curve(rows)
-        if curve is not None:  # the federated temperature fit: the sum of the sites' NLL curves
-            record = calibration_record(curve[0], curve[1], "")
-            out.update({"val_pooled_temperature": record["temperature"], "val_pooled_nll_n": float(curve[1])})
-            out.update({f"val_pooled_{k}": record[k] for k in ("nll_before", "nll_after") if record[k] is not None})
+    if prefix == "val":  # the federated calibration fit: the sum of the sites' calibration sums
+        record = calibration.fit_sums(calibration.Sums.of(rows), "")
+        out.update({f"{CAL_PREFIX}{k}": float(v) for k, v in _flat(record).items()})
         # the federated input profile: the sum of the sites' feature histograms
         out.update({f"val_pooled_{k}": v for k, v in pooled_ranges(rows).items()})
     score = out.get(f"{prefix}_pooled_macro_f1", out.get(f"{prefix}_pooled_tumour_auroc"))
@@ -133,22 +131,41 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     return out
 
 
+def _flat(record: dict) -> dict[str, float]:
+    """The numbers of a calibration record, nested levels joined by ``__``."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update({f"{k}__{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    return out
+
+
 def federated_calibration(metrics: dict) -> dict:
-    """The model card's calibration record from a round's aggregated metrics (the federated temperature fit);
-    empty when the sites sent no NLL curves."""
-    t = metrics.get("val_pooled_temperature")
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+    """The model card's calibration record from a round's aggregated metrics (the server's fit of the sites'
+    summed calibration statistics); empty when the sites sent none."""
+    flat = {k[len(CAL_PREFIX):]: v for k, v in metrics.items()
+            if k.startswith(CAL_PREFIX) and isinstance(v, (int, float)) and math.isfinite(v)}
+    if not all(k in flat for k in ("tumour_slope", "tumour_bias", "type_temperature", "n")):
         return {}
-    n = int(metrics.get("val_pooled_nll_n", 0))
-    return {"temperature": float(t), "nll_before": metrics.get("val_pooled_nll_before"),
-            "nll_after": metrics.get("val_pooled_nll_after"), "n": n,
-            "fitted_on": f"federated: the sites' summed validation NLL curves ({n} images), no image left a site",
-            "method": METHOD}
+    record: dict = {}
+    for k, v in flat.items():
+        level, _, key = k.partition("__")
+        if key:
+            record.setdefault(level, {})[key] = int(v) if key in ("n", "n_tumour", "n_healthy") else \
+                bool(v) if key == "fitted" else v
+        else:
+            record[k] = v
+    record["n"] = n = int(record["n"])
+    record["fitted_on"] = (f"federated: the sites' summed validation statistics ({n} images), no image left a site")
+    record["method"] = calibration.METHOD
+    return record
 
 
 def with_round_fits(card, metrics: dict):
     """``card`` with what the server fitted from the sites' sums in the round of the best model (its aggregated
-    ``metrics``): the temperature and the input profile (each left out when the sites sent nothing for it)."""
+    ``metrics``): the calibration and the input profile (each left out when the sites sent nothing for it)."""
     profile = profile_of_metrics(metrics)
     return card.replace(calibration=federated_calibration(metrics),
                         extra={**card.extra, "input_profile": profile} if profile else card.extra)

@@ -493,7 +493,7 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     card = with_round_fits(card, best_metrics)
     loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
     place(model, resolve_device(settings.train.device))
-    results = evaluate_everywhere(model, loaders, temperature=card.temperature)
+    results = evaluate_everywhere(model, loaders, calibrator=card.calibrator)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
     privacy = privacy_record(rows, best_round)
     if privacy:
@@ -516,7 +516,8 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
                     "rounds_table": round_table(rows, sites)})
     out = {k: v for k, v in summary.items() if k != "rounds_table"}
     out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix", "ci", "unreliable",
-                                                                          "reliability", "uncalibrated")
+                                                                          "reliability", "calibration",
+                                                                          "uncalibrated")
                                         if kk in v}
                    for k, v in results.items()}
     run.write_results(out)

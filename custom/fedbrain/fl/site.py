@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbrain.calibration import curve_metrics
+from fedbrain.calibration import site_sums
 from fedbrain.contract import augmentation_policy
 from fedbrain.data.dataset import PoissonLoader, SiteLoaders
 from fedbrain.data.federation import SiteData
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
-            val_counts.update(curve_metrics(probs, targets))  # for the federated temperature fit
+            val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
             if not private_any:  # the training images' feature histograms are not privatised: kept home under DP
                 val_counts.update(own_profile)  # for the federated input profile
         if val:
