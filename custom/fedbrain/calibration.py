@@ -280,6 +280,37 @@ def fit_sums(sums: Sums | None, fitted_on: str) -> dict:
             "n": sums.n, "fitted_on": fitted_on, "method": METHOD}
 
 
+_COUNTS = ("n", "n_tumour", "n_healthy")
+
+
+def to_scalars(record: dict) -> dict[str, float]:
+    """A calibration record's numbers as flat scalars (a level's ``fitted`` as 0 / 1; ``tumour__nll_before``)."""
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update({f"{k}__{kk}": float(vv) for kk, vv in v.items() if isinstance(vv, (int, float))})
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+def from_scalars(flat: dict) -> dict:
+    """The record of :func:`to_scalars`' output (``fitted_on`` left empty); ``{}`` when its parameters are missing
+    or not finite."""
+    flat = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not all(k in flat for k in ("tumour_slope", "tumour_bias", "type_temperature", "n")):
+        return {}
+    record: dict = {"fitted_on": "", "method": METHOD}
+    for k, v in flat.items():
+        level, _, key = k.partition("__")
+        value = int(v) if (key or level) in _COUNTS else bool(v) if key == "fitted" else float(v)
+        if key:
+            record.setdefault(level, {})[key] = value
+        else:
+            record[level] = value
+    return record
+
+
 def notes(record: dict) -> list[str]:
     """Why a level of a calibration record was left as is (nothing for older, temperature-only records)."""
     out = []
@@ -331,4 +362,5 @@ def _bins(confidence: np.ndarray, outcome: np.ndarray, bins: int, low: float) ->
 
 
 __all__ = ["GRID", "Calibrator", "Sums", "apply_temperature", "tumour_logodds", "type_brier_curve", "site_sums",
-           "fit_platt", "fit_sums", "fit", "notes", "reliability", "PREFIX", "METHOD", "MIN_FIT"]
+           "fit_platt", "fit_sums", "fit", "to_scalars", "from_scalars", "notes", "reliability", "PREFIX", "METHOD",
+           "MIN_FIT"]

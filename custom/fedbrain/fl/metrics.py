@@ -122,7 +122,7 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
         out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
     if prefix == "val":  # the federated calibration fit: the sum of the sites' calibration sums
         record = calibration.fit_sums(calibration.Sums.of(rows), "")
-        out.update({f"{CAL_PREFIX}{k}": float(v) for k, v in _flat(record).items()})
+        out.update({f"{CAL_PREFIX}{k}": v for k, v in calibration.to_scalars(record).items()})
         # the federated input profile: the sum of the sites' feature histograms
         out.update({f"val_pooled_{k}": v for k, v in pooled_ranges(rows).items()})
     score = out.get(f"{prefix}_pooled_macro_f1", out.get(f"{prefix}_pooled_tumour_auroc"))
@@ -131,35 +131,13 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     return out
 
 
-def _flat(record: dict) -> dict[str, float]:
-    """The numbers of a calibration record, nested levels joined by ``__``."""
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update({f"{k}__{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float))})
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = v
-    return out
-
-
 def federated_calibration(metrics: dict) -> dict:
     """The model card's calibration record from a round's aggregated metrics (the server's fit of the sites'
     summed calibration statistics); empty when the sites sent none."""
-    flat = {k[len(CAL_PREFIX):]: v for k, v in metrics.items()
-            if k.startswith(CAL_PREFIX) and isinstance(v, (int, float)) and math.isfinite(v)}
-    if not all(k in flat for k in ("tumour_slope", "tumour_bias", "type_temperature", "n")):
-        return {}
-    record: dict = {}
-    for k, v in flat.items():
-        level, _, key = k.partition("__")
-        if key:
-            record.setdefault(level, {})[key] = int(v) if key in ("n", "n_tumour", "n_healthy") else \
-                bool(v) if key == "fitted" else v
-        else:
-            record[k] = v
-    record["n"] = n = int(record["n"])
-    record["fitted_on"] = (f"federated: the sites' summed validation statistics ({n} images), no image left a site")
-    record["method"] = calibration.METHOD
+    record = calibration.from_scalars({k[len(CAL_PREFIX):]: v for k, v in metrics.items() if k.startswith(CAL_PREFIX)})
+    if record:
+        record["fitted_on"] = (f"federated: the sites' summed validation statistics ({record['n']} images), no image "
+                               "left a site")
     return record
 
 
