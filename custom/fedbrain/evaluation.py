@@ -85,7 +85,7 @@ def split_differences(recorded: list[SiteData], given: list[SiteData], split: st
 # ---------------------------------------------------------------- uncertainty and small-n flags
 
 MIN_CLASS_N = 10  # a metric resting on fewer images of a class than this is flagged, never a headline
-CI_METRICS = ("macro_f1", "accuracy", "tumour_auroc", "no_tumor_recall", "ece", "tumour_ece")
+CI_METRICS = ("macro_f1", "accuracy", "tumour_auroc", "no_tumor_recall", "tumour_accuracy", "ece", "tumour_ece")
 
 
 def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
@@ -111,6 +111,7 @@ def _fast_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         out["accuracy"] = float(tp.sum() / max(1, len(y)))
         out["ece"] = _ece(probs[known].max(1), p == y)
     healthy = targets == NO_TUMOR
+    out["tumour_accuracy"] = float(((pred != NO_TUMOR) == ~healthy).mean())
     p_tumour = 1.0 - probs[:, NO_TUMOR]
     out["tumour_ece"] = _ece(np.maximum(p_tumour, 1 - p_tumour), (p_tumour >= 0.5) == ~healthy)
     if healthy.any():
