@@ -387,6 +387,21 @@ def test_compare_leave_one_out_scores_each_hospital_unseen(tmp_path, capsys):
     assert card.extra.get("input_profile", {}).get("source", "").startswith("federated")
 
 
+def test_the_leave_one_out_table_shows_the_raw_decisions_beside_the_calibrated_ones():
+    from fedbrain.evaluation import scored
+    from fedbrain.experiments.compare import UNSEEN_TEST, Mode, _rows, leave_one_out_table
+
+    probs, y = _miscalibrated(n=600, slope=0.5, bias=2.0, seed=4)
+    calibrator = cal.Calibrator.from_record(cal.fit(probs, y, "synthetic"))
+    m = scored(probs, y, n_boot=50, calibrator=calibrator)
+    rows = _rows(Mode("fedavg without hospital-9", "federated"), 0, {"hospital-9": m}, 8, 10, 1.0, None,
+                 evaluated_on=UNSEEN_TEST)
+    assert rows[0]["tumour_accuracy_raw"] == m["uncalibrated"]["tumour_accuracy"] != m["tumour_accuracy"]
+    table = leave_one_out_table(rows)
+    assert "tumour accuracy (raw)" in table
+    assert f"{m['tumour_accuracy']:.3f} ({m['uncalibrated']['tumour_accuracy']:.3f})" in table
+
+
 def test_leave_one_out_of_one_hospital_is_refused_before_any_run(tmp_path, capsys):
     rc = main(["compare", "--num-sites", "1", "--max-images-per-site", "30", "--leave-one-out", "--workspace",
                str(tmp_path)])

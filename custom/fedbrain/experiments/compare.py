@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fedbrain.calibration import Calibrator
 from fedbrain.data.federation import Federation, SiteData
+from fedbrain.evaluation import UNCALIBRATED_KEYS as RAW_METRICS
 from fedbrain.evaluation import UNION
 from fedbrain.experiments.pooled import train_pooled
 from fedbrain.fl.metrics import CLASS_COUNTS, site_batch_size
@@ -33,7 +34,8 @@ from fedbrain.training import TrainConfig
 METRICS = ("macro_f1", "tumour_auroc", "no_tumor_recall", "accuracy")
 FIELDS = (["mode", "kind", "seed", "site", "evaluated_on", "n", "n_no_tumor"]
           + [f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")]
-          + ["tumour_accuracy", "ece", "tumour_ece", "calibration", "unreliable", "site_probe", "budget_epochs",
+          + ["tumour_accuracy", "ece", "tumour_ece", "calibration"] + [f"{k}_raw" for k in RAW_METRICS]
+          + ["unreliable", "site_probe", "budget_epochs",
              "rounds", "seconds", "dp_epsilon", "error"])
 ALGORITHM_MODES = set(ALGORITHMS)
 UNSEEN_TEST, UNSEEN_ALL = "test split (unseen hospital)", "every image (unseen hospital)"
@@ -184,7 +186,8 @@ def _rows(mode: Mode, seed: int, results: dict, budget: int, rounds: int | None,
                "calibration": _calibration_cell(m.get("calibration")),
                "n_no_tumor": m.get("n_no_tumor"), "tumour_accuracy": m.get("tumour_accuracy"),
                "unreliable": ";".join(sorted(m.get("unreliable") or {})), "budget_epochs": budget,
-               "rounds": rounds, "seconds": round(seconds, 1), "dp_epsilon": eps, "site_probe": probe_acc}
+               "rounds": rounds, "seconds": round(seconds, 1), "dp_epsilon": eps, "site_probe": probe_acc,
+               **{f"{k}_raw": v for k, v in (m.get("uncalibrated") or {}).items() if k in RAW_METRICS}}
         for k in METRICS:
             row[k] = m.get(k)
             lo_hi = (m.get("ci") or {}).get(k) or [None, None]
@@ -342,6 +345,14 @@ def compare_table(rows: list[dict], sites: list[str]) -> str:
     return "\n".join(lines + (["", loo] if loo else []))
 
 
+def _with_raw(row: dict, key: str) -> str:
+    """A row's calibrated value with the raw model's beside it: ``0.862 (0.658)``."""
+    v, raw = row.get(key), row.get(f"{key}_raw")
+    if not isinstance(v, (int, float)):
+        return "-"
+    return f"{v:.3f}" + (f" ({raw:.3f})" if isinstance(raw, (int, float)) and raw != v else "")
+
+
 def leave_one_out_table(rows: list[dict], markdown: bool = False) -> str:
     """Each hospital scored as an unseen one by the federation of the others, beside the full federation's score
     on the same test split (first seed)."""
@@ -352,7 +363,7 @@ def leave_one_out_table(rows: list[dict], markdown: bool = False) -> str:
         return ""
     first = min(r["seed"] for r in unseen)
     head = ["held-out hospital", "scored on", "n", "healthy", "macro-F1 [95% CI]", "tumour AUROC [95% CI]",
-            "tumour accuracy", "full federation, same split"]
+            "tumour accuracy (raw)", "tumour ECE (raw)", "full federation, same split"]
     body = []
     for r in (x for x in unseen if x["seed"] == first):
         m = {k: r.get(k) for k in METRICS} | {"ci": {k: [r.get(f"{k}_lo"), r.get(f"{k}_hi")] for k in METRICS
@@ -366,10 +377,9 @@ def leave_one_out_table(rows: list[dict], markdown: bool = False) -> str:
             key = "macro_f1" if full.get("macro_f1") is not None else "tumour_auroc"
             if isinstance(full.get(key), (int, float)):
                 ref = f"{key.replace('_', ' ')} {full[key]:.3f} ({full['mode']})"
-        acc = r.get("tumour_accuracy")
         body.append([r["site"], r["evaluated_on"].split(" (")[0], str(r.get("n")), str(r.get("n_no_tumor")),
-                     fmt_metric(m, "macro_f1"), fmt_metric(m, "tumour_auroc"),
-                     "-" if acc is None else f"{acc:.3f}", ref])
+                     fmt_metric(m, "macro_f1"), fmt_metric(m, "tumour_auroc"), _with_raw(r, "tumour_accuracy"),
+                     _with_raw(r, "tumour_ece"), ref])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                          + ["| " + " | ".join(b) + " |" for b in body])
