@@ -686,7 +686,7 @@ def _calibration_section(run: R.Run) -> None:
             continue
         with col:
             fig = px.scatter(frame, x="confidence", y="observed", size="n", range_x=[0, 1], range_y=[0, 1],
-                             title=f"Reliability: {title.lower()} (union test split, n = {cal.get('n')})",
+                             title=f"Reliability: {title.lower()} (union test split, n = {int(frame['n'].sum())})",
                              labels={"confidence": f"mean {title.lower()} in bin", "observed": "observed frequency"})
             fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line={"dash": "dot", "color": "grey"})
             _chart(fig, 360)

@@ -363,6 +363,70 @@ def test_onnx_models_are_scored_externally_through_the_same_predictor(compressio
     assert res["results"]["all images"]["n"] == n and res["twin_check"] == "run training split"
 
 
+# ---------------------------------------------------------------- a hospital's own calibration
+
+
+@pytest.fixture()
+def own_slices(compression_synthetic_run, tmp_path) -> Path:
+    """A hospital's labelled slices, class per folder: every image of the synthetic run (22 per class)."""
+    root = tmp_path / "own_slices"
+    for r in csv.DictReader((compression_synthetic_run / "splits" / "site-a.csv").open()):
+        folder = root / ("healthy" if r["label"] == "no_tumor" else r["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(r["path"], folder / f"{r['split']}-{Path(r['path']).name}")
+    return root
+
+
+@pytest.mark.parametrize("variant", ["best.pt", "int8.onnx"])
+def test_calibrate_refits_on_a_hospitals_own_slices_and_keeps_what_it_cannot_fit(
+        variant, own_slices, compression_synthetic_run, compression_output, tmp_path, capsys):
+    source = (compression_synthetic_run / "checkpoints" if variant == "best.pt" else compression_output) / variant
+    before = read_card(source) if variant == "best.pt" else load_predictor(source).card
+    previous = {"tumour_slope": 0.7, "tumour_bias": 0.3, "type_temperature": 0.5, "fitted_on": "the federation"}
+    model = tmp_path / f"model{source.suffix}"
+    from fedbrain.external import save_with_calibration
+
+    save_with_calibration(source, model, previous)  # a model whose federation fitted both levels
+    out = tmp_path / f"local{source.suffix}"
+    assert main(["calibrate", str(model), "--data", str(own_slices), "--layout", "folders", "--scheme", "binary",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr().out  # tumour / no tumour labels only: the type level stays the federation's
+    assert "66 tumour and 22 healthy images" in printed and "tumour types kept from the federation" in printed
+    card = load_predictor(out).card
+    record = card.calibration
+    assert record["fitted_on"].startswith("local: 88 labelled images") and record["tumour"]["fitted"]
+    assert record["type_temperature"] == 0.5 and record["type"]["kept_from"] == "the federation"
+    assert (record["tumour_slope"], record["tumour_bias"]) != (0.7, 0.3)
+    assert card.model == before.model and card.preprocessing == before.preprocessing  # the rest of the card stays
+    assert load_predictor(model).card.calibration == previous  # the input file is untouched
+
+
+def test_calibrate_refuses_bad_requests_clearly(own_slices, compression_synthetic_run, tmp_path, capsys):
+    best = compression_synthetic_run / "checkpoints" / "best.pt"
+    assert main(["calibrate", str(best), "--data", str(own_slices), "--layout", "folders", "--out",
+                 str(tmp_path / "x.onnx")]) == 2
+    assert "keep the model's format" in capsys.readouterr().err
+    assert main(["calibrate", str(best), "--data", str(own_slices), "--layout", "folders", "--out", str(best)]) == 2
+    assert "names the model file itself" in capsys.readouterr().err
+    assert main(["calibrate", str(best), "--data", str(tmp_path / "nope"), "--layout", "yesno"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(best.parent.glob("*-local.pt"))  # nothing written
+
+
+def test_keep_unfitted_takes_only_the_levels_a_local_fit_could_not_make():
+    probs, y = _miscalibrated(n=400, seed=5)
+    local = cal.fit(probs, np.where(y == NO_TUMOR, NO_TUMOR, TUMOUR_ANY), "local")  # no tumour types here
+    previous = {"tumour_slope": 2.0, "tumour_bias": -1.0, "type_temperature": 0.4, "fitted_on": "the federation"}
+    merged = cal.keep_unfitted(local, previous)
+    assert merged["tumour_slope"] == local["tumour_slope"] and merged["type_temperature"] == 0.4
+    assert any("tumour types kept from the federation" in n for n in cal.notes(merged))
+    assert cal.keep_unfitted(local, {"temperature": 2.0}) == local  # an older card: nothing to keep
+    reversed_ranking = cal.fit(probs, np.where(y == NO_TUMOR, TUMOUR_ANY, NO_TUMOR), "labels swapped")
+    assert not reversed_ranking["tumour"]["fitted"] and reversed_ranking["tumour_slope"] == 1.0
+    kept = cal.keep_unfitted(reversed_ranking, previous)
+    assert kept["tumour_slope"] == 2.0 and any("would reverse its ranking" in n for n in cal.notes(kept))
+
+
 # ---------------------------------------------------------------- leave-one-hospital-out
 
 

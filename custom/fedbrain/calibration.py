@@ -311,18 +311,37 @@ def from_scalars(flat: dict) -> dict:
     return record
 
 
+def keep_unfitted(new: dict, previous: dict) -> dict:
+    """``new`` with each level it could not fit taken from ``previous`` (a model's two-level record), the level
+    saying where from; ``new`` as it is when ``previous`` has no two-level fit (none, or an older temperature)."""
+    if not new or "tumour_slope" not in (previous or {}):
+        return new
+    out = {**new, "tumour": dict(new.get("tumour") or {}), "type": dict(new.get("type") or {})}
+    source = previous.get("fitted_on") or "the model's previous calibration"
+    if not out["tumour"].get("fitted"):
+        out["tumour_slope"], out["tumour_bias"] = previous["tumour_slope"], previous["tumour_bias"]
+        out["tumour"]["kept_from"] = source
+    if not out["type"].get("fitted"):
+        out["type_temperature"] = previous["type_temperature"]
+        out["type"]["kept_from"] = source
+    return out
+
+
 def notes(record: dict) -> list[str]:
-    """Why a level of a calibration record was left as is (nothing for older, temperature-only records)."""
+    """Why a level of a calibration record was not fitted, and what it holds instead (nothing for older,
+    temperature-only records)."""
     out = []
     tumour, types = record.get("tumour") or {}, record.get("type") or {}
     if tumour and not tumour.get("fitted"):
         few = min(tumour.get("n_tumour", 0), tumour.get("n_healthy", 0)) < MIN_FIT
-        out.append("tumour probability left as is: " + (
-            f"{tumour.get('n_tumour', 0)} tumour and {tumour.get('n_healthy', 0)} healthy validation images "
-            f"(the fit needs {MIN_FIT} of each)" if few else "the fit would reverse its ranking"))
+        why = (f"{tumour.get('n_tumour', 0)} tumour and {tumour.get('n_healthy', 0)} healthy images (the fit needs "
+               f"{MIN_FIT} of each)" if few else "the fit would reverse its ranking")
+        held = f"kept from {tumour['kept_from']}" if tumour.get("kept_from") else "left as is"
+        out.append(f"tumour probability {held}: {why}")
     if types and not types.get("fitted"):
-        out.append(f"tumour types left as is: the fit needs {MIN_FIT} validation images of each of two tumour "
-                   f"types ({types.get('n', 0)} typed tumour images)")
+        held = f"kept from {types['kept_from']}" if types.get("kept_from") else "left as is"
+        out.append(f"tumour types {held}: the fit needs {MIN_FIT} images of each of two tumour types "
+                   f"({types.get('n', 0)} typed tumour images)")
     return out
 
 
@@ -362,5 +381,5 @@ def _bins(confidence: np.ndarray, outcome: np.ndarray, bins: int, low: float) ->
 
 
 __all__ = ["GRID", "Calibrator", "Sums", "apply_temperature", "tumour_logodds", "type_brier_curve", "site_sums",
-           "fit_platt", "fit_sums", "fit", "to_scalars", "from_scalars", "notes", "reliability", "PREFIX", "METHOD",
-           "MIN_FIT"]
+           "fit_platt", "fit_sums", "fit", "to_scalars", "from_scalars", "keep_unfitted", "notes", "reliability",
+           "PREFIX", "METHOD", "MIN_FIT"]

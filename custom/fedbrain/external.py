@@ -121,4 +121,40 @@ def evaluate_external(predictor, ext: ExternalSet, training: list[Record] | None
     return out
 
 
-__all__ = ["LAYOUTS", "ExternalSet", "read_external", "training_twins", "evaluate_external", "model_run", "relabel"]
+def refit_calibration(predictor, ext: ExternalSet, cache_dir: Path | None = None) -> dict:
+    """The model's calibration refitted on a hospital's own labelled images (the folder ``ext``): each level with
+    enough images of its outcomes is fitted anew, the others keep the model's current fit."""
+    from fedbrain import calibration
+    from fedbrain.compression.data import arrays, normalise
+
+    imgs, targets = arrays(ext.records, predictor.preprocessing, cache_dir)
+    probs = predictor.raw_probabilities(normalise(imgs, predictor.preprocessing))
+    fitted_on = (f"local: {len(targets)} labelled images of the folder {Path(ext.root).name!r} "
+                 f"(layout {ext.layout}, labels {ext.scheme})")
+    return calibration.keep_unfitted(calibration.fit(probs, targets, fitted_on), predictor.card.calibration)
+
+
+def save_with_calibration(model_file: str | Path, out: str | Path, record: dict) -> Path:
+    """A copy of a model file (.pt or .onnx) whose card carries ``record``; the original is left untouched."""
+    import shutil
+
+    from fedbrain.checkpoint import ModelCard, load_checkpoint, save_checkpoint
+
+    model_file, out = Path(model_file), Path(out)
+    if model_file.suffix.lower() == ".onnx":
+        import onnx
+
+        from fedbrain.compression.onnx_export import set_metadata
+
+        props = {p.key: p.value for p in onnx.load(str(model_file)).metadata_props}
+        card = ModelCard.from_onnx_metadata(props, str(model_file)).replace(calibration=record)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, out)
+        set_metadata(out, card.to_onnx_metadata())
+        return out
+    model, card = load_checkpoint(model_file)
+    return save_checkpoint(out, model, card.replace(calibration=record))
+
+
+__all__ = ["LAYOUTS", "ExternalSet", "read_external", "training_twins", "evaluate_external", "model_run", "relabel",
+           "refit_calibration", "save_with_calibration"]

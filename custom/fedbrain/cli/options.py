@@ -104,7 +104,7 @@ def add_federation_args(p: argparse.ArgumentParser) -> None:
                    help="Dirichlet label-skew of the simulated hospitals; smaller = more skew (default 1.0)")
     g.add_argument("--max-images-per-site", type=POSITIVE_INT, default=None, help="subsample each site (quick runs)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fedbrain)")
+    add_cache_arg(g)
     g.add_argument("--exclude-twins-of", metavar="RUN", default=None,
                    help="leave out every image that is a near-duplicate of any image RUN recorded (its splits): "
                         "e.g. pretrain on the public Br35H set without the benchmark hospitals' scans")
@@ -138,6 +138,10 @@ def federation_spec(args: argparse.Namespace):
             raise UsageError(f"unknown --sites {sorted(unknown)}; declared: {[s.name for s in spec.sites]}")
         spec.sites = [s for s in spec.sites if s.name in wanted]
     return spec
+
+
+def add_cache_arg(p) -> None:
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fedbrain)")
 
 
 def cache_dir(args: argparse.Namespace) -> Path | None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fedbrain.cli.options import POSITIVE_INT, UsageError, cache_dir
+from fedbrain.cli.options import POSITIVE_INT, UsageError, add_cache_arg, cache_dir
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -39,6 +39,6 @@ def register(groups) -> None:
     p.add_argument("--max-images", type=POSITIVE_INT, default=500,
                    help="members and non-members per site, at most (default %(default)s; equally many of each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/fedbrain)")
+    add_cache_arg(p)
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     p.set_defaults(func=cmd_audit)

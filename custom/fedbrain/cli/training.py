@@ -12,6 +12,7 @@ from fedbrain.cli.options import (
     DEVICE,
     POSITIVE_INT,
     UsageError,
+    add_cache_arg,
     add_device_arg,
     add_distillation_args,
     add_federation_args,
@@ -201,6 +202,43 @@ def _evaluate_shifted(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Refit a model's calibration on a hospital's own labelled slices; write a copy of the model that carries it."""
+    from fedbrain.calibration import Calibrator, notes
+    from fedbrain.external import read_external, refit_calibration, save_with_calibration
+    from fedbrain.predict import load_predictor
+
+    model_file = _model_file(Path(args.target))
+    out = Path(args.out) if args.out else model_file.with_name(f"{model_file.stem}-local{model_file.suffix}")
+    if out.suffix.lower() != model_file.suffix.lower():
+        raise UsageError(f"--out {out} must keep the model's format ({model_file.suffix})")
+    if out.resolve() == model_file.resolve():
+        raise UsageError("--out names the model file itself; the calibrated copy needs another name")
+    predictor = load_predictor(model_file)
+    ext = read_external(args.data, args.layout, args.scheme, cache_dir(args), progress=True)
+    record = refit_calibration(predictor, ext, cache_dir(args))
+    if not record:
+        raise UsageError(f"{args.data}: no labelled image to fit on")
+    before = predictor.calibrator.describe()
+    print(f"model {model_file} ({predictor.card.model}, {predictor.variant}); calibration before: {before}")
+    print(f"fitted on {record['n']} images of {args.data} (layout {ext.layout}, labels {ext.scheme})"
+          + (f"; left out: {dict(ext.skipped)}" if ext.skipped else ""))
+    tumour, types = record["tumour"], record["type"]
+    if tumour.get("fitted"):
+        print(f"  tumour probability: {tumour['n_tumour']} tumour and {tumour['n_healthy']} healthy images, log-loss "
+              f"{tumour['nll_before']:.3f} -> {tumour['nll_after']:.3f}")
+    if types.get("fitted"):
+        print(f"  tumour types: {types['n']} typed tumour images, Brier score {types['brier_before']:.3f} -> "
+              f"{types['brier_after']:.3f}")
+    for line in notes(record):
+        print(f"  {line}")
+    path = save_with_calibration(model_file, out, record)
+    print(f"calibration after: {Calibrator.from_record(record).describe()}")
+    print(f"written: {path} (the fit is in-sample: score it on other images with fedbrain evaluate {path} "
+          "--external DIR)")
+    return 0
+
+
 def cmd_bench_train(args: argparse.Namespace) -> int:
     import torch
 
@@ -298,6 +336,19 @@ def register(groups) -> None:
                    help="evaluate on the embedded Br35H federation instead of the run's recorded splits")
     add_federation_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="refit a model's calibration on a hospital's own labelled slices and write "
+                       "a copy of the model (.pt or .onnx) that carries it")
+    p.add_argument("target", metavar="RUN_OR_MODEL",
+                   help="a run folder (its checkpoints/best.pt), a checkpoint file or an .onnx file from "
+                        "fedbrain compress")
+    p.add_argument("--data", metavar="DIR", required=True,
+                   help="the hospital's labelled slices (never images the model is later scored on)")
+    p.add_argument("--layout", choices=LAYOUTS, required=True, help="how the --data folder is laid out")
+    p.add_argument("--scheme", choices=list(SCHEMES), help="the labels to fit with (default: what they allow)")
+    p.add_argument("--out", metavar="FILE", help="the calibrated copy (default: <model>-local.pt|.onnx beside it)")
+    add_cache_arg(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("models", help="list the model registry")
     p.set_defaults(func=cmd_models)
