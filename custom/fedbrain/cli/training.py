@@ -226,10 +226,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     tumour, types = record["tumour"], record["type"]
     if tumour.get("fitted"):
         print(f"  tumour probability: {tumour['n_tumour']} tumour and {tumour['n_healthy']} healthy images, log-loss "
-              f"{tumour['nll_before']:.3f} -> {tumour['nll_after']:.3f}")
+              f"of the raw model {tumour['nll_before']:.3f}, refitted {tumour['nll_after']:.3f}")
     if types.get("fitted"):
-        print(f"  tumour types: {types['n']} typed tumour images, Brier score {types['brier_before']:.3f} -> "
-              f"{types['brier_after']:.3f}")
+        print(f"  tumour types: {types['n']} typed tumour images, Brier score of the raw model "
+              f"{types['brier_before']:.3f}, refitted {types['brier_after']:.3f}")
     for line in notes(record):
         print(f"  {line}")
     path = save_with_calibration(model_file, out, record)

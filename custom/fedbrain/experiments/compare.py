@@ -350,7 +350,7 @@ def _with_raw(row: dict, key: str) -> str:
     v, raw = row.get(key), row.get(f"{key}_raw")
     if not isinstance(v, (int, float)):
         return "-"
-    return f"{v:.3f}" + (f" ({raw:.3f})" if isinstance(raw, (int, float)) and raw != v else "")
+    return f"{v:.3f}" + (f" ({raw:.3f})" if isinstance(raw, (int, float)) else "")
 
 
 def leave_one_out_table(rows: list[dict], markdown: bool = False) -> str:
