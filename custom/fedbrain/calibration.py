@@ -36,6 +36,7 @@ from fedbrain.contract import NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
 # type temperatures: log-spaced 0.25 .. 8 (steps of about 5 %); index 35 is T = 1
 GRID: tuple[float, ...] = tuple(float(t) for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 71)))
 LOGIT_RANGE, LOGIT_BINS = 16.0, 128  # tumour log-odds histogram: [-16, 16] in bins of 0.25 (the ends catch more)
+BIN_CENTRES = -LOGIT_RANGE + (np.arange(LOGIT_BINS) + 0.5) * (2 * LOGIT_RANGE / LOGIT_BINS)
 MIN_FIT = 10  # a level is fitted only on at least this many images of each of two outcomes (else left as is)
 PREFIX = "val_cal_"  # metric keys a site sends for the fit (summed by the server, never averaged)
 METHOD = ("Platt scaling of the tumour log-odds (log-loss) and a temperature on the tumour types (Brier score), "
@@ -139,9 +140,6 @@ class Calibrator:
 def _bin_of(z: np.ndarray) -> np.ndarray:
     width = 2 * LOGIT_RANGE / LOGIT_BINS
     return np.clip(np.floor((z + LOGIT_RANGE) / width).astype(int), 0, LOGIT_BINS - 1)
-
-
-BIN_CENTRES = -LOGIT_RANGE + (np.arange(LOGIT_BINS) + 0.5) * (2 * LOGIT_RANGE / LOGIT_BINS)
 
 
 def type_brier_curve(probs: np.ndarray, targets: np.ndarray, grid: tuple[float, ...] = GRID) -> np.ndarray:
