@@ -10,7 +10,7 @@ from fedbrain.contract import CLASSES, NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
 from fedbrain.data.dataset import UNION, SiteLoaders
 from fedbrain.data.federation import SiteData
 from fedbrain.runs import fmt_metric
-from fedbrain.training import ECE_BINS, compute_metrics, predict_proba
+from fedbrain.training import calibration_error, compute_metrics, predict_proba
 
 __all__ = ["UNION", "evaluate_everywhere", "results_table", "split_differences", "bootstrap_ci", "small_n_flags",
            "evaluate_with_uncertainty", "scored", "calibration_line", "fmt_metric", "MIN_CLASS_N"]
@@ -88,12 +88,6 @@ MIN_CLASS_N = 10  # a metric resting on fewer images of a class than this is fla
 CI_METRICS = ("macro_f1", "accuracy", "tumour_auroc", "no_tumor_recall", "tumour_accuracy", "ece", "tumour_ece")
 
 
-def _ece(confidence: np.ndarray, correct: np.ndarray) -> float:
-    """:func:`fedbrain.training.calibration_error`, vectorised (the same equal-width bins)."""
-    idx = np.minimum((np.clip(confidence, 0.0, 1.0) * ECE_BINS).astype(int), ECE_BINS - 1)
-    gap = np.bincount(idx, confidence, ECE_BINS) - np.bincount(idx, correct.astype(float), ECE_BINS)
-    return float(np.abs(gap).sum() / len(confidence))
-
 
 def _fast_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
     """The headline metrics, as compute_metrics defines them, vectorised for bootstrap resamples."""
@@ -109,11 +103,11 @@ def _fast_metrics(probs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
         f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
         out["macro_f1"] = float(f1[support > 0].mean())
         out["accuracy"] = float(tp.sum() / max(1, len(y)))
-        out["ece"] = _ece(probs[known].max(1), p == y)
+        out["ece"] = calibration_error(probs[known].max(1), p == y)
     healthy = targets == NO_TUMOR
     out["tumour_accuracy"] = float(((pred != NO_TUMOR) == ~healthy).mean())
     p_tumour = 1.0 - probs[:, NO_TUMOR]
-    out["tumour_ece"] = _ece(np.maximum(p_tumour, 1 - p_tumour), (p_tumour >= 0.5) == ~healthy)
+    out["tumour_ece"] = calibration_error(np.maximum(p_tumour, 1 - p_tumour), (p_tumour >= 0.5) == ~healthy)
     if healthy.any():
         out["no_tumor_recall"] = float((pred[healthy] == NO_TUMOR).mean())
         if (~healthy).any():
