@@ -362,7 +362,7 @@ def _cross_site_section(run: R.Run, metric: str | None) -> None:
     models, sites, grid = R.cross_site_grid(cs, m)
     if not models or not sites:
         st.info(f"`cross_site.json` holds no evaluations (the run had cross-site evaluation off): "
-                f"`{R.CMD_SIMULATE}` without `--no-cross-site-eval` fills it.")
+                f"`{R.CMD_SIMULATE}` with cross-site evaluation on (the default) fills it.")
         return
     fig = px.imshow(np.array(grid, dtype=float), x=sites, y=models, text_auto=".2f", aspect="auto",
                     color_continuous_scale="Viridis", zmin=0, zmax=1 if m != "loss" else None,

@@ -56,7 +56,7 @@ def workspace_dir(tmp_path_factory) -> Path:
     from fedbrain.cli.main import main
 
     ws = tmp_path_factory.mktemp("dashboard_ws")
-    rc = main(["train", "--max-images-per-site", "40", "--epochs", "1", "--batch-size", "32",
+    rc = main(["train", "--set", "data.max_images_per_site=40", "--epochs", "1", "--batch-size", "32",
                "--workspace", str(ws)])
     assert rc == 0, "fedbrain train failed while building the dashboard fixture"
     runs = [d for d in ws.iterdir() if (d / "config.json").is_file()]
@@ -89,7 +89,7 @@ def sim_run(tmp_path_factory) -> Path:
     from fedbrain.cli.main import main
 
     ws = tmp_path_factory.mktemp("sim_ws")
-    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "2", "--workspace", str(ws)])
+    rc = main(["simulate", "--set", "data.max_images_per_site=30", "--rounds", "2", "--workspace", str(ws)])
     assert rc == 0, "fedbrain simulate failed while building the sim_run fixture"
     return next(d for d in ws.iterdir() if (d / "config.json").is_file())
 # ---------------------------------------------------------------- end of federation (issue 3) section

@@ -26,7 +26,7 @@ def bench(tmp_path_factory) -> tuple[Path, Path]:
     if not (DATA / "MANIFEST.csv").is_file():
         pytest.skip(f"real benchmark data not found at {DATA}")
     ws = tmp_path_factory.mktemp("bench_ws")
-    rc = main(["bench", "models", "--data-root", str(DATA), "--max-images-per-site", "40", "--models", *MODELS,
+    rc = main(["bench", "models", "--data-root", str(DATA), "--set", "data.max_images_per_site=40", "--models", *MODELS,
                "--rounds", "1", "--image-size", "64", "--finetune", "last-1", "--latency-repeats", "3",
                "--workspace", str(ws)])
     assert rc == 0

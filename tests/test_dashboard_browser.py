@@ -247,8 +247,8 @@ def test_a_running_federation_updates_in_the_browser(browser_ready, tmp_path):
     ws = tmp_path / "live_ws"
     ws.mkdir()
     sim_log = tmp_path / "simulate.log"
-    cmd = [sys.executable, "-m", "fedbrain.cli", "simulate", "--max-images-per-site", "40", "--rounds",
-           str(LIVE_ROUNDS), "--no-cross-site-eval", "--workspace", str(ws)]
+    cmd = [sys.executable, "-m", "fedbrain.cli", "simulate", "--set", "data.max_images_per_site=40", "--rounds",
+           str(LIVE_ROUNDS), "--set", "cross_site_eval=false", "--workspace", str(ws)]
     with sim_log.open("wb") as fh:
         sim = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "FEDBRAIN_OFFLINE": "1"})
     try:

@@ -353,7 +353,8 @@ def test_deployment_end_to_end(tmp_path, launcher):
     site_logs = tmp_path / "site-logs"
     argv = ["submit", "--admin-kit", str(kits.admin), "--sites", ",".join(SITES),
             *[f"--site-split={site}={path}" for site, path in splits.items()], "--site-log-dir", str(site_logs),
-            "--rounds", "2", "--batch-size", "16", "--no-cross-site-eval", "--threads-per-site", "1",
+            "--rounds", "2", "--set", "local.batch_size=16", "--set", "cross_site_eval=false", "--set",
+                "threads_per_site=1",
             "--timeout", "180", "--wait-for-sites", "60", "--workspace", str(tmp_path / "runs")]
     rc = run_cli(argv)  # `fedbrain submit`: the simulate recipe, ProdEnv, bounded wait, result download
     t_job = time.monotonic() - t0

@@ -106,7 +106,7 @@ def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path, algorithm
 def test_resume_continues_at_the_next_round(sim_run, tmp_path):
     from fedbrain.cli.main import main
 
-    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "1", "--no-cross-site-eval",
+    rc = main(["simulate", "--set", "data.max_images_per_site=30", "--rounds", "1", "--set", "cross_site_eval=false",
                "--resume", str(sim_run), "--workspace", str(tmp_path)])
     assert rc == 0
     run = next(tmp_path.iterdir())
@@ -130,8 +130,8 @@ def test_kill_9_mid_run_then_resume_accounts_for_every_round(tmp_path):
     from processes import stop_processes
 
     ws = tmp_path / "ws"
-    argv = [sys.executable, "-m", "fedbrain.cli", "simulate", "--max-images-per-site", "30", "--rounds", "8",
-            "--algorithm", "scaffold", "--no-cross-site-eval", "--workspace", str(ws)]
+    argv = [sys.executable, "-m", "fedbrain.cli", "simulate", "--set", "data.max_images_per_site=30", "--rounds", "8",
+            "--algorithm", "scaffold", "--set", "cross_site_eval=false", "--workspace", str(ws)]
     env = {**os.environ, "FEDBRAIN_OFFLINE": "1"}
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -169,7 +169,7 @@ def test_a_bad_lever_is_a_usage_error(tmp_path, capsys):
     from fedbrain.cli.main import main
 
     # (numeric flags are the parser's: tests/test_live_runs.py); a lever the settings refuse is one line too
-    assert main(["simulate", "--finetune", "no-such-layers", "--workspace", str(tmp_path)]) == 2
+    assert main(["simulate", "--set", "finetune=no-such-layers", "--workspace", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedbrain: error:") and len(err.strip().splitlines()) == 1 and "finetune" in err
     assert not any(tmp_path.iterdir())
@@ -220,7 +220,8 @@ def test_with_dp_only_the_privatised_update_counts_and_validation_scalars_leave_
     from fedbrain.fl.privacy import weights_digest
     from fedbrain.runs import RunDir
 
-    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "2", "--dp-clip", "1", "--dp-noise", "1",
+    rc = main(["simulate", "--set", "data.max_images_per_site=30", "--rounds", "2", "--set", "dp_clip=1",
+               "--set", "dp_noise=1",
                "--workspace", str(tmp_path)])
     assert rc == 0
     run = next(d for d in tmp_path.iterdir() if (d / "config.json").is_file())
@@ -246,7 +247,7 @@ def test_scaffold_with_dp_is_refused(tmp_path, capsys):
 
     with pytest.raises(ValueError, match="control variates"):
         JobSettings.create("scaffold", dp_clip=1.0, dp_noise=1.0)
-    assert main(["simulate", "--algorithm", "scaffold", "--dp-clip", "1", "--max-images-per-site", "10",
+    assert main(["simulate", "--algorithm", "scaffold", "--set", "dp_clip=1", "--set", "data.max_images_per_site=10",
                  "--workspace", str(tmp_path)]) != 0
     assert "control variates" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before a run folder is made

@@ -28,18 +28,11 @@ FEDBRAIN = Path(sys.executable).with_name("fedbrain")
 @pytest.mark.parametrize("argv, flag", [
     (["simulate", "--rounds", "0"], "--rounds"),
     (["simulate", "--rounds", "-1"], "--rounds"),
-    (["simulate", "--alpha", "-1"], "--alpha"),
-    (["simulate", "--num-sites", "0"], "--num-sites"),
-    (["simulate", "--budget-epochs", "0"], "--budget-epochs"),
-    (["simulate", "--lr", "nan"], "--lr"),
-    (["simulate", "--batch-size", "0"], "--batch-size"),
-    (["simulate", "--min-clients", "0"], "--min-clients"),
-    (["simulate", "--dp-noise", "-0.5"], "--dp-noise"),
-    (["simulate", "--server-momentum", "1"], "--server-momentum"),
-    (["simulate", "--max-images-per-site", "0"], "--max-images-per-site"),
+    (["simulate", "--dp-epsilon", "-1"], "--dp-epsilon"),
     (["compare", "--rounds", "0"], "--rounds"),
     (["train", "--epochs", "0"], "--epochs"),
-    (["train", "--num-sites", "-2"], "--num-sites"),
+    (["train", "--lr", "nan"], "--lr"),
+    (["train", "--batch-size", "0"], "--batch-size"),
     (["bench", "models", "--rounds", "0"], "--rounds"),
     (["dashboard", "--port", "70000"], "--port"),
     (["runs", "--limit", "-1"], "--limit"),
@@ -222,8 +215,9 @@ def test_stop_a_running_simulation_with_live_metrics_and_mlflow(tmp_path):
     rounds = 60
     log = tmp_path / "simulate.log"
     with log.open("wb") as fh:
-        sim = subprocess.Popen([str(FEDBRAIN), "simulate", "--max-images-per-site", "40", "--rounds", str(rounds),
-                                "--no-cross-site-eval", "--tracking", "mlflow", "--workspace", str(ws)],
+        sim = subprocess.Popen([str(FEDBRAIN), "simulate", "--set", "data.max_images_per_site=40",
+                                "--rounds", str(rounds),
+                                "--set", "cross_site_eval=false", "--set", "tracking=mlflow", "--workspace", str(ws)],
                                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "FEDBRAIN_OFFLINE": "1"})
     try:
         deadline = time.monotonic() + 240

@@ -105,7 +105,7 @@ def test_batchnorm_is_frozen_under_dp_and_small_sites_get_a_clear_error():
     _private(model, n=64)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(p.requires_grad for m in bns for p in m.parameters())
-    with pytest.raises(PrivacyBudgetError, match="raise --dp-sample-rate"):
+    with pytest.raises(PrivacyBudgetError, match="raise dp_sample_rate"):
         _private(create_model("fedbrain_cnn_v2", pretrained=False), n=20, rate=0.1)
 
 
@@ -162,20 +162,19 @@ def test_dp_flags_are_checked_before_a_run_starts(tmp_path, capsys):
     bad_policy.write_text('{"dp_epsilon": 8}')
     cases = [
         (["--dp-epsilon", "8", "--algorithm", "scaffold"], "not privatised"),
-        (["--dp-epsilon", "8", "--dp-clip", "1", "--dp-noise", "1"], "one kind of DP"),
-        (["--dp-epsilon", "8", "--bn-statistics", "pooled"], "freezes BatchNorm"),
+        (["--dp-epsilon", "8", "--set", "dp_clip=1", "--set", "dp_noise=1"], "one kind of DP"),
+        (["--dp-epsilon", "8", "--set", "bn_statistics=pooled"], "freezes BatchNorm"),
         (["--site-policy", f"nowhere={bad_policy}"], "no site 'nowhere'"),
         (["--site-policy", "all"], "SITE=FILE"),
     ]
     for flags, message in cases:
         ws = tmp_path / "ws"
-        rc = main(["simulate", "--max-images-per-site", "10", "--rounds", "1", "--workspace", str(ws), *flags])
+        rc = main(["simulate", "--set", "data.max_images_per_site=10", "--rounds", "1", "--workspace", str(ws), *flags])
         assert rc != 0, flags
         assert message in capsys.readouterr().err, flags
         assert not ws.exists() or not list(ws.iterdir()), flags  # refused before a run folder is made
-    with pytest.raises(SystemExit):
-        main(["simulate", "--dp-epsilon", "8", "--dp-sample-rate", "0"])
-    assert "--dp-sample-rate" in capsys.readouterr().err
+    assert main(["simulate", "--dp-epsilon", "8", "--set", "dp_sample_rate=0"]) == 2
+    assert "dp_sample_rate" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- the audit
@@ -232,8 +231,8 @@ def test_dp_sgd_federation_end_to_end_with_a_stricter_site_audit_and_privacy_pag
     policy = tmp_path / "strict.json"
     policy.write_text('{"dp_epsilon": 2}')
     ws = tmp_path / "ws"
-    rc = main(["simulate", "--max-images-per-site", "40", "--rounds", "2", "--model", "fedbrain_cnn_v2",
-               "--dp-epsilon", "8", "--dp-sample-rate", "0.5", "--site-policy", f"hospital-2={policy}",
+    rc = main(["simulate", "--set", "data.max_images_per_site=40", "--rounds", "2", "--model", "fedbrain_cnn_v2",
+               "--dp-epsilon", "8", "--set", "dp_sample_rate=0.5", "--site-policy", f"hospital-2={policy}",
                "--workspace", str(ws)])
     assert rc == 0
     run = RunDir(next(d for d in ws.iterdir() if (d / "config.json").is_file()))
@@ -353,8 +352,8 @@ def test_the_policy_filter_stops_a_job_that_ignores_the_sites_policy(tmp_path, m
     strict.write_text('{"dp_epsilon": 3}')
     monkeypatch.setenv("FEDBRAIN_PRIVACY_POLICY", str(empty))
     ws = tmp_path / "ws"
-    rc = main(["simulate", "--max-images-per-site", "30", "--rounds", "1", "--model", "fedbrain_cnn_v2",
-               "--no-cross-site-eval", "--site-policy", f"hospital-2={strict}", "--workspace", str(ws)])
+    rc = main(["simulate", "--set", "data.max_images_per_site=30", "--rounds", "1", "--model", "fedbrain_cnn_v2",
+               "--set", "cross_site_eval=false", "--site-policy", f"hospital-2={strict}", "--workspace", str(ws)])
     assert rc == 3
     run = next(d for d in ws.iterdir() if (d / "config.json").is_file())
     from fedbrain.runs import read_metrics
@@ -369,15 +368,14 @@ def test_exclude_twins_of_a_run_leaves_out_every_image_it_recorded(sim_run):
     from fedbrain.cli.main import build_parser
     from fedbrain.cli.options import load_federation
 
-    args = build_parser().parse_args(["train", "--max-images-per-site", "30"])
+    args = build_parser().parse_args(["train", "--set", "data.max_images_per_site=30"])
     before = load_federation(args, progress=False)
-    args = build_parser().parse_args(["train", "--max-images-per-site", "30", "--exclude-twins-of", str(sim_run)])
+    args = build_parser().parse_args(["train", "--set", "data.max_images_per_site=30",
+                                      "--set", f"data.exclude_twins_of={sim_run}"])
     fed = load_federation(args, progress=False)
     assert all(not recs for s in fed.sites.values() for recs in s.splits.values())
     dropped = fed.summary["excluded_twins"]["dropped"]
     assert dropped == {n: {k: len(v) for k, v in s.splits.items()} for n, s in before.sites.items()}
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["train", "--exclude-twins-of"])
 
 
 def test_the_none_augmentation_leaves_images_as_they_are():
@@ -395,8 +393,8 @@ def test_the_none_augmentation_leaves_images_as_they_are():
 def test_compare_dp_curve_runs_one_row_per_budget_at_the_same_epochs(tmp_path):
     import csv
 
-    rc = main(["compare", "--max-images-per-site", "40", "--rounds", "4", "--model", "fedbrain_cnn_v2",
-               "--algorithms", "--no-baselines", "--dp-curve", "inf", "8", "--dp-sample-rate", "0.5",
+    rc = main(["compare", "--set", "data.max_images_per_site=40", "--rounds", "4", "--model", "fedbrain_cnn_v2",
+               "--algorithms", "--no-baselines", "--dp-curve", "inf", "8", "--set", "dp_sample_rate=0.5",
                "--workspace", str(tmp_path)])
     assert rc == 0
     run = next(tmp_path.iterdir())

@@ -179,10 +179,10 @@ def test_the_site_finds_the_teacher_the_job_carried(tmp_path):
 
 def test_a_missing_teacher_is_one_line_before_any_run_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fedbrain.cli.main", "simulate", "--rounds", "1",
-                           "--max-images-per-site", "10", "--distil-from", str(tmp_path / "nope"),
+                           "--set", "data.max_images_per_site=10", "--set", f"distil_from={tmp_path / 'nope'}",
                            "--workspace", str(tmp_path / "ws")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
-    assert "--distil-from" in proc.stderr and "Traceback" not in proc.stderr
+    assert "teacher" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ws").exists() or not any((tmp_path / "ws").iterdir())
 
 
@@ -194,8 +194,8 @@ def test_a_distilled_federation_carries_the_teacher_to_every_site(tmp_path):
 
     teacher = _save(tmp_path, "fedbrain_cnn", GREY)
     ws = tmp_path / "ws"
-    rc = main(["simulate", "--model", "fedbrain_cnn_v2", "--max-images-per-site", "20", "--rounds", "2",
-               "--no-cross-site-eval", "--distil-from", str(teacher), "--distil-weight", "0.7",
+    rc = main(["simulate", "--model", "fedbrain_cnn_v2", "--set", "data.max_images_per_site=20", "--rounds", "2",
+               "--set", "cross_site_eval=false", "--set", f"distil_from={teacher}", "--set", "distil_weight=0.7",
                "--workspace", str(ws)])
     assert rc == 0
     run = next(d for d in ws.iterdir() if (d / "config.json").is_file())

@@ -87,13 +87,13 @@ def test_key_files_are_checked(tmp_path, keys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ([], "--no-cross-site-eval"),
-    (["--no-cross-site-eval", "--algorithm", "scaffold"], "SCAFFOLD"),
-    (["--no-cross-site-eval", "--site-weighting", "steps"], "--site-weighting samples"),
-    (["--no-cross-site-eval", "--min-clients", "2"], "every site in every round"),
+    ([], "cross_site_eval = false"),
+    (["--set", "cross_site_eval=false", "--algorithm", "scaffold"], "SCAFFOLD"),
+    (["--set", "cross_site_eval=false", "--set", "site_weighting=steps"], "site_weighting = samples"),
+    (["--set", "cross_site_eval=false", "--set", "min_clients=2"], "every site in every round"),
 ])
 def test_secure_aggregation_flags_are_checked_before_a_run(tmp_path, capsys, flags, message):
-    rc = main(["simulate", "--secure-aggregation", "--max-images-per-site", "10", "--rounds", "1",
+    rc = main(["simulate", "--set", "secure_aggregation=true", "--set", "data.max_images_per_site=10", "--rounds", "1",
                "--workspace", str(tmp_path), *flags])
     assert rc == 2 and message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
@@ -103,8 +103,9 @@ def test_secure_aggregation_flags_are_checked_before_a_run(tmp_path, capsys, fla
 def test_secure_aggregation_gives_fedavgs_model_and_the_server_sees_only_ciphertexts(tmp_path, capsys):
     """The real simulator, the same job plain and masked (`fedbrain bench secure-aggregation`): the same global
     model to float rounding, and every update the server received was 64-bit masked integers."""
-    rc = main(["bench", "secure-aggregation", "--max-images-per-site", "30", "--rounds", "2", "--model",
-               "fedbrain_cnn_v2", "--server-optimizer", "sgd", "--server-lr", "1", "--workspace", str(tmp_path)])
+    rc = main(["bench", "secure-aggregation", "--set", "data.max_images_per_site=30", "--rounds", "2", "--model",
+               "fedbrain_cnn_v2", "--set", "server_optimizer=sgd", "--set", "server_lr=1",
+                   "--workspace", str(tmp_path)])
     assert rc == 0
     run = RunDir(next(tmp_path.iterdir()))
     res = json.loads(run.bench_secure_aggregation_json.read_text())

@@ -35,7 +35,7 @@ def test_binary_only_set_has_no_typed_metrics():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
-    rc = main(["train", "--max-images-per-site", "40", "--epochs", "2", "--workspace", str(ws)])
+    rc = main(["train", "--set", "data.max_images_per_site=40", "--epochs", "2", "--workspace", str(ws)])
     assert rc == 0
     return next(ws.iterdir())
 
@@ -60,7 +60,7 @@ def test_checkpoint_describes_itself(trained):
 
 def test_evaluate_cli_reproduces_the_stored_test_metrics(trained, tmp_path):
     out = tmp_path / "m.json"
-    assert main(["evaluate", str(trained / "checkpoints" / "best.pt"), "--max-images-per-site", "40",
+    assert main(["evaluate", str(trained / "checkpoints" / "best.pt"), "--set", "data.max_images_per_site=40",
                  "--json", str(out)]) == 0
     again = json.loads(out.read_text())
     stored = read_card(trained / "checkpoints" / "best.pt").metrics["test"]
@@ -68,7 +68,7 @@ def test_evaluate_cli_reproduces_the_stored_test_metrics(trained, tmp_path):
 
 
 def test_local_mode_and_clear_errors(tmp_path, capsys):
-    assert main(["train", "--mode", "local", "--max-images-per-site", "40", "--epochs", "1"]) == 2
+    assert main(["train", "--mode", "local", "--set", "data.max_images_per_site=40", "--epochs", "1"]) == 2
     assert "--site" in capsys.readouterr().err
     assert main(["train", "--data-root", str(tmp_path / "nope"), "--epochs", "1"]) == 2
     assert "--data-root" in capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_local_mode_and_clear_errors(tmp_path, capsys):
     bad.write_text("junk")
     with pytest.raises(CheckpointError):
         read_checkpoint(bad)
-    assert main(["train", "--mode", "local", "--site", "hospital-2", "--max-images-per-site", "40",
+    assert main(["train", "--mode", "local", "--site", "hospital-2", "--set", "data.max_images_per_site=40",
                  "--epochs", "1", "--workspace", str(tmp_path / "ws")]) == 0
 
 

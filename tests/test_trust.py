@@ -431,8 +431,8 @@ def test_keep_unfitted_takes_only_the_levels_a_local_fit_could_not_make():
 
 
 def test_compare_leave_one_out_scores_each_hospital_unseen(tmp_path, capsys):
-    rc = main(["compare", "--max-images-per-site", "30", "--rounds", "1", "--algorithms", "--no-baselines",
-               "--leave-one-out", "--no-cross-site-eval", "--workspace", str(tmp_path)])
+    rc = main(["compare", "--set", "data.max_images_per_site=30", "--rounds", "1", "--algorithms", "--no-baselines",
+               "--leave-one-out", "--set", "cross_site_eval=false", "--workspace", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
     assert "leave-one-hospital-out" in out
@@ -467,7 +467,8 @@ def test_the_leave_one_out_table_shows_the_raw_decisions_beside_the_calibrated_o
 
 
 def test_leave_one_out_of_one_hospital_is_refused_before_any_run(tmp_path, capsys):
-    rc = main(["compare", "--num-sites", "1", "--max-images-per-site", "30", "--leave-one-out", "--workspace",
+    rc = main(["compare", "--set", "data.num_sites=1", "--set", "data.max_images_per_site=30",
+               "--leave-one-out", "--workspace",
                str(tmp_path)])
     assert rc == 2 and "at least two hospitals" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -136,7 +136,7 @@ def teacher_checkpoint(path: str | Path) -> Path:
     if p.is_dir():
         p = RunDir(p).best
     if not p.is_file():
-        raise FileNotFoundError(f"--distil-from {str(path)!r}: neither a model file nor a run folder with "
+        raise FileNotFoundError(f"teacher {str(path)!r}: neither a model file nor a run folder with "
                                 "checkpoints/best.pt")
     return p
 

@@ -126,7 +126,7 @@ class PrivateTraining:
         if expected < MIN_EXPECTED_BATCH:
             raise PrivacyBudgetError(
                 f"{dataset_size} training images at sampling rate {cfg.sample_rate} give batches of {expected:.1f} "
-                f"images on average; DP-SGD needs at least {MIN_EXPECTED_BATCH}: raise --dp-sample-rate")
+                f"images on average; DP-SGD needs at least {MIN_EXPECTED_BATCH}: raise dp_sample_rate")
         freeze_batchnorm(model)  # BatchNorm normalises by its fixed statistics (e.g. ImageNet's): no batch mixing
         check_private_model(model)
         self.cfg = cfg

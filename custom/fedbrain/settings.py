@@ -44,7 +44,7 @@ LEVER_CHOICES = {"server_optimizer": ("sgd", "adam"), "class_balance": ("site", 
 def legacy_overrides() -> dict:
     """fedbrain's federation before the label-skew levers (issue 11): one local epoch of AdamW per round (its
     state kept across rounds), FedAvg weighted by local steps, each site's own batches and class weights.
-    ``--legacy`` reproduces the old numbers (with ``--model fedbrain_cnn``, the old BatchNorm model);
+    ``jobs/legacy.toml`` reproduces the old numbers (with ``--model fedbrain_cnn``, the old BatchNorm model);
     ``JobSettings`` fields and ``train`` fields."""
     return {"train": {"steps": 0, "epochs": 1, "norm": "batch", "optimizer": "adamw", "lr": TrainConfig.lr,
                       "momentum": TrainConfig.momentum},
@@ -144,34 +144,34 @@ class JobSettings:
         self.dp_sgd()  # validates the DP-SGD settings
         if self.dp_epsilon > 0 and self.dp_clip > 0:
             raise ValueError("choose one kind of DP: record-level (--dp-epsilon, DP-SGD at each site) or client-level "
-                             "(--dp-clip/--dp-noise)")
+                             "(dp_clip / dp_noise)")
         if self.dp_epsilon > 0 and self.bn_statistics != "batch":
-            raise ValueError("DP-SGD freezes BatchNorm statistics; --bn-statistics pooled/frozen/renorm would estimate "
+            raise ValueError("DP-SGD freezes BatchNorm statistics; bn_statistics pooled/frozen/renorm would estimate "
                              "them on the training images outside the privacy accounting")
         if self.dp_epsilon > 0 and self.distil_from and self.distil_teacher_bn == "site":
-            raise ValueError("DP-SGD with a teacher needs --distil-teacher-bn global: statistics a site estimates on "
+            raise ValueError("DP-SGD with a teacher needs distil_teacher_bn = global: statistics a site estimates on "
                              "its training images would reach every image's gradient outside the privacy accounting")
         if self.dp_epsilon > 0 and self.algorithm != "fedavg":
             raise ValueError(f"DP-SGD runs with fedavg: {self.algorithm}'s extra terms (FedProx's proximal term, "
                              "SCAFFOLD's control variates) are not privatised")
         if self.dp_clip > 0 and self.algorithm == "scaffold":
             raise ValueError("differential privacy does not cover SCAFFOLD's control variates (they are computed "
-                             "from the unclipped local model): use fedavg or fedprox with --dp-clip")
+                             "from the unclipped local model): use fedavg or fedprox with dp_clip")
 
     def check_server_settings(self) -> None:
         """Checks of the fields only the server holds (a site rebuilds its settings without them)."""
         if self.secure_aggregation:
             if self.cross_site_eval:
                 raise ValueError("secure aggregation hides each site's update from the server, and cross-site "
-                                 "evaluation would send it each site's model: add --no-cross-site-eval")
+                                 "evaluation would send it each site's model: set cross_site_eval = false")
             if self.algorithm == "scaffold":
                 raise ValueError("secure aggregation does not mask SCAFFOLD's control variates: use fedavg or fedprox")
             if self.site_weighting != "samples":
                 raise ValueError("secure aggregation weights each update by its site's training images (the sites "
-                                 "weight before masking): --site-weighting samples")
+                                 "weight before masking): site_weighting = samples")
             if self.min_clients:
                 raise ValueError("secure aggregation needs every site in every round (a missing site's masks do not "
-                                 "cancel): leave --min-clients unset")
+                                 "cancel): leave min_clients unset")
 
     def freeze_round(self) -> int:
         """FixBN: the round whose pooled BatchNorm moments are frozen for the rest of the job."""

@@ -16,6 +16,7 @@ from fedbrain.cli.options import (
     data_given,
     float_in,
     load_federation,
+    run_config,
 )
 
 
@@ -32,15 +33,17 @@ def resolve_data(args: argparse.Namespace, checkpoint: str | Path | None):
 
     if data_given(args):
         fed = load_federation(args, progress=False)
-        src = args.site_config or args.data_root or "embedded Br35H"
+        given = run_config(args).data
+        src = given.site_config or given.root or "embedded Br35H"
         return LocalData(list(fed.sites.values()), f"federation {src}")
     run = RunDir.of_checkpoint(checkpoint) if checkpoint else None
     data = LocalData.of_run(run) if run is not None else None
     if not data or not data.sites:
         raise UsageError(f"{checkpoint or 'the variants'} is not in a run folder with splits/<site>.csv; "
                          f"pass --data-root DIR, --site-config FILE or --embedded")
-    if args.max_images_per_site:
-        data = LocalData([_cap_site(s, args.max_images_per_site) for s in data.sites], data.source)
+    cap = run_config(args).data.max_images_per_site
+    if cap:
+        data = LocalData([_cap_site(s, cap) for s in data.sites], data.source)
     return data
 
 

@@ -20,6 +20,7 @@ from fedbrain.cli.options import (
     add_job_args,
     job_settings,
     load_federation,
+    save_config,
 )
 
 
@@ -109,6 +110,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                          model=settings.model, job=settings.to_dict(), sites=sites, admin_kit=str(admin_kit),
                          site_splits=splits, site_dir=args.site_dir, site_log_dir=args.site_log_dir,
                          argv=sys.argv[1:])
+    save_config(args, run_dir)
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} on {len(sites)} sites ({', '.join(sites)}), {settings.rounds} rounds, model "
           f"{settings.model}; submitting with ProdEnv (admin kit {admin_kit})", flush=True)

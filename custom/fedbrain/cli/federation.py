@@ -18,10 +18,12 @@ from fedbrain.cli.options import (
     add_workspace_arg,
     cache_dir,
     check_finetune,
-    distillation_settings,
     epsilon_budget,
     job_settings,
     load_federation,
+    run_config,
+    save_config,
+    teacher_path,
 )
 
 
@@ -48,6 +50,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             run_dir.site_policy(site).write_text(Path(policy.source).read_text())
         if args.resume:
             continue_from(settings, Path(args.resume), run_dir)
+        save_config(args, run_dir)
     print(f"run: {run_dir}")
     print(f"{settings.algorithm} with {len(fed.sites)} sites ({', '.join(fed.sites)}), {settings.rounds} rounds x "
           f"{_local_work(settings)}, model {settings.model}", flush=True)
@@ -104,10 +107,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.leave_one_out and len(fed.sites) < 2:
         raise UsageError("--leave-one-out needs at least two hospitals")
     settings = job_settings(args, fed)
+    dp = (settings.dp_clip, settings.dp_noise) if settings.dp_clip > 0 else None
+    run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
+    save_config(args, run_dir)
     settings.cross_site_eval = False
     settings.dp_clip = settings.dp_noise = 0.0  # DP only in its own 'fedavg+dp' row
-    run_dir = RunDir.create(args.workspace, f"compare-{settings.model}")
-    dp = (args.dp_clip, args.dp_noise) if args.dp_clip > 0 else None
     if settings.dp_epsilon > 0:
         raise UsageError("compare: give DP-SGD budgets with --dp-curve EPS ... (one row each), not --dp-epsilon")
     modes = plan_modes(fed, settings, args.algorithms, dp=dp, iid_control=args.iid_control, ablation=args.ablation,
@@ -132,6 +136,7 @@ def cmd_bench_federation(args: argparse.Namespace) -> int:
     settings = job_settings(args, fed)
     settings.cross_site_eval = False
     run_dir = RunDir.create(args.workspace, f"bench-federation-{settings.model}")
+    save_config(args, run_dir)
     res = simulator_overhead(fed, settings, run_dir, cache_dir=cache_dir(args))
     if res.get("failed_sites"):
         print(f"fedbrain: error: sites failed: {list(res['failed_sites'])}", file=sys.stderr)
@@ -152,6 +157,7 @@ def cmd_bench_secure_aggregation(args: argparse.Namespace) -> int:
     fed = load_federation(args)
     settings = job_settings(args, fed)
     run_dir = RunDir.create(args.workspace, f"bench-secure-aggregation-{settings.model}")
+    save_config(args, run_dir)
     res = secure_aggregation_cost(fed, settings, run_dir, cache_dir=cache_dir(args))
     if res.get("failed_sites"):
         print(f"fedbrain: error: sites failed: {res['failed_sites']}", file=sys.stderr)
@@ -176,10 +182,16 @@ def _bench_command(args: argparse.Namespace) -> str:
     """The command line that reruns this benchmark (data and budget flags only)."""
     import shlex
 
+    from fedbrain.config import DataSettings, toml_value
+
     parts = ["fedbrain", "bench", "models"]
-    for flag in ("data_root", "site_config", "sites", "max_images_per_site", "max_train_per_site"):
+    for flag in ("data_root", "site_config", "max_train_per_site"):
         if getattr(args, flag, None):
             parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    data, defaults = run_config(args).data, DataSettings()
+    for key in ("sites", "max_images_per_site"):
+        if getattr(data, key) != getattr(defaults, key):
+            parts += ["--set", f"data.{key}={toml_value(getattr(data, key))}"]
     parts += ["--models", *args.models, "--modes", *args.modes, "--image-size", str(args.image_size),
               "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--finetune", args.finetune,
               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed)]
@@ -212,7 +224,7 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
     if unknown:
         raise UsageError(f"unknown model(s) {unknown}; choose from {list_models()}")
     check_finetune(args.finetune)
-    teacher = distillation_settings(args).get("distil_from", "")
+    teacher = teacher_path(args.distil_from) if args.distil_from else ""
     include = [RunDir(r) for r in args.include_runs or []]
     for r in include:
         if not (r.config.is_file() and r.results.is_file() and r.best.is_file()):
@@ -246,7 +258,7 @@ def register(groups) -> None:
 
     sub = groups.top
     p = sub.add_parser("simulate", help="the main job: a federated run in the NVFlare simulator")
-    add_federation_args(p)
+    add_federation_args(p, job=True)
     add_job_args(p)
     p.add_argument("--site-policy", action="append", metavar="SITE=FILE",
                    help="a simulated hospital's own privacy policy (what its admin keeps in "
@@ -254,9 +266,10 @@ def register(groups) -> None:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("compare", help="federated vs centralised vs local-only at the same budget")
-    add_federation_args(p)
-    add_job_args(p)
-    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS)
+    add_federation_args(p, job=True)
+    add_job_args(p, algorithm=False, resume=False)
+    p.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS), choices=ALGORITHMS,
+                   help="the federated rows (default: all)")
     c = p.add_argument_group("comparison")
     c.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="training seeds; every mode runs once per seed (the splits stay those of --seed)")
@@ -272,22 +285,22 @@ def register(groups) -> None:
                         "on that hospital's test split and on all its images as an unseen hospital")
     c.add_argument("--dp-curve", type=epsilon_budget, nargs="+", metavar="EPS", default=None,
                    help="the privacy-utility curve: one FedAvg row per per-site DP-SGD budget (e.g. inf 8 3 1; inf: "
-                        "the same schedule without clipping or noise), with --dp-sample-rate / --dp-max-grad-norm "
-                        "and the same epochs as every row")
+                        "the same schedule without clipping or noise), with the keys dp_sample_rate / "
+                        "dp_max_grad_norm and the same epochs as every row")
     c.add_argument("--legacy-row", action="store_true",
-                   help="add a row with fedbrain's federation before the levers (see --legacy)")
+                   help="add a row with fedbrain's federation before the levers (jobs/legacy.toml)")
     p.set_defaults(func=cmd_compare)
 
     bench = groups.group("bench")
     p = bench.add_parser("federation", help="NVFlare simulator wall time vs plain local training")
-    add_federation_args(p)
-    add_job_args(p, rounds=3)
+    add_federation_args(p, job=True)
+    add_job_args(p, rounds=3, resume=False)
     p.set_defaults(func=cmd_bench_federation)
 
     p = bench.add_parser("secure-aggregation", help="the same job plain and with secure aggregation: wall time, "
                          "bytes per round, how far apart the global models end")
-    add_federation_args(p)
-    add_job_args(p, rounds=5)
+    add_federation_args(p, job=True)
+    add_job_args(p, rounds=5, resume=False)
     p.set_defaults(func=cmd_bench_secure_aggregation)
 
     p = bench.add_parser("models", help="every registry model, federated and centralised: accuracy, "

@@ -15,13 +15,14 @@ from fedbrain.cli.options import (
     add_job_args,
     job_settings,
     load_federation,
+    save_config,
 )
 
 
 def job_main(algorithm: str, argv: list[str] | None = None) -> int:
     p = Parser(description=f"fedbrain {algorithm} job (NVFlare recipe)")
-    add_federation_args(p)
-    add_job_args(p)
+    add_federation_args(p, job=True)
+    add_job_args(p, algorithm=False, resume=False)
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim")
     p.add_argument("--startup-kit", help="admin startup kit folder (prod)")
     p.add_argument("--fed-port", type=PORT, default=8002, help="POC: the server's FL port on 127.0.0.1")
@@ -30,7 +31,7 @@ def job_main(algorithm: str, argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default=None, help="where splits and site logs go (default: a new workspace run)")
     p.add_argument("--timeout", type=POSITIVE, default=3600.0, help="POC / prod: seconds to follow the job")
     args = p.parse_args(argv)
-    args.algorithm = algorithm
+    args.set_values = [f"algorithm={algorithm}", *args.set_values]  # the job script's algorithm
     try:
         return _run(algorithm, args)
     except UsageError as exc:
@@ -44,16 +45,20 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
 
     fed = load_federation(args, progress=False)
     settings = job_settings(args, fed)
+    if settings.algorithm != algorithm:
+        raise UsageError(f"this job script runs {algorithm}, not {settings.algorithm}: use jobs/{settings.algorithm}/")
     if args.env == "sim" and not args.export_to:
         from fedbrain.fl.simulate import run_simulation
 
         run = RunDir(args.run_dir) if args.run_dir else RunDir.create(args.workspace, f"{algorithm}-{settings.model}")
+        save_config(args, run)
         summary = run_simulation(fed, settings, run)
         print(summary.get("rounds_table", ""))
         print(f"run folder: {run}")
         return 3 if summary.get("failed_sites") else 0
     run = RunDir(Path(args.run_dir or Path(args.workspace) / f"{algorithm}-job").resolve())
     fed.write(run.root)
+    save_config(args, run)
     if settings.secure_aggregation and args.env == "poc":
         from fedbrain.fl.simulate import ensure_site_keys
 

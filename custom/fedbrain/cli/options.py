@@ -90,52 +90,118 @@ def add_device_arg(g) -> None:
                    "on CUDA: mixed precision (bf16, else fp16) and channels-last")
 
 
+# ---------------------------------------------------------------- the job configuration
+
+
+# argparse dest -> the configuration keys the flag sets (fedbrain.config); help texts state these keys' defaults
+CONFIG_FLAGS: dict[str, tuple[str, ...]] = {
+    "data_root": ("data.root",), "site_config": ("data.site_config",), "cache_dir": ("data.cache_dir",),
+    "seed": ("data.seed", "local.seed", "train.seed"), "device": ("local.device", "train.device"),
+    "algorithm": ("algorithm",), "model": ("model",), "rounds": ("rounds",), "dp_epsilon": ("dp_epsilon",),
+    "image_size": ("image_size",), "finetune": ("finetune",), "model_kwargs": ("model_kwargs",),
+    "distil_from": ("distil_from",), "distil_weight": ("distil_weight",),
+    "distil_temperature": ("distil_temperature",),
+    "epochs": ("train.epochs",), "batch_size": ("train.batch_size",), "lr": ("train.lr",),
+    "weight_decay": ("train.weight_decay",), "optimizer": ("train.optimizer",), "momentum": ("train.momentum",),
+    "augmentation": ("train.augmentation",), "threads": ("train.threads",),
+}
+
+
+def config_default(key: str):
+    """The default of a configuration key (what ``--help`` states)."""
+    from fedbrain.config import keys
+
+    return keys()[key]
+
+
+def default_text(key: str) -> str:
+    value = config_default(key)
+    return "none" if value in (None, "") else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and ``--set KEY=VALUE``: every job setting, beyond the everyday flags."""
+    if "--config" in p._option_string_actions:
+        return
+    g = p.add_argument_group("job configuration (`fedbrain config show` prints every key, its value and source)")
+    g.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="a TOML job configuration (jobs/*.toml, or a run's config.toml to run it again); repeatable, "
+                        "later files win")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_values",
+                   help="one setting on top of the files and flags, e.g. --set local.steps=4 --set server_lr=1e-3")
+
+
+def run_config(args: argparse.Namespace):
+    """The :class:`fedbrain.config.RunConfig` of the command line (defaults < files < flags < --set); cached."""
+    from fedbrain.config import ConfigError, load
+
+    cached = getattr(args, "_run_config", None)
+    if cached is not None:
+        return cached
+    flags = {}
+    for dest, keys in CONFIG_FLAGS.items():
+        value = getattr(args, dest, None)
+        if dest == "model_kwargs" and value is not None:
+            value = model_kwargs(args)
+        for key in keys:
+            flags[key] = (value, f"--{dest.replace('_', '-')}")
+    pretrained = getattr(args, "pretrained", "auto")
+    if pretrained != "auto":
+        flags["pretrained"] = (pretrained == "yes", "--pretrained")
+    for key, value in getattr(args, "_command_defaults", {}).items():
+        flags.setdefault(key, (value, f"{args.command} default"))
+        if flags[key][0] is None:
+            flags[key] = (value, f"{args.command} default")
+    try:
+        cfg = load(getattr(args, "config", None) or [], getattr(args, "set_values", None) or [], flags)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    args._run_config = cfg
+    return cfg
+
+
 # ---------------------------------------------------------------- data
 
 
-def add_federation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data (default: the embedded Br35H set as simulated hospitals)")
+def add_federation_args(p: argparse.ArgumentParser, job: bool = False) -> None:
+    """The data flags (``[data]`` keys); commands that do not run a job also get the image cache."""
+    g = p.add_argument_group("data (default: the embedded Br35H set as simulated hospitals; more in [data])")
     g.add_argument("--data-root", help="benchmark federation: folder holding figshare_cheng/, sartaj/, navoneel/")
     g.add_argument("--site-config", help="TOML file declaring the hospitals (see jobs/sites.example.toml)")
-    g.add_argument("--num-sites", type=POSITIVE_INT, default=3,
-                   help="simulated hospitals for the embedded set (default 3)")
-    g.add_argument("--sites", help="comma-separated subset of the declared hospitals to use")
-    g.add_argument("--alpha", type=POSITIVE, default=1.0,
-                   help="Dirichlet label-skew of the simulated hospitals; smaller = more skew (default 1.0)")
-    g.add_argument("--max-images-per-site", type=POSITIVE_INT, default=None, help="subsample each site (quick runs)")
-    g.add_argument("--seed", type=int, default=0)
-    add_cache_arg(g)
-    g.add_argument("--exclude-twins-of", metavar="RUN", default=None,
-                   help="leave out every image that is a near-duplicate of any image RUN recorded (its splits): "
-                        "e.g. pretrain on the public Br35H set without the benchmark hospitals' scans")
+    g.add_argument("--seed", type=int, default=None,
+                   help=f"the splits' and the training's seed (default {default_text('data.seed')})")
+    if not job:
+        add_cache_arg(g)
+    add_config_args(p)
 
 
 def data_given(args: argparse.Namespace) -> bool:
     """Did the user name a federation (rather than relying on a run's recorded splits)?"""
-    return bool(getattr(args, "data_root", None) or getattr(args, "site_config", None)
-                or getattr(args, "embedded", False))
+    data = run_config(args).data
+    return bool(data.root or data.site_config or getattr(args, "embedded", False))
 
 
 def federation_spec(args: argparse.Namespace):
     from fedbrain.data.federation import benchmark_spec, embedded_spec, load_site_config
 
-    extra = {"max_images_per_site": args.max_images_per_site}
-    if args.site_config:
-        spec = load_site_config(args.site_config, args.data_root)
-        spec.seed = args.seed
-        if args.max_images_per_site:
-            spec.max_images_per_site = args.max_images_per_site
-    elif args.data_root:
-        spec = benchmark_spec(args.data_root, seed=args.seed, **extra)
+    data = run_config(args).data
+    extra = {"max_images_per_site": data.max_images_per_site or None}
+    if data.site_config:
+        spec = load_site_config(data.site_config, data.root or None)
+        spec.seed = data.seed
+        if data.max_images_per_site:
+            spec.max_images_per_site = data.max_images_per_site
+    elif data.root:
+        spec = benchmark_spec(data.root, seed=data.seed, **extra)
     else:
-        spec = embedded_spec(sites=args.num_sites, alpha=args.alpha, seed=args.seed, **extra)
-    if getattr(args, "sites", None):
-        wanted = [s.strip() for s in args.sites.split(",") if s.strip()]
+        spec = embedded_spec(sites=data.num_sites, alpha=data.alpha, seed=data.seed, **extra)
+    if data.sites:
+        wanted = [s.strip() for s in data.sites if s.strip()]
         if spec.partition:
-            raise UsageError("--sites selects declared hospitals; the embedded set takes --num-sites instead")
+            raise UsageError("data.sites selects declared hospitals; the embedded set takes data.num_sites instead")
         unknown = set(wanted) - {s.name for s in spec.sites}
         if unknown:
-            raise UsageError(f"unknown --sites {sorted(unknown)}; declared: {[s.name for s in spec.sites]}")
+            raise UsageError(f"unknown data.sites {sorted(unknown)}; declared: {[s.name for s in spec.sites]}")
         spec.sites = [s for s in spec.sites if s.name in wanted]
     return spec
 
@@ -145,15 +211,21 @@ def add_cache_arg(p) -> None:
 
 
 def cache_dir(args: argparse.Namespace) -> Path | None:
-    return Path(args.cache_dir) if getattr(args, "cache_dir", None) else None
+    if getattr(args, "cache_dir", None):
+        return Path(args.cache_dir)
+    if hasattr(args, "set_values"):
+        given = run_config(args).data.cache_dir
+        return Path(given) if given else None
+    return None
 
 
 def load_federation(args: argparse.Namespace, progress: bool = True):
     from fedbrain.data.federation import build_federation
 
     fed = build_federation(federation_spec(args), cache_dir=cache_dir(args), progress=progress)
-    if getattr(args, "exclude_twins_of", None):
-        exclude_twins(fed, args.exclude_twins_of, cache_dir(args))
+    twins_of = run_config(args).data.exclude_twins_of
+    if twins_of:
+        exclude_twins(fed, twins_of, cache_dir(args))
     return fed
 
 
@@ -168,7 +240,7 @@ def exclude_twins(fed, run_path: str, cache: Path | None = None) -> None:
     try:
         other = Federation.read(RunDir(run_path))
     except DataLayoutError as exc:
-        raise UsageError(f"--exclude-twins-of {run_path!r}: {exc}") from exc
+        raise UsageError(f"data.exclude_twins_of {run_path!r}: {exc}") from exc
     theirs = [r for site in other.sites.values() for split in site.splits.values() for r in split]
     dropped: dict[str, dict[str, int]] = {}
     for name, site in fed.sites.items():
@@ -190,16 +262,15 @@ def add_workspace_arg(p) -> None:
 
 def add_model_args(g, what: str = "ImageNet weights for baselines") -> None:
     from fedbrain.models import FINETUNE_HELP, list_models
-    from fedbrain.settings import FEDERATED_MODEL
 
-    g.add_argument("--model", default=FEDERATED_MODEL, choices=list_models(), help="default %(default)s")
+    g.add_argument("--model", default=None, choices=list_models(), help=f"default {default_text('model')}")
     g.add_argument("--image-size", type=int_at_least(32), default=None, help="input size (default: the model's)")
     g.add_argument("--pretrained", choices=["auto", "yes", "no"], default="auto",
                    help=f"{what} (auto: the model's default)")
     g.add_argument("--model-kwargs", type=json_object, default=None, metavar="JSON",
                    help="architecture arguments of the registry model, saved in its card, e.g. "
                         "'{\"stem\": 4, \"depths\": [1, 2, 2]}' for fedbrain_cnn_v2")
-    add_finetune_arg(g, FINETUNE_HELP)
+    add_finetune_arg(g, FINETUNE_HELP, default=None)
 
 
 def json_object(text: str) -> dict:
@@ -215,70 +286,59 @@ def json_object(text: str) -> dict:
     return value
 
 
-def model_kwargs(args: argparse.Namespace) -> dict:
+def model_kwargs(args: argparse.Namespace, model: str | None = None) -> dict:
     """``--model-kwargs``, checked by building the model once (a bad argument is one line, before any run)."""
     kwargs = getattr(args, "model_kwargs", None) or {}
+    return check_model_kwargs(model or getattr(args, "model", None) or default_text("model"), kwargs)
+
+
+def check_model_kwargs(model: str, kwargs: dict) -> dict:
     if kwargs:
         from fedbrain.models import architecture, create_model
 
-        known = set(architecture(args.model))
+        known = set(architecture(model))
         unknown = sorted(set(kwargs) - known)
         if unknown:
-            raise UsageError(f"--model-kwargs: {args.model} takes {sorted(known) or 'no arguments'}, not {unknown}")
+            raise UsageError(f"model_kwargs: {model} takes {sorted(known) or 'no arguments'}, not {unknown}")
         try:
-            create_model(args.model, pretrained=False, **kwargs)
+            create_model(model, pretrained=False, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise UsageError(f"--model-kwargs {kwargs} do not build {args.model}: {exc}") from exc
+            raise UsageError(f"model_kwargs {kwargs} do not build {model}: {exc}") from exc
     return kwargs
 
 
-def add_finetune_arg(g, help_text: str | None = None) -> None:
+def add_finetune_arg(g, help_text: str | None = None, default: str | None = "all") -> None:
     from fedbrain.models import FINETUNE_HELP
 
-    g.add_argument("--finetune", default="all", help=(help_text or FINETUNE_HELP) + " (default all)")
+    g.add_argument("--finetune", default=default, help=(help_text or FINETUNE_HELP) + f" (default "
+                   f"{default or default_text('finetune')})")
 
 
-def add_optimizer_args(g, epochs_flag: str | None = "--epochs", epochs_default: int | None = None,
-                       local: bool = False) -> None:
-    """Training options; defaults are None and come from TrainConfig / the algorithm table when unset."""
+def add_optimizer_args(g) -> None:
+    """Centralised / local-only training options (``[train]`` keys; unset: the configuration's values)."""
     from fedbrain.contract import AUGMENTATIONS
-    from fedbrain.training import TrainConfig
 
-    if epochs_flag:
-        g.add_argument(epochs_flag, dest="epochs", type=POSITIVE_INT, default=epochs_default,
-                       help=f"default {epochs_default if epochs_default is not None else TrainConfig.epochs}")
-    g.add_argument("--batch-size", type=POSITIVE_INT, default=None, help=f"default {TrainConfig.batch_size}")
-    g.add_argument("--lr", type=POSITIVE, default=None,
-                   help=f"learning rate (default {TrainConfig.lr:g} for AdamW; each algorithm's own default: "
-                        "see fedbrain.settings.ALGORITHM_DEFAULTS)")
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=None, help=f"default {TrainConfig.weight_decay:g}")
+    g.add_argument("--epochs", type=POSITIVE_INT, default=None, help=f"default {default_text('train.epochs')}")
+    g.add_argument("--batch-size", type=POSITIVE_INT, default=None,
+                   help=f"default {default_text('train.batch_size')}")
+    g.add_argument("--lr", type=POSITIVE, default=None, help=f"AdamW's learning rate (default "
+                   f"{default_text('train.lr')})")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, default=None,
+                   help=f"default {default_text('train.weight_decay')}")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
-                   help=f"local optimiser (default {TrainConfig.optimizer}, SCAFFOLD: sgd)")
-    g.add_argument("--momentum", type=MOMENTUM, default=None, help=f"SGD momentum (default {TrainConfig.momentum})")
+                   help=f"default {default_text('train.optimizer')}")
+    g.add_argument("--momentum", type=MOMENTUM, default=None,
+                   help=f"SGD momentum (default {default_text('train.momentum')})")
     add_device_arg(g)
     g.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), default=None,
-                   help=f"train-only augmentation policy (default {TrainConfig.augmentation}; 'standard' is the "
-                        "policy before the robustness measurements, 'robust' also widens the scale range)")
-    if local:
-        g.add_argument("--local-steps", dest="steps", type=POSITIVE_INT, default=None,
-                       help="local work per round as optimiser steps, the same at every site (instead of "
-                            "--local-epochs)")
-
-
-
-def train_overrides(args: argparse.Namespace) -> dict:
-    """The training settings the user gave explicitly (None = keep the default)."""
-    keys = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum", "device", "steps", "augmentation")
-    out = {k: getattr(args, k, None) for k in keys}
-    out["seed"] = getattr(args, "seed", None)
-    out["threads"] = getattr(args, "threads", None)
-    return {k: v for k, v in out.items() if v is not None}
+                   help=f"train-only augmentation policy (default {default_text('train.augmentation')}; "
+                        "'standard' is the policy before the robustness measurements, 'robust' also widens the "
+                        "scale range)")
 
 
 def train_config(args: argparse.Namespace):
-    from fedbrain.training import TrainConfig
-
-    return TrainConfig(**train_overrides(args))
+    """The centralised training config (``[train]``) of the command line."""
+    return run_config(args).train
 
 
 def check_finetune(spec: str) -> None:
@@ -297,94 +357,34 @@ def pretrained_flag(args: argparse.Namespace) -> bool | None:
 # ---------------------------------------------------------------- federated jobs
 
 
-def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
-    from fedbrain.settings import ALGORITHMS, BUDGET_EPOCHS, JobSettings
+def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None, algorithm: bool = True,
+                 resume: bool = True) -> None:
+    """The everyday flags of a federated job; every other setting is a configuration key (``--set``)."""
+    from fedbrain.models import list_models
+    from fedbrain.settings import ALGORITHMS
 
+    add_config_args(p)
     g = p.add_argument_group("federated job")
-    g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
-    add_model_args(g, "start the federation from ImageNet weights")
-    g.add_argument("--rounds", type=POSITIVE_INT, default=rounds,
-                   help="federated rounds (default: " + (str(rounds) if rounds else "as many as --budget-epochs "
-                        "needs on this federation") + ")")
-    g.add_argument("--budget-epochs", type=POSITIVE, default=BUDGET_EPOCHS,
-                   help="without --rounds: the training budget in passes over the federation's training data "
-                        "(default %(default)s)")
-    add_optimizer_args(g, "--local-epochs", 1, local=True)
-    g.add_argument("--fedprox-mu", type=NON_NEGATIVE, default=JobSettings.fedprox_mu)
-    levers = p.add_argument_group("levers against label skew (defaults: fedbrain.settings.JobSettings)")
-    levers.add_argument("--batch-split", choices=["site", "proportional"], default=None,
-                        help="proportional: the --batch-size images of a round are split across sites in proportion "
-                             "to their training-set sizes (the round's average is a pooled-data gradient)")
-    levers.add_argument("--eval-every", type=POSITIVE_INT, default=None,
-                        help="sites validate the global model every N rounds (default 1; the best model is chosen "
-                             "among validated rounds)")
-    levers.add_argument("--legacy", action="store_true",
-                        help="the federation as fedbrain ran it before these levers (1 local epoch, steps-weighted, "
-                             "batch BatchNorm, site class weights); explicit flags still apply on top")
-    levers.add_argument("--class-balance", choices=["site", "federation"], default=None,
-                        help="class weights from each site's own label counts, or the federation's pooled counts "
-                             "(sites send their counts; the server sends back the sum)")
-    levers.add_argument("--missing-classes", choices=["keep", "restrict"], default=None,
-                        help="restrict: a site's softmax covers only the classes its labels can show")
-    levers.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
-                        help="restart the local optimiser every round")
-    levers.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
-                        help="the local learning rate over the rounds")
-    levers.add_argument("--bn-statistics", choices=["batch", "pooled", "frozen", "renorm"], default=None,
-                        help="BatchNorm across sites: batch statistics; the pooled statistics re-estimated every "
-                             "round; frozen (FixBN: pooled once, at --bn-freeze-round, then fixed); or renorm "
-                             "(batch renormalisation by the server's running pooled statistics)")
-    levers.add_argument("--bn-freeze-round", type=NON_NEGATIVE_INT, default=None,
-                        help="with --bn-statistics frozen: the round the statistics are pooled (default: 1/4 in)")
-    levers.add_argument("--server-optimizer", choices=["sgd", "adam"], default=None,
-                        help="how the server applies the averaged update: sgd (FedAvg / FedAvgM) or adam (FedAdam)")
-    levers.add_argument("--server-lr", type=POSITIVE, default=None, help="server step on the averaged update")
-    levers.add_argument("--server-momentum", type=MOMENTUM, default=None, help="FedAvgM server momentum")
-    add_distillation_args(p)
-    g.add_argument("--min-clients", type=POSITIVE_INT, default=None,
-                   help="sites that must answer each round (default all)")
-    g.add_argument("--site-weighting", choices=["steps", "samples", "equal"], default=None,
-                   help="the average (and SCAFFOLD's control update) weighted by each site's local steps, its "
-                        "training images, or "
-                        f"equally (default {JobSettings.site_weighting})")
-    add_dp_sgd_args(p)
-    g.add_argument("--dp-clip", type=NON_NEGATIVE, default=0.0,
-                   help="client-level DP (needs hundreds of sites; see --dp-epsilon): L2 clip of each whole update")
-    g.add_argument("--dp-noise", type=NON_NEGATIVE, default=0.0, help="client-level DP: noise multiplier")
-    g.add_argument("--no-cross-site-eval", action="store_true")
-    g.add_argument("--secure-aggregation", action="store_true",
-                   help="pairwise-masked secure aggregation: each site masks its weighted update with secrets it "
-                        "shares with the other sites, so the server sees only the sum (needs every site every round "
-                        "and --no-cross-site-eval; keys come with the sites' kits)")
-    g.add_argument("--tracking", choices=["mlflow"], default=None,
-                   help="also stream every site's round metrics to MLflow through NVFlare's experiment tracking "
-                        "(pip install 'fedbrain[mlflow]'); JSONL and TensorBoard are always written")
-    g.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: a SQLite store, <run>/mlflow.db, or the server's job folder "
-                        "when deployed)")
-    g.add_argument("--resume", metavar="RUN", help="an interrupted run folder: finish it in place from its last "
-                   "finished round; a finished run (or a checkpoint): start a new run from its last global model, "
-                   "numbering rounds after it")
-    g.add_argument("--threads-per-site", type=POSITIVE_INT, default=None)
+    if algorithm:
+        g.add_argument("--algorithm", choices=ALGORITHMS, default=None,
+                       help=f"default {default_text('algorithm')}")
+    g.add_argument("--model", default=None, choices=list_models(), help=f"default {default_text('model')}")
+    g.add_argument("--rounds", type=POSITIVE_INT, default=None,
+                   help="federated rounds (default: " + (str(rounds) if rounds else "as many as the key "
+                        f"budget_epochs, {default_text('budget_epochs')} passes over the training data, needs")
+                   + ")")
+    if rounds:
+        p.set_defaults(_command_defaults={"rounds": rounds})
+    g.add_argument("--dp-epsilon", type=epsilon_budget, default=None,
+                   help="DP-SGD at every site: the (ε, δ) budget of the whole job per training image (default "
+                        f"{default_text('dp_epsilon')}: off; inf: the same schedule without clipping or noise)")
+    if "--device" not in p._option_string_actions:
+        add_device_arg(g)
+    if resume:
+        g.add_argument("--resume", metavar="RUN", help="an interrupted run folder: finish it in place from its last "
+                       "finished round; a finished run (or a checkpoint): start a new run from its last global "
+                       "model, numbering rounds after it")
     add_workspace_arg(g)
-
-
-def add_dp_sgd_args(p: argparse.ArgumentParser) -> None:
-    from fedbrain.dp import DPSGDConfig
-
-    g = p.add_argument_group("record-level differential privacy (DP-SGD at each site; a site's own policy, "
-                             "local/fedbrain_privacy.json, may impose a stricter budget)")
-    g.add_argument("--dp-epsilon", type=epsilon_budget, default=0.0,
-                   help="the (ε, δ) budget of the whole job at each site, per training image (0: off; inf: the same "
-                        "schedule without clipping or noise, DP's reference). The noise is set so the planned rounds "
-                        "spend it; a site whose budget is spent stops training")
-    g.add_argument("--dp-delta", type=float_in(0.0, 1.0, lo_open=True, hi_open=True), default=DPSGDConfig.delta,
-                   help="δ (default %(default)s)")
-    g.add_argument("--dp-max-grad-norm", type=POSITIVE, default=DPSGDConfig.max_grad_norm,
-                   help="each image's gradient is clipped to this L2 norm (default %(default)s)")
-    g.add_argument("--dp-sample-rate", type=float_in(0.0, 1.0, lo_open=True), default=DPSGDConfig.sample_rate,
-                   help="the chance that an image is in a step's batch (Poisson sampling; default %(default)s). "
-                        "With --budget-epochs, the rounds are the epochs divided by it")
 
 
 def epsilon_budget(text: str) -> float:
@@ -394,99 +394,71 @@ def epsilon_budget(text: str) -> float:
     return NON_NEGATIVE(text)
 
 
-def dp_sgd_settings(args: argparse.Namespace) -> dict:
-    """The JobSettings fields of the DP-SGD flags (the sampling and clipping also shape compare's --dp-curve)."""
-    if not hasattr(args, "dp_epsilon"):
-        return {}
-    return {"dp_epsilon": args.dp_epsilon, "dp_delta": args.dp_delta, "dp_max_grad_norm": args.dp_max_grad_norm,
-            "dp_sample_rate": args.dp_sample_rate}
-
-
-def add_distillation_args(p: argparse.ArgumentParser, pooled: bool = False) -> None:
-    from fedbrain.distillation import DistillConfig
-
+def add_distillation_args(p: argparse.ArgumentParser) -> None:
+    """Centralised training's distillation flags (a federated job sets the distil_* keys)."""
     g = p.add_argument_group("knowledge distillation (e.g. from a federated EfficientNet-Lite0 into fedbrain_cnn_v2)")
     g.add_argument("--distil-from", metavar="RUN_OR_MODEL", default=None,
-                   help="a teacher: a run folder (its best model) or a .pt model file. The job carries it to every "
-                        "site, where the student also learns the teacher's soft labels on the site's own batches")
-    g.add_argument("--distil-weight", type=float_in(0.0, 1.0), default=DistillConfig.weight,
-                   help="the distillation term's share of the loss (default %(default)s)")
-    g.add_argument("--distil-temperature", type=POSITIVE, default=DistillConfig.temperature,
-                   help="softmax temperature of the distillation term (default %(default)s)")
-    if not pooled:
-        from fedbrain.settings import LEVER_CHOICES, JobSettings
-
-        g.add_argument("--distil-teacher-bn", choices=LEVER_CHOICES["distil_teacher_bn"], default=None,
-                       help="a BatchNorm teacher normalises by statistics each site estimates on its own training "
-                            f"images (site; they never leave it) or by its own (global) (default "
-                            f"{JobSettings.distil_teacher_bn})")
+                   help="a teacher: a run folder (its best model) or a .pt model file; the student also learns the "
+                        "teacher's soft labels")
+    g.add_argument("--distil-weight", type=float_in(0.0, 1.0), default=None,
+                   help=f"the distillation term's share of the loss (default {default_text('distil_weight')})")
+    g.add_argument("--distil-temperature", type=POSITIVE, default=None,
+                   help=f"softmax temperature of the distillation term (default "
+                        f"{default_text('distil_temperature')})")
 
 
-def distillation_settings(args: argparse.Namespace) -> dict:
-    """The JobSettings fields of the distillation flags; the teacher is checked here, before any run starts."""
-    if not getattr(args, "distil_from", None):
-        return {}
+def teacher_path(given: str) -> str:
+    """A teacher run or model file, checked and made absolute (before any run starts)."""
     from fedbrain.checkpoint import CheckpointError, read_card
     from fedbrain.distillation import teacher_checkpoint
 
     try:
-        path = teacher_checkpoint(args.distil_from).resolve()
+        path = teacher_checkpoint(given).resolve()
         read_card(path)
     except (FileNotFoundError, CheckpointError) as exc:
         raise UsageError(str(exc)) from exc
-    given = {k: getattr(args, k) for k in ("distil_weight", "distil_temperature", "distil_teacher_bn")
-             if getattr(args, k, None) is not None}
-    return {"distil_from": str(path), **given}
+    return str(path)
 
 
 CLIENT_DP_MIN_SITES = 100  # client-level DP's noise is averaged over the sites: useful only with many of them
 
 
 def job_settings(args: argparse.Namespace, fed=None):
-    """The :class:`JobSettings` the job flags describe (validated). Without ``--rounds``, the rounds give
-    ``--budget-epochs`` passes over ``fed``'s training data (without ``fed``: JobSettings' default rounds)."""
-    from fedbrain.runs import RunDir
-    from fedbrain.settings import JobSettings, legacy_overrides
+    """The :class:`JobSettings` of the command line's configuration (validated). Without a ``rounds`` key, the
+    rounds give ``budget_epochs`` passes over ``fed``'s training data (without ``fed``: JobSettings' default)."""
+    from dataclasses import replace
 
-    check_finetune(args.finetune)
-    base = legacy_overrides() if getattr(args, "legacy", False) else {"train": {}}
-    levers = {k: v for k, v in base.items() if k != "train"}
-    levers.update({k: getattr(args, k) for k in ("class_balance", "missing_classes", "reset_optimizer", "lr_schedule",
-                                                 "server_lr", "server_momentum", "site_weighting",
-                                                 "server_optimizer", "bn_statistics", "bn_freeze_round", "eval_every",
-                                                 "batch_split")
-                   if getattr(args, k, None) is not None})
+    from fedbrain.runs import RunDir
+
+    cfg = run_config(args)
+    settings = replace(cfg.job)
+    check_finetune(settings.finetune)
+    check_model_kwargs(settings.model, settings.model_kwargs)
+    if settings.distil_from:
+        settings.distil_from = teacher_path(settings.distil_from)
     if getattr(args, "resume", None):
         p = Path(args.resume)
         if not (p.is_file() or RunDir(p).last.is_file() or RunDir(p).rounds.is_dir()):
             raise UsageError(f"--resume {args.resume!r}: neither a checkpoint nor a run folder with a global model")
     try:
-        settings = JobSettings.create(
-            args.algorithm, train={**base["train"], **train_overrides(args)}, model=args.model,
-            model_kwargs=model_kwargs(args), image_size=args.image_size,
-            fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
-            threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
-            cross_site_eval=not args.no_cross_site_eval,
-            secure_aggregation=getattr(args, "secure_aggregation", False),
-            tracking=getattr(args, "tracking", None) or "",
-            tracking_uri=getattr(args, "tracking_uri", None) or "",
-            pretrained=pretrained_flag(args), finetune=args.finetune, **distillation_settings(args),
-            **dp_sgd_settings(args), **levers)
         settings.check_server_settings()
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     if settings.dp_clip > 0 and fed is not None and len(fed.sites) < CLIENT_DP_MIN_SITES:
-        print(f"warning: --dp-clip is client-level DP: it protects a whole hospital's participation, which needs "
+        print(f"warning: dp_clip is client-level DP: it protects a whole hospital's participation, which needs "
               f"hundreds of sites; with {len(fed.sites)} it destroys the model long before ε is meaningful, and it "
               "does not protect single patients' scans (docs/deployment.md, 'What leaves a site')", file=sys.stderr)
-    if args.rounds is not None:
-        if args.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, not {args.rounds}")
-        settings.rounds = args.rounds
-    elif fed is not None:
+    if not cfg.given("rounds") and fed is not None:
         from fedbrain.experiments.compare import rounds_for_budget
 
-        if not args.budget_epochs > 0:
-            raise UsageError(f"--budget-epochs must be positive, not {args.budget_epochs}")
-        settings.rounds = rounds_for_budget(settings, fed, args.budget_epochs)
+        settings.rounds = rounds_for_budget(settings, fed, cfg.budget_epochs)
+        cfg.sources["rounds"] = f"budget_epochs = {cfg.budget_epochs:g} on this federation"
+    cfg.job = settings
     return settings
+
+
+def save_config(args: argparse.Namespace, run) -> Path:
+    """Write the run's effective configuration (``--config`` it to run it again) into its folder."""
+    from fedbrain.config import CONFIG_FILE
+
+    return run_config(args).write(Path(getattr(run, "root", run)) / CONFIG_FILE)

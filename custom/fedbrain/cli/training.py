@@ -23,12 +23,11 @@ from fedbrain.cli.options import (
     cache_dir,
     check_finetune,
     data_given,
-    distillation_settings,
     int_at_least,
+    job_settings,
     load_federation,
-    model_kwargs,
-    pretrained_flag,
-    train_config,
+    run_config,
+    save_config,
 )
 
 
@@ -40,26 +39,24 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.mode == "local" and not args.site:
         raise UsageError("--mode local needs --site NAME")
-    check_finetune(args.finetune)
-    kwargs = model_kwargs(args)
-    distil = distillation_settings(args)  # the teacher is checked before any run folder exists
+    job = job_settings(args)  # model, fine-tuning and teacher, checked before any run folder exists
     fed = load_federation(args)
     sites = [args.site] if args.mode == "local" else None
     if args.site and args.site not in fed.sites:
         raise UsageError(f"unknown --site {args.site!r}; this federation has {list(fed.sites)}")
-    run = RunDir.create(args.workspace, f"{args.mode}-{args.model}")
+    run = RunDir.create(args.workspace, f"{args.mode}-{job.model}")
     fed.write(run.root)
-    cfg = train_config(args)
-    run.write_config(kind=args.mode, model=args.model, model_kwargs=kwargs, site=args.site, train=cfg.to_dict(),
-                     federation=fed.spec.to_dict(), image_size=args.image_size, finetune=args.finetune,
-                     argv=sys.argv[1:])
+    cfg = run_config(args).train
+    run.write_config(kind=args.mode, model=job.model, model_kwargs=job.model_kwargs, site=args.site,
+                     train=cfg.to_dict(), federation=fed.spec.to_dict(), image_size=job.image_size,
+                     finetune=job.finetune, argv=sys.argv[1:])
+    save_config(args, run)
     print(f"run: {run}")
     t0 = time.perf_counter()
-    res = train_pooled(fed, args.model, cfg, run, sites=sites, image_size=args.image_size,
-                       pretrained=pretrained_flag(args), cache_dir=cache_dir(args), finetune=args.finetune,
-                       model_kwargs=kwargs,
-                       teacher=distil.get("distil_from"),
-                       distill=DistillConfig(args.distil_weight, args.distil_temperature) if distil else None)
+    res = train_pooled(fed, job.model, cfg, run, sites=sites, image_size=job.image_size,
+                       pretrained=job.pretrained, cache_dir=cache_dir(args), finetune=job.finetune,
+                       model_kwargs=job.model_kwargs, teacher=job.distil_from or None,
+                       distill=DistillConfig(job.distil_weight, job.distil_temperature) if job.distil_from else None)
     print(f"\ntest metrics of the best checkpoint ({time.perf_counter() - t0:.0f} s):")
     print(results_table(res["test"]))
     print(f"\ncheckpoints: {run.checkpoints}")
@@ -305,9 +302,9 @@ def register(groups) -> None:
     g = p.add_argument_group("training")
     add_model_args(g)
     add_optimizer_args(g)
-    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: all)")
     add_workspace_arg(g)
-    add_distillation_args(p, pooled=True)
+    add_distillation_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="a model on the test split of every site of its run and their union, "

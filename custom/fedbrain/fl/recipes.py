@@ -180,7 +180,7 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
 
 def mlflow_tracking_uri(s: JobSettings, run=None) -> str:
-    """The job's MLflow store: ``--tracking-uri``, else a SQLite file in the run folder (simulator), else
+    """The job's MLflow store: ``tracking_uri``, else a SQLite file in the run folder (simulator), else
     NVFlare's default (a SQLite file in the server's job folder)."""
     if s.tracking_uri:
         return s.tracking_uri
@@ -195,7 +195,7 @@ def add_mlflow_tracking(recipe, s: JobSettings, run=None) -> None:
 
     missing = [m for m in ("mlflow", "sqlalchemy", "alembic") if importlib.util.find_spec(m) is None]
     if missing:
-        raise ValueError(f"--tracking mlflow needs {', '.join(missing)}: pip install 'fedbrain[mlflow]'")
+        raise ValueError(f"tracking = mlflow needs {', '.join(missing)}: pip install 'fedbrain[mlflow]'")
     config = {"kw_args": {"experiment_name": "fedbrain", "run_name": Path(run.root).name if run else "fedbrain"}}
     uri = mlflow_tracking_uri(s, run)
     if uri:

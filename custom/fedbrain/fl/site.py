@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     dp_sgd = policy.apply(job.dp_sgd())
     private = None
     if dp_sgd.private and job.bn_statistics != "batch":
-        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and --bn-statistics {job.bn_statistics} "
+        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and bn_statistics {job.bn_statistics} "
                           "would estimate statistics on its training images outside the accounting")
     if dp_sgd.private:
         per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
