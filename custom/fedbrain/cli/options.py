@@ -352,10 +352,10 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                    help="client-level DP (needs hundreds of sites; see --dp-epsilon): L2 clip of each whole update")
     g.add_argument("--dp-noise", type=NON_NEGATIVE, default=0.0, help="client-level DP: noise multiplier")
     g.add_argument("--no-cross-site-eval", action="store_true")
-    g.add_argument("--secure-aggregation", action="store_true",
+    g.add_argument("--secure-aggregation", action=argparse.BooleanOptionalAction, default=None,
                    help="pairwise-masked secure aggregation: each site masks its weighted update with secrets it "
-                        "shares with the other sites, so the server sees only the sum (needs every site every round "
-                        "and --no-cross-site-eval; keys come with the sites' kits)")
+                        "shares with the other sites, so the server sees only the sum (default: on with 3 or more "
+                        "sites, fedavg/fedprox, sample weighting and every site every round)")
     g.add_argument("--tracking", choices=["mlflow"], default=None,
                    help="also stream every site's round metrics to MLflow through NVFlare's experiment tracking "
                         "(pip install 'fedbrain[mlflow]'); JSONL and TensorBoard are always written")
@@ -467,7 +467,7 @@ def job_settings(args: argparse.Namespace, fed=None):
             fedprox_mu=args.fedprox_mu, min_clients=args.min_clients,
             threads_per_site=args.threads_per_site, dp_clip=args.dp_clip, dp_noise=args.dp_noise,
             cross_site_eval=not args.no_cross_site_eval,
-            secure_aggregation=getattr(args, "secure_aggregation", False),
+            secure_aggregation=getattr(args, "secure_aggregation", None),
             tracking=getattr(args, "tracking", None) or "",
             tracking_uri=getattr(args, "tracking_uri", None) or "",
             pretrained=pretrained_flag(args), finetune=args.finetune, **distillation_settings(args),
