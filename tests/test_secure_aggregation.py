@@ -202,6 +202,22 @@ def test_a_forged_public_key_is_refused_where_sites_have_certificates(tmp_path):
         verify_announcement("c", keys["b"], root)  # b's certificate cannot vouch for c
 
 
+def test_nvflare_kits_sign_the_sites_public_keys_and_another_projects_kit_cannot(tmp_path):
+    """Keys bound to the site's NVFlare identity: a server that relays a key signed by a kit of another project
+    (its own CA, a client of the same name) is refused."""
+    from fedbrain.fl import deploy as d
+
+    names = ["hospital-a", "hospital-b", "hospital-c"]
+    kits = d.provision(d.ProjectSpec(sites=names), tmp_path / "ours").clients
+    theirs = d.provision(d.ProjectSpec(sites=["hospital-b"]), tmp_path / "theirs").clients
+    maskers = {s: SiteMasker(s, tmp_path / s, kits[s] / "startup") for s in names}
+    keys = {s: m.announcement() for s, m in maskers.items()}
+    assert maskers["hospital-a"].mask({"w": np.zeros(3)}, 1.0, "job-1", 0, keys)
+    impostor = SiteMasker("hospital-b", tmp_path / "impostor", theirs["hospital-b"] / "startup").announcement()
+    with pytest.raises(SecureAggregationError, match="not signed"):
+        maskers["hospital-c"].mask({"w": np.zeros(3)}, 1.0, "job-1", 0, dict(keys, **{"hospital-b": impostor}))
+
+
 def test_secure_aggregation_is_on_by_default_with_three_sites_where_the_job_allows_it():
     assert secure_aggregation_on(JobSettings.create("fedavg"), 3)
     assert not secure_aggregation_on(JobSettings.create("fedavg"), 2)
