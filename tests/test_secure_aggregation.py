@@ -88,6 +88,12 @@ def test_a_site_refuses_to_mask_a_repeated_or_passed_round(tmp_path):
     with pytest.raises(SecureAggregationError, match="already masked"):
         SiteMasker("a", tmp_path / "a").mask(deltas["a"], 1.0, "job-1", 4, keys)
     maskers["a"].mask(deltas["a"], 1.0, "job-1", 5, keys)  # the next round is fine
+    # only where the server is trusted (no certificates: the simulator, every job "simulate_job") does its session
+    # tell two executions apart; a deployed site binds to the NVFlare job id alone
+    assert maskers["a"].job_identity("simulate_job", "s1") != maskers["a"].job_identity("simulate_job", "s2")
+    deployed = SiteMasker("a", tmp_path / "a")
+    deployed.kit = tmp_path  # as if it had a kit with certificates
+    assert deployed.job_identity("job-1", "s1") == deployed.job_identity("job-1", "s2") == "job-1"
 
 
 def test_a_nan_update_is_refused_at_the_site_before_masking(tmp_path):

@@ -30,6 +30,7 @@ CANARY_SIZE = 4
 KEY_EXCHANGE = "secagg_key_exchange"  # the server's meta flag: "send your public key" (before round 0)
 PUBLIC_KEYS = "secagg_public_keys"  # the server's meta: every site's announcement (public key, signature, cert)
 REFUSED = "secagg_refused"  # a site's meta: why it sent no masked update this round
+SESSION = "secagg_session"  # the server's meta: one execution of a job (heeded only where the server is trusted)
 KEY_FILE = "secagg_private_key.json"  # in the site's key folder (0600)
 LEDGER_FILE = "secagg_ledger.json"  # the (job, round)s this site has masked
 KEY_DIR_ENV = "FEDBRAIN_SECAGG_DIR"  # a site's key folder, where its admin wants it
@@ -233,6 +234,11 @@ class SiteMasker:
         self._secrets, self._peers_seen = secrets, announcements
         return secrets
 
+    def job_identity(self, job_id: str, session: str | None) -> str:
+        """What masks and the ledger bind to: the NVFlare job id; without certificates (the simulator, whose jobs
+        are all "simulate_job" and whose server is trusted anyway) also the server's session of this execution."""
+        return f"{job_id}/{session}" if self.kit is None and session else job_id
+
     def claim_round(self, job_id: str, round_: int) -> None:
         """The ledger: refuse a (job, round) already masked or a round at or below one this site has passed."""
         path = self.folder / LEDGER_FILE
@@ -279,6 +285,6 @@ def site_key_folder(site: str, kit_root: Path | None, simulated: Path | None) ->
                                  f"(set ${KEY_DIR_ENV})")
 
 
-__all__ = ["FRACTION_BITS", "CANARY", "KEY_EXCHANGE", "PUBLIC_KEYS", "REFUSED", "SecureAggregationError",
+__all__ = ["FRACTION_BITS", "CANARY", "KEY_EXCHANGE", "PUBLIC_KEYS", "REFUSED", "SESSION", "SecureAggregationError",
            "SiteMasker", "secure_aggregation_on", "site_key_folder", "verify_announcement", "check_unmasked",
            "add_masked", "quantise", "dequantise", "mask_key", "mask_stream", "per_site_limit"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
@@ -32,7 +33,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
 from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
-from fedbrain.secagg import KEY_EXCHANGE, PUBLIC_KEYS, REFUSED
+from fedbrain.secagg import KEY_EXCHANGE, PUBLIC_KEYS, REFUSED, SESSION
 from fedbrain.status import now_iso
 
 PROGRESS_GROUP = "fedbrain"  # the admin API's show_stats group holding progress()
@@ -116,6 +117,7 @@ class FedbrainController(FedAvg):
             data.meta[NUM_SITES] = self.num_sites
             if self._public_keys is not None:
                 data.meta[PUBLIC_KEYS] = self._public_keys
+                data.meta[SESSION] = self._session
         if data is not None and self._class_counts:  # the federation's pooled label counts (class_balance)
             data.meta[CLASS_COUNTS] = [float(sum(c[k] for c in self._class_counts.values()))
                                        for k in range(len(next(iter(self._class_counts.values()))))]
@@ -190,6 +192,7 @@ class FedbrainController(FedAvg):
     def _exchange_keys(self) -> bool:
         """Secure aggregation, before round 0: every site's public key, to be sent to all with each round."""
         results = self.send_model_and_wait(task_name=self.task_name, data=FLModel(params={}, meta={KEY_EXCHANGE: True}))
+        self._session = uuid.uuid4().hex  # tells apart two executions of a simulator job (they share its job id)
         keys = {}
         for r in results or []:
             ann = (r.meta or {}).get(PUBLIC_KEYS)

@@ -38,7 +38,15 @@ from fedbrain.fl.privacy import PUBLIC_DP_KEYS, DPConfig, privatize_update, weig
 from fedbrain.input_check import feature_histograms
 from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file, privacy_ledger
-from fedbrain.secagg import KEY_EXCHANGE, PUBLIC_KEYS, REFUSED, SecureAggregationError, SiteMasker, site_key_folder
+from fedbrain.secagg import (
+    KEY_EXCHANGE,
+    PUBLIC_KEYS,
+    REFUSED,
+    SESSION,
+    SecureAggregationError,
+    SiteMasker,
+    site_key_folder,
+)
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
@@ -309,9 +317,10 @@ def main(argv: list[str] | None = None) -> None:
                       for k, v in params.items()}
         if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
             delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
+            job_id = secure.job_identity(flare.get_job_id(), meta_in.get(SESSION))
             try:
-                params = {k: torch.from_numpy(v) for k, v in secure.mask(
-                    delta, float(len(data.splits["train"])), flare.get_job_id(), rnd, meta_in.get(PUBLIC_KEYS)).items()}
+                masked = secure.mask(delta, float(len(data.splits["train"])), job_id, rnd, meta_in.get(PUBLIC_KEYS))
+                params = {k: torch.from_numpy(v) for k, v in masked.items()}
             except SecureAggregationError as exc:  # refused here: the round goes on without this site
                 print(f"{site}: round {rnd}: {exc}", file=sys.stderr)
                 flare.send(flare.FLModel(params={}, meta={REFUSED: str(exc), FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0}))
