@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from fedbrain.checkpoint import load_checkpoint
+from fedbrain.fl.metrics import SECURE_META
 from fedbrain.fl.privacy import DPConfig, epsilon_after, privatize_update
 from fedbrain.models import create_model
 from fedbrain.runs import read_metrics
+from fedbrain.secagg import CANARY, CANARY_SIZE
 from fedbrain.settings import FEDERATED_MODEL
 
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
@@ -45,9 +47,9 @@ def test_sites_send_only_weights_counts_and_scalar_metrics(sim_run):
     audit = [json.loads(line) for line in (sim_run / "server_audit.jsonl").read_text().splitlines()]
     assert len(audit) == 2 * len(SITES)  # 2 rounds x 3 sites
     own = create_model(FEDERATED_MODEL).state_dict()
-    expected = {k: list(v.shape) for k, v in own.items()}
+    expected = {k: list(v.shape) for k, v in own.items()} | {CANARY: [CANARY_SIZE]}  # secure aggregation (default)
     allowed_meta = {"NUM_STEPS_CURRENT_ROUND", "num_samples", "client_name", "current_round", "job_id",
-                    "initial_metrics", "site_name", "props"}
+                    "initial_metrics", "site_name", "props", SECURE_META}
     for row in audit:
         assert row["rejected"] is None
         assert set(row["params"]) == set(expected)
@@ -221,8 +223,8 @@ def test_with_dp_only_the_privatised_update_counts_and_validation_scalars_leave_
     from fedbrain.runs import RunDir
 
     rc = main(["simulate", "--set", "data.max_images_per_site=30", "--rounds", "2", "--set", "dp_clip=1",
-               "--set", "dp_noise=1",
-               "--workspace", str(tmp_path)])
+               "--set", "dp_noise=1", "--set", "secure_aggregation=false",
+               "--workspace", str(tmp_path)])  # sites then submit their own models
     assert rc == 0
     run = next(d for d in tmp_path.iterdir() if (d / "config.json").is_file())
     audit = [json.loads(line) for line in (run / "server_audit.jsonl").read_text().splitlines()]

@@ -158,8 +158,8 @@ class RunDir:
         return self.site_log_dir(site) / "local" / SITE_POLICY_FILE
 
     def site_keys(self, site: str) -> Path:
-        """A simulated hospital's secure-aggregation keys (its kit's ``local/fedbrain_secagg.json``)."""
-        return self.site_log_dir(site) / "local" / SITE_KEYS_FILE
+        """A simulated hospital's own secure-aggregation folder: the private key it made and its ledger."""
+        return self.site_log_dir(site) / "secagg"
 
     def site_privacy_ledger(self, site: str) -> Path:
         return privacy_ledger(self.site_log_dir(site))
@@ -275,7 +275,6 @@ class RunDir:
 
 CHECKPOINTS = "checkpoints"
 SITE_POLICY_FILE = "fedbrain_privacy.json"  # a site's own privacy policy, in its workspace's local/ folder
-SITE_KEYS_FILE = "fedbrain_secagg.json"  # a site's secure-aggregation keys, in its workspace's local/ folder
 COMPRESSION = "compression"
 BENCH_MODELS = "bench_models.json"
 # the server writes these into its checkpoint folder (a run's checkpoints/rounds/, or its own job folder)

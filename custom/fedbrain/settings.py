@@ -116,8 +116,9 @@ class JobSettings:
     dp_max_grad_norm: float = DPSGDConfig.max_grad_norm
     dp_sample_rate: float = DPSGDConfig.sample_rate
     cross_site_eval: bool = True
-    # pairwise-masked secure aggregation (fedbrain.secagg): the server sees only the sum of the sites' updates
-    secure_aggregation: bool = False
+    # pairwise-masked secure aggregation (fedbrain.secagg): the server sees only the sum of the sites' updates;
+    # None: on with 3 or more sites where the job allows it (fedbrain.secagg.secure_aggregation_on)
+    secure_aggregation: bool | None = None
     tracking: str = ""  # "mlflow": sites stream their round metrics to the server's MLflow receiver (NVFlare)
     tracking_uri: str = ""  # the MLflow tracking URI (default: a SQLite store in the run / server job folder)
     initial_checkpoint: str | None = None  # a plain {"model": state_dict} file NVFlare starts from
@@ -161,9 +162,6 @@ class JobSettings:
     def check_server_settings(self) -> None:
         """Checks of the fields only the server holds (a site rebuilds its settings without them)."""
         if self.secure_aggregation:
-            if self.cross_site_eval:
-                raise ValueError("secure aggregation hides each site's update from the server, and cross-site "
-                                 "evaluation would send it each site's model: set cross_site_eval = false")
             if self.algorithm == "scaffold":
                 raise ValueError("secure aggregation does not mask SCAFFOLD's control variates: use fedavg or fedprox")
             if self.site_weighting != "samples":

@@ -170,7 +170,8 @@ def cmd_bench_secure_aggregation(args: argparse.Namespace) -> int:
     print(f"  bytes / site / round plain {p['bytes_per_site_round']:>10,}   secure {s['bytes_per_site_round']:>10,}   "
           f"ratio {res['bytes_ratio']:.2f}  (weights as {'/'.join(p['dtypes'])} vs {'/'.join(s['dtypes'])})")
     print(f"  masking one update       {res['mask_ms_per_site_round']:8.1f} ms per site and round "
-          f"({len(fed.sites) - 1} peer mask streams)")
+          f"({len(fed.sites) - 1} peer mask streams; {100 * res['mask_share_of_round']:.2f} % of a round's "
+          f"{res['round_wall_s']:.1f} s)")
     print(f"  max |difference| between the two global models after the last round: {res['max_abs_difference']:.3g} "
           f"(plain against plain with {settings.threads_per_site or 1}+1 threads per site, another float summation "
           f"order: {res['float_floor']:.3g})")

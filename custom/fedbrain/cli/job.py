@@ -59,10 +59,6 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
     run = RunDir(Path(args.run_dir or Path(args.workspace) / f"{algorithm}-job").resolve())
     fed.write(run.root)
     save_config(args, run)
-    if settings.secure_aggregation and args.env == "poc":
-        from fedbrain.fl.simulate import ensure_site_keys
-
-        ensure_site_keys(run, list(fed.sites))  # POC's sites share this machine (prod: keys come with the kits)
     recipe = build_recipe(settings, list(fed.sites), run.split_files(list(fed.sites)), run_dir=str(run))
     if args.export_to:
         recipe.export(args.export_to)

@@ -150,6 +150,10 @@ class ValidatingAggregator(ModelAggregator):
 
     def _reason(self, model: FLModel) -> tuple[float | None, str | None]:
         shapes = {k: tuple(v.shape) for k, v in self.reference.items()} if self.reference else None
+        if shapes is not None and self.secure_sites is not None:
+            from fedbrain.secagg import CANARY, CANARY_SIZE
+
+            shapes[CANARY] = (CANARY_SIZE,)  # every masked update carries the canary
         reason = check_update(model.params, shapes)
         if reason:
             return None, reason
@@ -254,16 +258,20 @@ class ValidatingAggregator(ModelAggregator):
 
     def _unmasked_mean(self) -> FLModel:
         """Secure aggregation: once every site is in, the masks cancel; the mean update joins the global model."""
-        from fedbrain.secagg import dequantise
+        from fedbrain.secagg import SecureAggregationError, check_unmasked
 
         present = sorted(s["site"] for s in self._sites)
-        if present != self.secure_sites:
+        if present != self.secure_sites:  # abandoned: the next round has a new number, so new masks
             missing = sorted(set(self.secure_sites) - set(present))
             return self._unchanged(f"secure aggregation needs every site's masked update; missing {missing}")
+        try:
+            sums = check_unmasked(self._masked, len(present))
+        except SecureAggregationError as exc:
+            return self._unchanged(str(exc))
         ref = self.reference or {}
         params = {}
-        for k, total in self._masked.items():
-            mean = dequantise(total) / self._total
+        for k, total in sums.items():
+            mean = total / self._total
             v = ref[k].astype(np.float64) + mean if k in ref else mean
             dtype = ref[k].dtype if k in ref else np.float32
             params[k] = (np.rint(v) if np.dtype(dtype).kind in "iub" else v).astype(dtype)
@@ -294,12 +302,17 @@ class ValidatingAggregator(ModelAggregator):
         self.reset_stats()
         return FLModel(params=params, params_type=ParamsType.FULL, metrics=None, meta={"unchanged": why})
 
+    def refused(self, site: str, why: str) -> None:
+        """A site that refused to mask this round (secure aggregation): logged; the round then misses it."""
+        self.rejected.append({"site": site, "round": self.round, "reason": f"the site refused: {why}"})
+        self.error(f"{site} sent no update in round {self.round}: {why}")
+
     def aggregate_model(self) -> FLModel:
         with np.errstate(over="ignore", invalid="ignore"):
             return self._aggregate()
 
     def _aggregate(self) -> FLModel:
-        if self.secure_sites is not None and self._sites:
+        if self.secure_sites is not None and (self._sites or self.reference is not None):
             return self._unmasked_mean()
         if not self._sites and self._spent and self.reference is not None:
             return self._unchanged(f"no site can train any more: the privacy budget of {sorted(self._spent)} is spent")

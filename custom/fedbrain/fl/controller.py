@@ -12,6 +12,8 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
   :mod:`fedbrain.fl.metrics`) is written to ``checkpoint_dir/best.pt``;
 - SCAFFOLD: the global control variates go out with the model and are updated from the validated,
   aggregated control differences (scaled by the share of sites that answered);
+- secure aggregation: before round 0 every site sends its public key (signed with its kit key where it has one)
+  and the set goes to every site with each round's model; a site that refuses to mask a round is logged;
 - ``checkpoint_dir/progress.json`` says, after every round, which round finished, out of how many, when each
   site last answered, and whether the job stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
   after the round in flight, keeping every model written so far.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 
 import numpy as np
 from nvflare.app_common.abstract.fl_model import FLModel
@@ -30,6 +33,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
 from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
+from fedbrain.secagg import KEY_EXCHANGE, PUBLIC_KEYS, REFUSED, SESSION
 from fedbrain.status import now_iso
 
 PROGRESS_GROUP = "fedbrain"  # the admin API's show_stats group holding progress()
@@ -58,8 +62,10 @@ class FedbrainController(FedAvg):
                  scaffold: bool = False, num_sites: int = 0, initial_control: str = "", server_lr: float = 1.0,
                  server_momentum: float = 0.0, server_optimizer: str = "sgd", server_eps: float = 1e-6,
                  server_cosine: bool = False, server_bn_momentum: float | None = None, stop_file: str = "",
-                 **kwargs):
+                 secure_aggregation: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.secure_aggregation = secure_aggregation
+        self._public_keys: dict[str, dict] | None = None  # secure aggregation: each site's announcement
         self.stop_file = stop_file
         self._contacts: dict[str, dict] = {}  # site -> {"last_contact": iso time, "last_round": r}
         self._stopped_early = False
@@ -109,6 +115,9 @@ class FedbrainController(FedAvg):
         if data is not None:
             data.meta = data.meta or {}
             data.meta[NUM_SITES] = self.num_sites
+            if self._public_keys is not None:
+                data.meta[PUBLIC_KEYS] = self._public_keys
+                data.meta[SESSION] = self._session
         if data is not None and self._class_counts:  # the federation's pooled label counts (class_balance)
             data.meta[CLASS_COUNTS] = [float(sum(c[k] for c in self._class_counts.values()))
                                        for k in range(len(next(iter(self._class_counts.values()))))]
@@ -175,8 +184,34 @@ class FedbrainController(FedAvg):
 
     # -------------------------------------------------------------- receiving, stopping
 
+    def run(self) -> None:
+        if self.secure_aggregation and not self._exchange_keys():
+            return
+        super().run()
+
+    def _exchange_keys(self) -> bool:
+        """Secure aggregation, before round 0: every site's public key, to be sent to all with each round."""
+        results = self.send_model_and_wait(task_name=self.task_name, data=FLModel(params={}, meta={KEY_EXCHANGE: True}))
+        self._session = uuid.uuid4().hex  # tells apart two executions of a simulator job (they share its job id)
+        keys = {}
+        for r in results or []:
+            ann = (r.meta or {}).get(PUBLIC_KEYS)
+            if isinstance(ann, dict) and isinstance(ann.get("public_key"), str):
+                keys[str(_get_client_name(r))] = {k: str(ann.get(k) or "") for k in ("public_key", "signature",
+                                                                                    "certificate")}
+        if len(keys) < self.num_sites:
+            self.system_panic(f"secure aggregation: only {sorted(keys)} sent a public key, of {self.num_sites} "
+                              "sites: the job stops before round 0", self.fl_ctx)
+            return False
+        self._public_keys = keys
+        self.info(f"secure aggregation: public keys of {sorted(keys)} exchanged")
+        return True
+
     def _aggregate_one_result(self, result: FLModel) -> bool:
         self._contacts[str(_get_client_name(result))] = {"last_contact": now_iso(), "last_round": self.current_round}
+        refused = (result.meta or {}).get(REFUSED)
+        if refused and not result.params and hasattr(self.aggregator, "refused"):
+            self.aggregator.refused(str(_get_client_name(result)), str(refused))
         return super()._aggregate_one_result(result)
 
     def stop_requested(self) -> bool:

@@ -238,16 +238,14 @@ POLICY_TEMPLATE = {"dp_epsilon": 0, "dp_delta": 1e-5,
 
 
 def write_site_privacy_files(kits: Kits) -> None:
-    """Into each site kit's ``local/``: its secure-aggregation keys (its private key and every site's public key;
-    the server's kit gets none), a privacy policy for its admin to set (off until edited), and NVFlare's
-    ``privacy.json`` whose default scope runs that policy as a filter on every task result."""
+    """Into each site kit's ``local/``: a privacy policy for its admin to set (off until edited), and NVFlare's
+    ``privacy.json`` whose default scope runs that policy as a filter on every task result. No secure-aggregation
+    key: each site makes its own on first use (fedbrain.secagg), beside its kit."""
     from fedbrain.fl.policy_filter import PRIVACY_JSON
-    from fedbrain.runs import SITE_KEYS_FILE, SITE_POLICY_FILE
-    from fedbrain.secagg import provision_keys
+    from fedbrain.runs import SITE_POLICY_FILE
 
-    for site, keys in provision_keys(sorted(kits.clients)).items():
+    for site in sorted(kits.clients):
         local = kits.clients[site] / "local"
-        keys.write(local / SITE_KEYS_FILE)
         # NVFlare's site privacy scope: the policy filter sees every result of every job before it leaves
         (local / "privacy.json").write_text(json.dumps(PRIVACY_JSON, indent=1))
         policy = local / SITE_POLICY_FILE

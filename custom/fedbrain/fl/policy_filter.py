@@ -20,6 +20,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from fedbrain.fl.policy import POLICY_FILE, SitePolicy, check_outgoing
+from fedbrain.secagg import PUBLIC_KEYS, REFUSED
 
 TRAINING_SCALARS = re.compile(r"^(train_loss$|profile_)")  # computed from training images, beyond the counts
 UNCHECKED_TASKS = ("submit_model", "validate")  # results that are not a new training update
@@ -58,7 +59,8 @@ class SitePolicyFilter(Filter):
         if dxo.data_kind == DataKind.METRICS:
             dxo.data = {k: v for k, v in (dxo.data or {}).items() if not TRAINING_SCALARS.match(k)}
             return dxo.update_shareable(shareable)
-        if task not in UNCHECKED_TASKS:
+        key_exchange = not dxo.data and (PUBLIC_KEYS in dxo.meta or REFUSED in dxo.meta)  # no weights at all
+        if task not in UNCHECKED_TASKS and not key_exchange:
             check_outgoing(policy, dxo.meta)  # raises: NVFlare then sends a filter error, not the result
         metrics = dxo.meta.get(MetaKey.INITIAL_METRICS)
         if isinstance(metrics, dict):

@@ -128,6 +128,9 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
 
     if s.algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {s.algorithm!r}; choose one of {ALGORITHMS}")
+    from fedbrain.secagg import secure_aggregation_on
+
+    s.secure_aggregation = secure_aggregation_on(s, len(sites))  # the one rule (None: on with 3 or more sites)
     s.check_server_settings()
     model = {"class_path": f"{RegistryModel.__module__}.RegistryModel",
              "args": {"name": s.model, "num_classes": 4, "seed": s.train.seed}}
@@ -145,6 +148,7 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
         "server_eps": s.server_eps, "server_cosine": s.lr_schedule == "cosine",
         "server_bn_momentum": s.server_bn_momentum if s.bn_statistics == "renorm" else None,
         "stop_file": str(run.stop_request) if run else "",
+        "secure_aggregation": s.secure_aggregation,
     }
     from fedbrain.fl.aggregator import ValidatingAggregator
 
@@ -174,9 +178,28 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
     recipe._job._deploy_map["server"].add_params({"server": {"task_request_interval": TASK_REQUEST_INTERVAL_S}})
     if s.cross_site_eval:
         add_cross_site_evaluation(recipe)
+        if s.secure_aggregation:  # the sites' own models stay home: every site evaluates the global model only
+            global_model_evaluation_only(recipe)
     if s.tracking == "mlflow":
         add_mlflow_tracking(recipe, s, run)
     return recipe
+
+
+def global_model_evaluation_only(recipe) -> None:
+    """Cross-site evaluation without the submit-model task: no site's local model is asked for or sent."""
+    from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
+
+    found = [c for c in _server_components(recipe._job) if isinstance(c, CrossSiteModelEval)]
+    if not found:
+        raise RuntimeError("no cross-site evaluation workflow in the recipe to restrict")
+    for workflow in found:
+        workflow._submit_model_task_name = ""
+
+
+def _server_components(job) -> list:
+    app = job._deploy_map["server"]
+    app = getattr(app, "app_config", app)
+    return [getattr(w, "controller", w) for w in getattr(app, "workflows", [])]
 
 
 def mlflow_tracking_uri(s: JobSettings, run=None) -> str:

@@ -233,17 +233,6 @@ def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
     return out
 
 
-def ensure_site_keys(run: RunDir, sites: list[str]) -> None:
-    """Secure aggregation on one machine (simulator, POC): the simulated hospitals' keys in their run folders
-    (what ``fedbrain provision`` puts in real kits; the server gets none)."""
-    if all(run.site_keys(s).is_file() for s in sites):
-        return
-    from fedbrain.secagg import provision_keys
-
-    for site, keys in provision_keys(sites).items():
-        keys.write(run.site_keys(site))
-
-
 def privacy_record(rows: list[dict], up_to_round: int) -> dict:
     """The DP guarantee of the global model of ``up_to_round``: each site's mechanism, δ and the ε it had spent by
     then (from the sites' logs); {} without DP."""
@@ -425,8 +414,9 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
         shutil.copyfile(settings.distil_from, run.teacher)  # the run keeps the teacher it learned from
         settings.distil_from = str(run.teacher)
     sites = list(fed.sites)
-    if settings.secure_aggregation:
-        ensure_site_keys(run, sites)
+    from fedbrain.secagg import secure_aggregation_on
+
+    settings.secure_aggregation = secure_aggregation_on(settings, len(sites))  # each site makes its own key
     if settings.threads_per_site is None:
         settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
     run.write_config(kind="federated", algorithm=settings.algorithm, model=settings.model,

@@ -33,11 +33,20 @@ from fedbrain.fl.metrics import (
     site_batch_size,
     validation_counts,
 )
-from fedbrain.fl.policy import PolicyError, check_outgoing, find_policy, site_workspace_policy
+from fedbrain.fl.policy import PolicyError, check_outgoing, find_policy
 from fedbrain.fl.privacy import PUBLIC_DP_KEYS, DPConfig, privatize_update, weights_digest
 from fedbrain.input_check import feature_histograms
 from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
-from fedbrain.runs import SITE_KEYS_FILE, RunDir, append_jsonl, flat_scalars, metrics_file, privacy_ledger
+from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file, privacy_ledger
+from fedbrain.secagg import (
+    KEY_EXCHANGE,
+    PUBLIC_KEYS,
+    REFUSED,
+    SESSION,
+    SecureAggregationError,
+    SiteMasker,
+    site_key_folder,
+)
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
@@ -88,6 +97,15 @@ def bn_initialised(model: torch.nn.Module) -> bool:
 def lr_factor(job: JobSettings, rnd: int) -> float:
     """The local lr's scale in round ``rnd``: 1, or one cosine over the job's planned rounds."""
     return cosine_scale(rnd, job.start_round, job.rounds) if job.lr_schedule == "cosine" else 1.0
+
+
+def secure_masker(site: str, run: RunDir | None) -> SiteMasker:
+    """This site's secure aggregation: its key folder (beside a deployed kit, else its folder under the run) and
+    its kit's certificates when it has them."""
+    kit = next((d for d in [Path.cwd(), *Path.cwd().parents] if (d / "startup").is_dir()), None)
+    folder = site_key_folder(site, kit if kit is not None and (kit / "startup" / "client.key").is_file() else None,
+                             run.site_keys(site) if run else None)
+    return SiteMasker(site, folder, kit / "startup" if kit is not None else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,19 +163,7 @@ def main(argv: list[str] | None = None) -> None:
               f"steps: noise multiplier {private.noise_multiplier:.3f}"
               + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
     private_any = dp.enabled or private is not None  # under any DP, training-data scalars stay home
-    secure = None  # secure aggregation: this site's keys (its kit's local/ folder) and the secrets it shares
-    if job.secure_aggregation:
-        from fedbrain.secagg import SecureAggregationError, SiteKeys, pair_secrets
-
-        found = site_workspace_policy(Path(__file__).parent, SITE_KEYS_FILE) or \
-            site_workspace_policy(Path.cwd(), SITE_KEYS_FILE) or (run.site_keys(site) if run else None)
-        if found is None or not found.is_file():
-            raise SecureAggregationError(f"{site}: this job aggregates securely and the site has no keys (local/"
-                                         f"{SITE_KEYS_FILE} of its kit: fedbrain provision --secure-aggregation)")
-        keys = SiteKeys.read(found)
-        if keys.site != site:
-            raise SecureAggregationError(f"{found} holds the keys of {keys.site!r}, not of {site!r}")
-        secure = (keys, pair_secrets(keys))
+    secure = secure_masker(site, run) if job.secure_aggregation else None  # this site's own key and ledger
     scaffold = None
     if job.algorithm == "scaffold":
         from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
@@ -188,6 +194,11 @@ def main(argv: list[str] | None = None) -> None:
             break
         rnd = int(input_model.current_round or 0)
         meta_in = input_model.meta or {}
+        if meta_in.get(KEY_EXCHANGE) or (secure is not None and flare.is_submit_model()):
+            # secure aggregation: only this site's public key leaves, never its own model
+            flare.send(flare.FLModel(params={}, meta={PUBLIC_KEYS: secure.announcement()} if secure is not None
+                                     and meta_in.get(KEY_EXCHANGE) else {REFUSED: "secure aggregation"}))
+            continue
         if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
             # what the site already released (privatised under DP), never the unclipped local weights; a site
             # that never trained sends the global model it holds
@@ -305,11 +316,15 @@ def main(argv: list[str] | None = None) -> None:
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
         if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
-            from fedbrain.secagg import mask_update
-
             delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
-            params = {k: torch.from_numpy(v) for k, v in mask_update(delta, float(len(data.splits["train"])),
-                                                                     secure[0], rnd, secure[1]).items()}
+            job_id = secure.job_identity(flare.get_job_id(), meta_in.get(SESSION))
+            try:
+                masked = secure.mask(delta, float(len(data.splits["train"])), job_id, rnd, meta_in.get(PUBLIC_KEYS))
+                params = {k: torch.from_numpy(v) for k, v in masked.items()}
+            except SecureAggregationError as exc:  # refused here: the round goes on without this site
+                print(f"{site}: round {rnd}: {exc}", file=sys.stderr)
+                flare.send(flare.FLModel(params={}, meta={REFUSED: str(exc), FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0}))
+                continue
             meta[SECURE_META] = True
         metrics = {"val_score": headline(val) if val else float("nan"),
                    **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
