@@ -14,6 +14,7 @@ from fedbrain.cli.main import main
 from fedbrain.data.dataset import PoissonLoader
 from fedbrain.dp import DPSGDConfig, PrivacyBudgetError, PrivateTraining, epsilon_spent, noise_multiplier_for
 from fedbrain.fl.policy import PolicyError, SitePolicy, check_outgoing, find_policy
+from fedbrain.fl.privacy import weights_digest
 from fedbrain.models import create_model, default_preprocessing
 from fedbrain.training import TrainConfig, make_optimizer, train_epochs
 
@@ -339,6 +340,9 @@ def test_the_policy_filter_refuses_results_without_dp_and_strips_training_scalar
         flt.process(_result({}, metrics), _ctx("train"))
     with pytest.raises(PolicyError, match="allows ε ≤ 3"):
         flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 5.0}, metrics), _ctx("train"))
+    with pytest.raises(PolicyError, match="not an update this site's DP mechanism produced"):
+        flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 2.0}, metrics), _ctx("train"))
+    SitePolicy.read(policy).ledger("").record_release(weights_digest({"w": np.zeros(2, np.float32)}))
     ok = flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 2.0}, metrics), _ctx("train"))
     assert from_shareable(ok).meta[MetaKey.INITIAL_METRICS] == {"val_score": 0.5, "train_count_0": 7}
     flt.process(_result({}, {}), _ctx("submit_model"))  # the model a site already released, sent again
