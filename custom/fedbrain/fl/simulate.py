@@ -255,7 +255,11 @@ def privacy_record(rows: list[dict], up_to_round: int) -> dict:
     return {"mechanism": sorted({s["mechanism"] for s in spent.values()}),
             "delta": max(s["delta"] or 0 for s in spent.values()),
             "epsilon_per_site": {site: round(s["final_epsilon"], 4) for site, s in spent.items()},
-            "budget_per_site": {site: s["budget"] for site, s in spent.items()}}
+            "budget_per_site": {site: s["budget"] for site, s in spent.items()},
+            # what each site spent over all its jobs (its own ledger), and per patient by group privacy
+            **{f"{key}_per_site": {site: s[key] for site, s in spent.items() if key in s}
+               for key in ("site_epsilon", "patient_epsilon", "patient_delta", "slices_per_patient")
+               if any(key in s for s in spent.values())}}
 
 
 def cross_site_matrix(nv_root: Path) -> dict | None:
