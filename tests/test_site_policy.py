@@ -269,3 +269,16 @@ def test_a_model_card_asking_for_huge_layers_is_refused_before_allocating(tmp_pa
                                                            "out_features": MAX_MODEL_NUMBERS // 10 ** 6 + 1}}})
     with pytest.raises(CheckpointError, match="refused before allocating"):
         grown.build_model()  # a "pruned" card that grows a layer
+
+
+def test_the_audit_and_the_privacy_page_show_the_sites_total_and_per_patient_epsilon():
+    from fedbrain.dashboard.readers import membership_table
+    from fedbrain.privacy_audit import privacy_spent
+
+    rows = [{"site": "h", "split": "train", "round": r, "dp_mechanism": "dp-sgd", "dp_epsilon": e,
+             "dp_site_epsilon": e + 4, "dp_patient_epsilon": 13 * e, "dp_slices_per_patient": 13}
+            for r, e in ((0, 0.5), (1, 1.0))]
+    spent = privacy_spent(rows)["h"]
+    assert (spent["final_epsilon"], spent["site_epsilon"], spent["patient_epsilon"]) == (1.0, 5.0, 13.0)
+    table = membership_table({"privacy": {"h": spent}, "membership": {"sites": {"h": {"skipped": "-"}}}})
+    assert table.loc[0, ["ε site (all jobs)", "ε per patient", "slices per patient"]].tolist() == [5.0, 13.0, 13]
