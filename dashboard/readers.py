@@ -563,7 +563,8 @@ def privacy_curves(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty or "dp_epsilon" not in df.columns:
         return pd.DataFrame()
     rows = df[(df.get("split") == "train") & df["dp_epsilon"].notna()]
-    cols = [c for c in ("round", "site", "dp_epsilon", "dp_epsilon_budget", "dp_mechanism", "dp_delta")
+    cols = [c for c in ("round", "site", "dp_epsilon", "dp_epsilon_budget", "dp_mechanism", "dp_delta",
+                        "dp_site_epsilon", "dp_patient_epsilon", "dp_slices_per_patient")
             if c in rows.columns]
     return rows[cols].sort_values(["site", "round"]).reset_index(drop=True)
 
@@ -587,6 +588,11 @@ def membership_table(audit: dict) -> pd.DataFrame:
         eps = (spent.get(site) or {}).get("final_epsilon")
         row = {"site": site, "ε spent": "no DP" if eps is None and site != "all sites" else
                (None if eps is None else round(eps, 2))}
+        own = spent.get(site) or {}
+        if "patient_epsilon" in own:  # the site's spend over all its jobs, and per patient (group privacy)
+            row.update({"ε site (all jobs)": round(own.get("site_epsilon", eps), 2),
+                        "ε per patient": round(own["patient_epsilon"], 2),
+                        "slices per patient": int(own["slices_per_patient"])})
         if "auroc" in m:
             ci = m.get("auroc_ci") or [None, None]
             row.update({"attack AUROC": round(m["auroc"], 3),

@@ -14,7 +14,9 @@ from fedbrain.cli.main import main
 from fedbrain.data.dataset import PoissonLoader
 from fedbrain.dp import DPSGDConfig, PrivacyBudgetError, PrivateTraining, epsilon_spent, noise_multiplier_for
 from fedbrain.fl.policy import PolicyError, SitePolicy, check_outgoing, find_policy
+from fedbrain.fl.privacy import weights_digest
 from fedbrain.models import create_model, default_preprocessing
+from fedbrain.settings import JobSettings
 from fedbrain.training import TrainConfig, make_optimizer, train_epochs
 
 
@@ -248,7 +250,10 @@ def test_dp_sgd_federation_end_to_end_with_a_stricter_site_audit_and_privacy_pag
         assert rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] <= budget * (1 + 1e-9)
         assert rows[1]["dp_epsilon"] > 0.9 * budget  # the planned rounds spend the budget
         assert rows[0]["dp_epsilon_budget"] == budget
-        assert run.site_privacy_ledger(site).is_file()
+        # a hospital with its own policy keeps its ledger in its own folder (all jobs), the others per job
+        own = run.site_policy(site).is_file()
+        ledger = SitePolicy.read(run.site_policy(site)).ledger(site).path if own else run.site_privacy_ledger(site)
+        assert ledger.is_file() and own == (site == "hospital-2")
     # cross-site evaluation (on by default) received the update each site already released, nothing else
     from nvflare.fuel.utils import fobs
 
@@ -261,6 +266,9 @@ def test_dp_sgd_federation_end_to_end_with_a_stricter_site_audit_and_privacy_pag
     card = read_card(run.best)
     assert card.training["privacy"]["mechanism"] == ["dp-sgd"]
     assert set(card.training["privacy"]["epsilon_per_site"]) == set(budgets)
+    spent = card.training["privacy"]
+    assert spent["site_epsilon_per_site"]["hospital-2"] == pytest.approx(  # the DP-SGD ε plus the counts'
+        spent["epsilon_per_site"]["hospital-2"] + JobSettings().dp_count_epsilon, abs=1e-3)
 
     assert main(["audit", str(run), "--max-images", "20"]) == 0
     result = json.loads(run.membership_audit.read_text())
@@ -292,7 +300,6 @@ def test_privacy_page_says_which_command_makes_what_is_missing(monkeypatch, tmp_
 
 def test_epsilon_inf_is_the_same_schedule_without_privacy():
     from fedbrain.cli.options import epsilon_budget
-    from fedbrain.settings import JobSettings
 
     cfg = DPSGDConfig(epsilon=float("inf"), sample_rate=0.2)
     assert cfg.enabled and not cfg.private
@@ -338,6 +345,9 @@ def test_the_policy_filter_refuses_results_without_dp_and_strips_training_scalar
         flt.process(_result({}, metrics), _ctx("train"))
     with pytest.raises(PolicyError, match="allows ε ≤ 3"):
         flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 5.0}, metrics), _ctx("train"))
+    with pytest.raises(PolicyError, match="not an update this site's DP mechanism produced"):
+        flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 2.0}, metrics), _ctx("train"))
+    SitePolicy.read(policy).ledger("").record_release(weights_digest({"w": np.zeros(2, np.float32)}))
     ok = flt.process(_result({"dp_mechanism": "dp-sgd", "dp_epsilon": 2.0}, metrics), _ctx("train"))
     assert from_shareable(ok).meta[MetaKey.INITIAL_METRICS] == {"val_score": 0.5, "train_count_0": 7}
     flt.process(_result({}, {}), _ctx("submit_model"))  # the model a site already released, sent again

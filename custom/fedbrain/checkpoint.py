@@ -31,6 +31,9 @@ class CheckpointError(ValueError):
     """A model file that is missing, unreadable or does not fit its recorded architecture."""
 
 
+MAX_MODEL_NUMBERS = 200_000_000  # weights + buffers a model card may ask for (0.8 GB in float32; VGG16: 134 M)
+
+
 @dataclass
 class ModelCard:
     """Everything needed to use a model correctly: architecture, classes, input contract, provenance."""
@@ -160,12 +163,32 @@ class ModelCard:
 
     # -------------------------------------------------------------- the model
 
-    def build_model(self) -> nn.Module:
-        """The registry model this card describes, shrunk to its pruned layer sizes (random weights)."""
+    def _create(self) -> nn.Module:
         model = create_model(self.model, num_classes=len(self.classes), pretrained=False, **self.model_kwargs)
         if self.pruned:
             shrink_to(model, self.pruned["layers"])
         return model
+
+    def parameter_count(self) -> int:
+        """Numbers in the model this card describes (weights and buffers), counted on PyTorch's meta device:
+        nothing is allocated."""
+        with torch.device("meta"):
+            model = self._create()
+        return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+
+    def build_model(self) -> nn.Module:
+        """The registry model this card describes, shrunk to its pruned layer sizes (random weights); a card whose
+        architecture asks for more than ``MAX_MODEL_NUMBERS`` is refused before any memory is allocated."""
+        try:
+            n = self.parameter_count()
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed architecture, whatever the builder raised
+            raise CheckpointError(f"the model card's architecture cannot be built: {exc}") from exc
+        if n > MAX_MODEL_NUMBERS:
+            raise CheckpointError(f"the model card asks for a {self.model} of {n:,} numbers (at most "
+                                  f"{MAX_MODEL_NUMBERS:,}): refused before allocating it")
+        return self._create()
 
 
 def _now() -> str:
@@ -296,5 +319,6 @@ def shrink_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
     return model
 
 
-__all__ = ["ModelCard", "CheckpointError", "save_checkpoint", "load_checkpoint", "read_checkpoint", "read_card",
-           "load_weights", "global_state", "layer_shapes", "shrink_to", "FORMAT", "ONNX_FORMAT"]
+__all__ = ["ModelCard", "CheckpointError", "MAX_MODEL_NUMBERS", "save_checkpoint", "load_checkpoint",
+           "read_checkpoint", "read_card", "load_weights", "global_state", "layer_shapes", "shrink_to", "FORMAT",
+           "ONNX_FORMAT"]

@@ -92,6 +92,25 @@ def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta
     return float(acc.get_epsilon(delta=delta))
 
 
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(ε, δ) for a group of ``k`` records (a patient's ``k`` slices) from the per-record (ε, δ):
+    ``k·ε`` and ``k·e^{(k-1)ε}·δ`` (δ capped at 1)."""
+    k = max(1, int(k))
+    return k * epsilon, min(1.0, k * math.exp(min((k - 1) * epsilon, 700.0)) * delta)
+
+
+def laplace_counts(counts, epsilon: float) -> list[int]:
+    """``counts`` (one histogram over the records, L1 sensitivity 1) with Laplace noise of scale 1/ε from OS
+    entropy, rounded and kept ≥ 0: ε-DP, released once and reused (post-processing)."""
+    gen = secret_generator()
+    noisy = []
+    for c in counts:
+        u = float(torch.rand((), generator=gen)) - 0.5  # Laplace by inverse CDF
+        noise = -math.copysign(1.0, u) * math.log(max(1e-300, 1 - 2 * abs(u))) / epsilon
+        noisy.append(max(0, round(float(c) + noise)))
+    return noisy
+
+
 def check_private_model(model: nn.Module) -> None:
     """Raise a one-line error when per-image gradients cannot be private for ``model`` (BatchNorm mixes images)."""
     from opacus.validators import ModuleValidator
@@ -117,7 +136,7 @@ class PrivateTraining:
     """
 
     def __init__(self, model: nn.Module, cfg: DPSGDConfig, dataset_size: int, planned_steps: int,
-                 ledger: Path | None = None):
+                 ledger: Path | JobLedger | None = None):
         from opacus import GradSampleModule
 
         if not cfg.private:
@@ -132,8 +151,8 @@ class PrivateTraining:
         self.cfg = cfg
         self.dataset_size = dataset_size
         self.expected_batch = expected
-        self.ledger = ledger
-        state = self._read_ledger()
+        self.ledger = JobLedger(ledger) if isinstance(ledger, (str, Path)) else ledger
+        state = self.ledger.read() if self.ledger is not None else None
         if state and (state.get("config") != cfg.to_dict() or state.get("dataset_size") != dataset_size):
             raise PrivacyBudgetError(
                 f"this site already spent ε={state.get('epsilon', float('nan')):.3g} under other DP settings "
@@ -187,23 +206,124 @@ class PrivateTraining:
                            generator=secret_generator(next(self.model.parameters()).device))
 
     def save(self) -> None:
-        if self.ledger is None:
-            return
-        self.ledger.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.ledger.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"config": self.cfg.to_dict(), "dataset_size": self.dataset_size,
-                                   "noise_multiplier": self.noise_multiplier, "steps": self.steps,
-                                   "planned_steps": self.planned_steps, "epsilon": self.epsilon}, indent=1))
-        os.replace(tmp, self.ledger)
-
-    def _read_ledger(self) -> dict | None:
-        if self.ledger is None or not self.ledger.is_file():
-            return None
-        try:
-            return json.loads(self.ledger.read_text())
-        except (OSError, ValueError):
-            return None
+        if self.ledger is not None:
+            self.ledger.write({"config": self.cfg.to_dict(), "dataset_size": self.dataset_size,
+                               "noise_multiplier": self.noise_multiplier, "steps": self.steps,
+                               "planned_steps": self.planned_steps, "epsilon": self.epsilon})
 
 
-__all__ = ["DPSGDConfig", "PrivateTraining", "PrivacyBudgetError", "noise_multiplier_for", "epsilon_spent",
-           "check_private_model", "secret_generator", "ACCOUNTANTS"]
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+class JobLedger:
+    """One job's DP-SGD state in its own JSON file (a job's resume point where the site keeps no ledger)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def read(self) -> dict | None:
+        return _read_json(self.path)
+
+    def write(self, state: dict) -> None:
+        _write_json(self.path, state)
+
+
+class SiteLedger:
+    """A hospital's own record across every job it ever ran, kept in its own folder (never the job's):
+
+    * ``jobs``: per job, its DP-SGD state (what PrivateTraining resumes from) and ε spent, including the ε of
+      the label counts it released; the site's lifetime spend is their sum (basic composition);
+    * ``eval_queries``: how many times a model was scored on this site's validation or test images;
+    * ``<name>_releases.jsonl`` beside it: the digest of every update the site's DP mechanism produced, which
+      the site's policy filter checks every outgoing model against.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.releases = self.path.with_name(self.path.stem + "_releases.jsonl")
+
+    def state(self) -> dict:
+        state = _read_json(self.path) or {}
+        return {"jobs": state.get("jobs") or {}, "eval_queries": int(state.get("eval_queries") or 0)}
+
+    def _update(self, change) -> dict:
+        state = self.state()
+        change(state)
+        _write_json(self.path, state)
+        return state
+
+    # ------------------------------------------------------------ budgets
+
+    def spent(self, exclude: str | None = None) -> tuple[float, float]:
+        """(ε, δ) this site spent over all its jobs (``exclude``: leave one job out)."""
+        jobs = [j for k, j in self.state()["jobs"].items() if k != exclude]
+        eps = sum(float(j.get("epsilon") or 0) + float(j.get("count_epsilon") or 0) for j in jobs)
+        return eps, sum(float(j.get("delta") or 0) for j in jobs if j.get("epsilon") or j.get("count_epsilon"))
+
+    def job_key(self, base: str, resume: bool) -> str:
+        """The key of this job's entry: a resumed job continues its latest entry, a new one never reuses one."""
+        keys = [k for k in self.state()["jobs"] if k == base or k.startswith(base + "#")]
+        if resume and keys:
+            return keys[-1]
+        return base if not keys else f"{base}#{len(keys) + 1}"
+
+    def job(self, key: str) -> JobEntry:
+        return JobEntry(self, key)
+
+    # ------------------------------------------------------------ queries and releases
+
+    def count_query(self, limit: int | None) -> bool:
+        """Count one evaluation of this site's held-out images; False (not counted) once ``limit`` is reached."""
+        if limit is not None and self.state()["eval_queries"] >= limit:
+            return False
+        self._update(lambda s: s.__setitem__("eval_queries", s["eval_queries"] + 1))
+        return True
+
+    def record_release(self, digest: str) -> None:
+        self.releases.parent.mkdir(parents=True, exist_ok=True)
+        with self.releases.open("a") as fh:
+            fh.write(digest + "\n")
+
+    def released(self, digest: str) -> bool:
+        """Whether the site's own DP mechanism produced the weights of ``digest``."""
+        if not self.releases.is_file():
+            return False
+        with self.releases.open() as fh:
+            return any(line.strip() == digest for line in fh)
+
+
+class JobEntry:
+    """One job's entry in a :class:`SiteLedger`: read and written like a :class:`JobLedger`."""
+
+    def __init__(self, ledger: SiteLedger, key: str):
+        self.ledger, self.key = ledger, key
+
+    def read(self) -> dict | None:
+        entry = self.ledger.state()["jobs"].get(self.key)
+        return entry if entry and "steps" in entry else None
+
+    def get(self, name: str, default=None):
+        return (self.ledger.state()["jobs"].get(self.key) or {}).get(name, default)
+
+    def write(self, state: dict) -> None:
+        def change(s: dict) -> None:
+            entry = s["jobs"].setdefault(self.key, {})
+            entry.update(state)
+            entry.setdefault("delta", (state.get("config") or {}).get("delta"))
+        self.ledger._update(change)
+
+
+__all__ = ["DPSGDConfig", "PrivateTraining", "JobLedger", "SiteLedger", "JobEntry", "PrivacyBudgetError",
+           "noise_multiplier_for", "epsilon_spent", "check_private_model", "secret_generator", "group_privacy",
+           "laplace_counts", "ACCOUNTANTS"]

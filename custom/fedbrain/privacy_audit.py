@@ -138,6 +138,9 @@ def privacy_spent(site_rows: list[dict]) -> dict:
                                        "budget": r.get("dp_epsilon_budget"), "rounds": [], "epsilon": []})
         s["rounds"].append(int(r["round"]))
         s["epsilon"].append(float(r["dp_epsilon"]))
+        for key in ("dp_site_epsilon", "dp_patient_epsilon", "dp_patient_delta", "dp_slices_per_patient"):
+            if r.get(key) is not None:  # the site's whole spend (every job) and per patient (group privacy)
+                s[key.removeprefix("dp_")] = max(float(r[key]), s.get(key.removeprefix("dp_"), 0.0))
     for s in out.values():
         s["final_epsilon"] = max(s["epsilon"]) if s["epsilon"] else 0.0
     return out
@@ -175,6 +178,10 @@ def audit_table(result: dict) -> str:
         m = mia.get(site, {})
         eps = spent.get(site, {}).get("final_epsilon")
         eps_s = f"{eps:.2f}" if eps is not None else "no DP"
+        site_spent = spent.get(site, {})
+        if "patient_epsilon" in site_spent:  # per patient: group privacy over the most slices of one patient
+            eps_s += (f" (site, all jobs: {site_spent.get('site_epsilon', eps):.2f}; per patient: "
+                      f"{site_spent['patient_epsilon']:.2f} at {int(site_spent['slices_per_patient'])} slices)")
         if "auroc" in m:
             auc = f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]"
             tpr, n = f"{m['tpr_at_1pct_fpr']:.3f}", str(m["members"])

@@ -115,6 +115,7 @@ class JobSettings:
     dp_delta: float = DPSGDConfig.delta
     dp_max_grad_norm: float = DPSGDConfig.max_grad_norm
     dp_sample_rate: float = DPSGDConfig.sample_rate
+    dp_count_epsilon: float = 0.1  # under DP: ε of the training-label counts a site releases once (Laplace noise)
     cross_site_eval: bool = True
     # pairwise-masked secure aggregation (fedbrain.secagg): the server sees only the sum of the sites' updates;
     # None: on with 3 or more sites where the job allows it (fedbrain.secagg.secure_aggregation_on)
@@ -143,6 +144,8 @@ class JobSettings:
             raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
         self.distillation()  # validates weight and temperature
         self.dp_sgd()  # validates the DP-SGD settings
+        if not self.dp_count_epsilon > 0:
+            raise ValueError(f"dp_count_epsilon must be a positive number, not {self.dp_count_epsilon}")
         if self.dp_epsilon > 0 and self.dp_clip > 0:
             raise ValueError("choose one kind of DP: record-level (--dp-epsilon, DP-SGD at each site) or client-level "
                              "(dp_clip / dp_noise)")

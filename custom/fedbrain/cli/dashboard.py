@@ -17,7 +17,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not ws.is_dir():
         raise UsageError(f"--workspace {args.workspace!r} is not a folder (runs are written to ./workspace by "
                          "default; `fedbrain simulate` makes one)")
-    cmd = streamlit_command(args.port, host=args.host)
+    try:
+        cmd = streamlit_command(args.port, host=args.host)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     env = {**os.environ, "FEDBRAIN_WORKSPACE": str(ws), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     if args.host != HOST:
         print(f"fedbrain dashboard: serving on {args.host}, beyond this machine, WITHOUT authentication: put an "

@@ -151,14 +151,15 @@ class SiteData:
     summary: dict
 
     def write_split_file(self, path: Path) -> None:
-        """``path,label,split`` CSV that the site's training script reads."""
+        """``path,label,split,scheme,patient_id`` CSV that the site's training script reads (the patient id, where
+        the data has one, stays at the site: its DP accounting is per patient)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["path", "label", "split", "scheme"])
+            w.writerow(["path", "label", "split", "scheme", "patient_id"])
             for split in SPLITS:
                 for r in self.splits[split]:
-                    w.writerow([r.path, r.label, split, self.scheme])
+                    w.writerow([r.path, r.label, split, self.scheme, r.patient_id or ""])
 
     @classmethod
     def read_split_file(cls, name: str, path: Path) -> SiteData:
@@ -169,7 +170,8 @@ class SiteData:
         scheme = "multiclass"
         with path.open(newline="") as fh:
             for row in csv.DictReader(fh):
-                splits[row["split"]].append(Record(row["path"], row["label"], row["split"]))
+                splits[row["split"]].append(Record(row["path"], row["label"], row["split"],
+                                                   row.get("patient_id") or None))
                 scheme = row.get("scheme") or scheme
         return cls(name, scheme, splits, {})
 

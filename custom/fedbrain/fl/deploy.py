@@ -231,10 +231,12 @@ def provision(spec: ProjectSpec, out_dir: str | Path, server_storage: str | Path
     return kits
 
 
-POLICY_TEMPLATE = {"dp_epsilon": 0, "dp_delta": 1e-5,
+POLICY_TEMPLATE = {"dp_epsilon": 0, "dp_delta": 1e-5, "lifetime_epsilon": 0, "max_eval_queries": None,
                    "comment": "this hospital's own privacy policy, applied to every job: dp_epsilon > 0 trains every "
                               "job by DP-SGD with at most this (epsilon, delta) per training image (0: the job "
-                              "decides)"}
+                              "decides); lifetime_epsilon > 0 bounds the epsilon of all jobs together (the ledger "
+                              "beside this file adds them up); max_eval_queries bounds how often any model is "
+                              "scored on this site's validation and test images (null: no bound)"}
 
 
 def write_site_privacy_files(kits: Kits) -> None:

@@ -10,7 +10,8 @@ from fedbrain.dp import secret_generator
 
 # what a site may send of its DP accounting: data-independent numbers only (never the update's norm)
 PUBLIC_DP_KEYS = ("dp_epsilon", "dp_delta", "dp_mechanism", "dp_epsilon_budget", "dp_noise_multiplier",
-                  "dp_sample_rate", "dp_max_grad_norm", "dp_steps", "dp_budget_spent")
+                  "dp_sample_rate", "dp_max_grad_norm", "dp_steps", "dp_budget_spent", "dp_site_epsilon",
+                  "dp_patient_epsilon", "dp_patient_delta", "dp_slices_per_patient")
 
 
 @dataclass

@@ -52,31 +52,33 @@ def site_args(s: JobSettings, split_file: str | None = None, run_dir: str | None
 
 TASK_REQUEST_INTERVAL_S = 0.05
 SITE_TASKS = ["train", "validate", "submit_model"]  # every task a fedbrain job gives a site (filters name them)
-SITE_SCRIPT = "site.py"  # found in the job's custom/ copy at every site, wherever fedbrain is installed there
 
 
 @functools.cache
 def _site_script_runner():
-    """NVFlare's ScriptRunner, but the executor names the site script by a path relative to the job's
-    ``custom/`` folder (where the job carries a copy), not by this machine's absolute path, and polls for
-    results often (:mod:`fedbrain.fl.executor`)."""
+    """NVFlare's ScriptRunner, but the executor names the installed site module (``fedbrain.fl.site``) and the
+    fedbrain version the job was built with, never a script: the job carries configuration only (and data files
+    such as a distillation teacher), and each site runs its own installed fedbrain (:mod:`fedbrain.fl.executor`)."""
     from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.script_runner import ScriptRunner
 
-    from fedbrain.fl.executor import FedbrainClientAPIExecutor
+    import fedbrain
+    from fedbrain.fl.executor import SITE_MODULE, FedbrainClientAPIExecutor
 
     class SiteScriptRunner(ScriptRunner):
         def add_to_fed_job(self, job, ctx, **kwargs):
             if self._launch_external_process:
                 return super().add_to_fed_job(job, ctx, **kwargs)
             executor = FedbrainClientAPIExecutor(
-                task_script_path=SITE_SCRIPT, task_script_args=self._script_args, execution_mode=self._execution_mode,
+                task_script_path=SITE_MODULE, fedbrain_version=fedbrain.__version__,
+                task_script_args=self._script_args, execution_mode=self._execution_mode,
                 params_exchange_format=self._params_exchange_format or ExchangeFormat.PYTORCH,
                 server_expected_format=self._server_expected_format, params_transfer_type=self._params_transfer_type,
                 memory_gc_rounds=self._memory_gc_rounds, cuda_empty_cache=self._cuda_empty_cache)
             job.add_executor(executor, tasks=kwargs.get("tasks", ["*"]), ctx=ctx)
-            # the site script, and the files the job carries to every site (a distillation teacher)
-            job.add_resources(resources=[self._script, *getattr(self, "fedbrain_resources", [])], ctx=ctx)
+            resources = getattr(self, "fedbrain_resources", [])  # data the job carries (a teacher), never code
+            if resources:
+                job.add_resources(resources=list(resources), ctx=ctx)
             return {}
 
     return SiteScriptRunner
@@ -226,4 +228,4 @@ def add_mlflow_tracking(recipe, s: JobSettings, run=None) -> None:
     add_experiment_tracking(recipe, "mlflow", config)
 
 
-__all__ = ["RegistryModel", "build_recipe", "site_args", "SITE_SCRIPT"]
+__all__ = ["RegistryModel", "build_recipe", "site_args"]

@@ -244,7 +244,11 @@ def privacy_record(rows: list[dict], up_to_round: int) -> dict:
     return {"mechanism": sorted({s["mechanism"] for s in spent.values()}),
             "delta": max(s["delta"] or 0 for s in spent.values()),
             "epsilon_per_site": {site: round(s["final_epsilon"], 4) for site, s in spent.items()},
-            "budget_per_site": {site: s["budget"] for site, s in spent.items()}}
+            "budget_per_site": {site: s["budget"] for site, s in spent.items()},
+            # what each site spent over all its jobs (its own ledger), and per patient by group privacy
+            **{f"{key}_per_site": {site: s[key] for site, s in spent.items() if key in s}
+               for key in ("site_epsilon", "patient_epsilon", "patient_delta", "slices_per_patient")
+               if any(key in s for s in spent.values())}}
 
 
 def cross_site_matrix(nv_root: Path) -> dict | None:
@@ -400,6 +404,28 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     return summary
 
 
+def allow_job_components(recipe, workspace: Path) -> None:
+    """The simulator builds only allow-listed classes, as a hospital's kit does: a fedbrain job carries no code
+    (not bring-your-own-code), so NVFlare's default list plus this job's own classes go into the simulation
+    workspace's ``local/resources.json.default`` (which SimEnv then leaves as it is)."""
+    import json
+    import tempfile
+
+    from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+    from fedbrain.fl.deploy import ALLOWED_PACKAGES, job_component_classes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe.export(job_dir=tmp)
+        classes = set().union(*job_component_classes(tmp).values())
+    local = workspace / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    allow = [*DEFAULT_CLASS_ALLOW_LIST, *ALLOWED_PACKAGES]
+    allow += sorted(c for c in classes if c not in allow and not c.startswith(ALLOWED_PACKAGES))
+    (local / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": allow},
+                                                             indent=1))
+
+
 def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache_dir: Path | None,
               quiet: bool) -> dict:
     from nvflare.recipe import SimEnv
@@ -429,6 +455,7 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     from fedbrain.fl.recipes import SITE_TASKS
 
     recipe.add_client_output_filter(SitePolicyFilter(str(run.site_policy("{site}"))), tasks=SITE_TASKS)
+    allow_job_components(recipe, Path(run.nvflare) / recipe._job.name)
     env = SimEnv(clients=sites, num_threads=len(sites), workspace_root=str(run.nvflare),
                  log_config=_quiet_log_config(run) if quiet else None)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fedbrain.contract import augmentation_policy
 from fedbrain.data.dataset import PoissonLoader, SiteLoaders
 from fedbrain.data.federation import SiteData
 from fedbrain.distillation import Distiller, Teacher, resolve_teacher_file
-from fedbrain.dp import PrivateTraining
+from fedbrain.dp import PrivateTraining, SiteLedger, group_privacy, laplace_counts
 from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fail-site", default="", help="testing: the site that fails")
     p.add_argument("--corrupt-at-round", type=int, default=-1, help="testing: send NaN weights at this round")
     p.add_argument("--corrupt-site", default="", help="testing: the site that sends NaN weights")
+    # set by the site's executor (after the job's arguments, so the site's values win)
+    p.add_argument("--site-workspace", default=None, help="this site's NVFlare workspace (its kit's folder)")
+    p.add_argument("--job-custom", default=None, help="the job's custom/ folder (data files the job carries)")
     return p.parse_args(argv)
 
 
@@ -106,6 +110,35 @@ def secure_masker(site: str, run: RunDir | None) -> SiteMasker:
     folder = site_key_folder(site, kit if kit is not None and (kit / "startup" / "client.key").is_file() else None,
                              run.site_keys(site) if run else None)
     return SiteMasker(site, folder, kit / "startup" if kit is not None else None)
+
+
+def slices_per_patient(records) -> int:
+    """The most training slices one patient has at this site (1 where the data names no patients)."""
+    per = Counter(r.patient_id for r in records if r.patient_id)
+    return max(per.values(), default=1)
+
+
+def released_counts(own_counts: np.ndarray, job: JobSettings, entry) -> list[int]:
+    """Under DP, the training-label counts this site releases: Laplace-noised once (ε = dp_count_epsilon, kept in
+    the site's ledger entry ``entry`` so a resumed job sends the same numbers and spends nothing more)."""
+    kept = entry.get("released_counts") if entry is not None else None
+    if kept is not None:
+        return list(kept)
+    noisy = laplace_counts(own_counts.tolist(), job.dp_count_epsilon)
+    if entry is not None:
+        entry.write({"released_counts": noisy, "count_epsilon": job.dp_count_epsilon, "delta": job.dp_delta})
+    return noisy
+
+
+def privacy_report(private: PrivateTraining | None, ledger: SiteLedger | None, k: int, count_eps: float) -> dict:
+    """ε of the whole site (every job in its ledger) and per patient (group privacy over ``k`` slices)."""
+    if private is None:
+        return {}
+    eps, delta = private.epsilon + count_eps, private.cfg.delta
+    site_eps = ledger.spent()[0] if ledger is not None else eps
+    patient_eps, patient_delta = group_privacy(eps, delta, k)
+    return {"dp_site_epsilon": site_eps, "dp_patient_epsilon": patient_eps, "dp_patient_delta": patient_delta,
+            "dp_slices_per_patient": k}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,28 +174,53 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
     teacher = None
     if job.distil_from:  # the job carries the teacher file into this script's folder (custom/)
-        here = Path(__file__).resolve().parent
-        job_custom = [here] + [p for p in here.parents if p.name == "custom"]  # NVFlare may keep the package path
+        job_custom = [Path(args.job_custom)] if args.job_custom else []  # the executor names the job's custom/
         teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
         if job.distil_teacher_bn == "site":
             teacher.adapt_batchnorm(loaders.eval("train"))
     dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
     # record-level DP: the job's request, made at least as strict as this hospital's own policy
-    policy = find_policy(run.site_policy(site) if run else None, starts=(Path(__file__).parent, Path.cwd()))
+    site_home = Path(args.site_workspace) if args.site_workspace else Path.cwd()
+    policy = find_policy(run.site_policy(site) if run else None, starts=(site_home,))
     dp_sgd = policy.apply(job.dp_sgd())
     private = None
+    ledger = policy.ledger(site)  # the hospital's own, across all its jobs (None: no policy file)
+    entry = ledger.job(ledger.job_key(f"{flare.get_job_id()}:{log_dir or ''}", resume=job.start_round > 0)) \
+        if ledger is not None else None
+    if entry is not None and dp_sgd.private:  # refused before training when the site's lifetime budget is short
+        policy.admit(ledger, entry.key, dp_sgd.epsilon + job.dp_count_epsilon)
     if dp_sgd.private and job.bn_statistics != "batch":
         raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and bn_statistics {job.bn_statistics} "
                           "would estimate statistics on its training images outside the accounting")
     if dp_sgd.private:
         per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
         private = PrivateTraining(model, dp_sgd, len(train_targets), planned_steps=job.rounds * per_round,
-                                  ledger=privacy_ledger(log_dir) if log_dir else None)
+                                  ledger=entry if entry is not None else privacy_ledger(log_dir) if log_dir else None)
         print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
               f"steps: noise multiplier {private.noise_multiplier:.3f}"
               + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
     private_any = dp.enabled or private is not None  # under any DP, training-data scalars stay home
+    # under DP the label counts (and the training-set size, their sum) leave once, Laplace-noised, in the ledger
+    sent_counts = released_counts(own_counts, job, entry) if private_any else own_counts.tolist()
+    n_sent = max(1, int(sum(sent_counts))) if private_any else len(data.splits["train"])
+    k_patient = slices_per_patient(data.splits["train"])
+    dp_count_eps = job.dp_count_epsilon if private_any else 0.0
+
+    def release(params: dict) -> dict:
+        """Record what leaves in the site's release ledger (its policy filter sends nothing else)."""
+        if ledger is not None:
+            ledger.record_release(weights_digest(params))
+        return params
+
+    def may_evaluate() -> bool:
+        """Count one scoring of the held-out images against the site's limit (False: refused)."""
+        if ledger is None or ledger.count_query(policy.max_eval_queries):
+            return True
+        print(f"{site}: this site's limit of {policy.max_eval_queries} evaluations of its held-out images "
+              f"({policy.source}) is reached: evaluation refused", file=sys.stderr)
+        return False
+
     secure = secure_masker(site, run) if job.secure_aggregation else None  # this site's own key and ledger
     scaffold = None
     if job.algorithm == "scaffold":
@@ -203,19 +261,20 @@ def main(argv: list[str] | None = None) -> None:
             # what the site already released (privatised under DP), never the unclipped local weights; a site
             # that never trained sends the global model it holds
             sent = released if released is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            flare.send(flare.FLModel(params=sent))
+            flare.send(flare.FLModel(params=release(sent)))
             continue
         model.load_state_dict(to_torch_state(input_model.params, model))
 
         # (3) evaluate the global model on local data
         if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
-            test = evaluate(model, loaders.eval("test")) if data.splits["test"] else {}
+            test = evaluate(model, loaders.eval("test")) if data.splits["test"] and may_evaluate() else {}
             flare.send(flare.FLModel(metrics={"val_score": headline(test) if test else float("nan"),
                                               **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
             continue
         val, val_counts = {}, {}
         last = job.start_round + job.rounds - 1
-        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
+        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last) \
+                and may_evaluate():
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
             val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
@@ -273,14 +332,15 @@ def main(argv: list[str] | None = None) -> None:
             # the budget is spent: no more training here; the site still validates and says so
             print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
                   f"round {rnd}", file=sys.stderr)
-            log({"round": rnd, "split": "train", "model": "local", **private.summary()})
-            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: len(data.splits["train"]),
-                    **{k: v for k, v in private.summary().items() if k in PUBLIC_DP_KEYS}}
+            report = {**private.summary(), **privacy_report(private, ledger, k_patient, dp_count_eps)}
+            log({"round": rnd, "split": "train", "model": "local", **report})
+            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: n_sent,
+                    **{k: v for k, v in report.items() if k in PUBLIC_DP_KEYS}}
             check_outgoing(policy, meta)
-            flare.send(flare.FLModel(params=global_state, meta=meta, metrics={
+            flare.send(flare.FLModel(params=release(global_state), meta=meta, metrics={
                 "val_score": headline(val) if val else float("nan"),
                 **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}))
+                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}}))
             continue
         stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step,
@@ -290,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
             estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
         # counts and algorithm state, never data
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: len(data.splits["train"])}
+        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: n_sent}
         if scaffold is not None:
             g = create_model(job.model, pretrained=False, **job.model_kwargs)
             g.load_state_dict(global_state)
@@ -302,7 +362,8 @@ def main(argv: list[str] | None = None) -> None:
         if dp.enabled:
             params, dp_info = privatize_update(params, global_state, dp, rnd)
         elif private is not None:
-            dp_info = {k: v for k, v in stats.items() if k.startswith("dp_")}
+            dp_info = {**{k: v for k, v in stats.items() if k.startswith("dp_")},
+                       **privacy_report(private, ledger, k_patient, dp_count_eps)}
         # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
         # the local log (they would tell the server the unclipped update's size)
         meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
@@ -312,14 +373,15 @@ def main(argv: list[str] | None = None) -> None:
              "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
              "train_seconds": time.perf_counter() - t0,
              "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
-        if rnd == args.corrupt_at_round and site == args.corrupt_site:
+        corrupt = rnd == args.corrupt_at_round and site == args.corrupt_site
+        if corrupt:  # what this site's DP mechanism did not produce: never in its release ledger
             params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
                       for k, v in params.items()}
         if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
             delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
             job_id = secure.job_identity(flare.get_job_id(), meta_in.get(SESSION))
             try:
-                masked = secure.mask(delta, float(len(data.splits["train"])), job_id, rnd, meta_in.get(PUBLIC_KEYS))
+                masked = secure.mask(delta, float(n_sent), job_id, rnd, meta_in.get(PUBLIC_KEYS))
                 params = {k: torch.from_numpy(v) for k, v in masked.items()}
             except SecureAggregationError as exc:  # refused here: the round goes on without this site
                 print(f"{site}: round {rnd}: {exc}", file=sys.stderr)
@@ -329,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"val_score": headline(val) if val else float("nan"),
                    **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
                    **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
-        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
+                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}}
+        flare.send(flare.FLModel(params=params if corrupt else release(params), metrics=metrics, meta=meta))
 
 
 if __name__ == "__main__":
