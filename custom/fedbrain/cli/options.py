@@ -298,7 +298,7 @@ def pretrained_flag(args: argparse.Namespace) -> bool | None:
 
 
 def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
-    from fedbrain.settings import ALGORITHMS, BUDGET_EPOCHS, JobSettings
+    from fedbrain.settings import ALGORITHMS, BUDGET_EPOCHS, LEVER_CHOICES, JobSettings
 
     g = p.add_argument_group("federated job")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg")
@@ -315,9 +315,6 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
     levers.add_argument("--batch-split", choices=["site", "proportional"], default=None,
                         help="proportional: the --batch-size images of a round are split across sites in proportion "
                              "to their training-set sizes (the round's average is a pooled-data gradient)")
-    levers.add_argument("--eval-every", type=POSITIVE_INT, default=None,
-                        help="sites validate the global model every N rounds (default 1; the best model is chosen "
-                             "among validated rounds)")
     levers.add_argument("--legacy", action="store_true",
                         help="the federation as fedbrain ran it before these levers (1 local epoch, steps-weighted, "
                              "batch BatchNorm, site class weights); explicit flags still apply on top")
@@ -328,16 +325,15 @@ def add_job_args(p: argparse.ArgumentParser, rounds: int | None = None) -> None:
                         help="restrict: a site's softmax covers only the classes its labels can show")
     levers.add_argument("--reset-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="restart the local optimiser every round")
-    levers.add_argument("--lr-schedule", choices=["constant", "cosine"], default=None,
-                        help="the local learning rate over the rounds")
     levers.add_argument("--bn-statistics", choices=["batch", "pooled", "frozen", "renorm"], default=None,
                         help="BatchNorm across sites: batch statistics; the pooled statistics re-estimated every "
                              "round; frozen (FixBN: pooled once, at --bn-freeze-round, then fixed); or renorm "
                              "(batch renormalisation by the server's running pooled statistics)")
     levers.add_argument("--bn-freeze-round", type=NON_NEGATIVE_INT, default=None,
                         help="with --bn-statistics frozen: the round the statistics are pooled (default: 1/4 in)")
-    levers.add_argument("--server-optimizer", choices=["sgd", "adam"], default=None,
-                        help="how the server applies the averaged update: sgd (FedAvg / FedAvgM) or adam (FedAdam)")
+    levers.add_argument("--server-optimizer", choices=LEVER_CHOICES["server_optimizer"], default=None,
+                        help="how the server applies the averaged update: sgd (FedAvg / FedAvgM), adam (FedAdam) or "
+                             "adamw (centralised's AdamW and lr schedule over the rounds; the default)")
     levers.add_argument("--server-lr", type=POSITIVE, default=None, help="server step on the averaged update")
     levers.add_argument("--server-momentum", type=MOMENTUM, default=None, help="FedAvgM server momentum")
     add_distillation_args(p)
@@ -451,9 +447,9 @@ def job_settings(args: argparse.Namespace, fed=None):
     check_finetune(args.finetune)
     base = legacy_overrides() if getattr(args, "legacy", False) else {"train": {}}
     levers = {k: v for k, v in base.items() if k != "train"}
-    levers.update({k: getattr(args, k) for k in ("class_balance", "missing_classes", "reset_optimizer", "lr_schedule",
+    levers.update({k: getattr(args, k) for k in ("class_balance", "missing_classes", "reset_optimizer",
                                                  "server_lr", "server_momentum", "site_weighting",
-                                                 "server_optimizer", "bn_statistics", "bn_freeze_round", "eval_every",
+                                                 "server_optimizer", "bn_statistics", "bn_freeze_round",
                                                  "batch_split")
                    if getattr(args, k, None) is not None})
     if getattr(args, "resume", None):
@@ -489,4 +485,8 @@ def job_settings(args: argparse.Namespace, fed=None):
         if not args.budget_epochs > 0:
             raise UsageError(f"--budget-epochs must be positive, not {args.budget_epochs}")
         settings.rounds = rounds_for_budget(settings, fed, args.budget_epochs)
+    if fed is not None:  # as many validated models as centralised training has epochs at this budget
+        from fedbrain.experiments.compare import budget_epochs
+
+        settings.validations = budget_epochs(settings, fed)
     return settings

@@ -317,6 +317,15 @@ def _write_initial_model(source: Path, run: RunDir) -> dict:
     return obj
 
 
+def threads_per_site(sites: int) -> int:
+    """Torch threads of each simulated site: the cores this process may use, shared out (never oversubscribed)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, sites))
+
+
 def continue_from(settings: JobSettings, source: Path, run: RunDir) -> None:
     """Start ``settings`` from another run's last global model (or a checkpoint), numbering rounds after it."""
     source = Path(source)
@@ -344,6 +353,8 @@ def resume_in_place(run: RunDir) -> JobSettings:
     config = run.read_config()
     settings = JobSettings.from_dict(config["job"])
     planned_end = settings.start_round + settings.rounds
+    if settings.plan_start_round is None:  # the server's lr schedule and validated rounds keep the whole plan
+        settings.plan_start_round = settings.start_round
     done = finished_rounds(run)
     if done:
         _write_initial_model(run.round_model(done[-1]), run)
@@ -428,7 +439,7 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     if settings.secure_aggregation:
         ensure_site_keys(run, sites)
     if settings.threads_per_site is None:
-        settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
+        settings.threads_per_site = threads_per_site(len(sites))
     run.write_config(kind="federated", algorithm=settings.algorithm, model=settings.model,
                      job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
     recipe = build_recipe(settings, sites, run.split_files(sites), run_dir=str(run),

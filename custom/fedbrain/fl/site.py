@@ -27,9 +27,10 @@ from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
     NUM_SAMPLES,
+    REQUEST,
     SECURE_META,
+    VALIDATE,
     class_recalls,
-    cosine_scale,
     site_batch_size,
     validation_counts,
 )
@@ -41,6 +42,7 @@ from fedbrain.runs import SITE_KEYS_FILE, RunDir, append_jsonl, flat_scalars, me
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
+    derived_seed,
     estimate_bn_statistics,
     evaluate,
     headline,
@@ -85,11 +87,6 @@ def bn_initialised(model: torch.nn.Module) -> bool:
     return not bns or any(int(m.num_batches_tracked) > 0 for m in bns)
 
 
-def lr_factor(job: JobSettings, rnd: int) -> float:
-    """The local lr's scale in round ``rnd``: 1, or one cosine over the job's planned rounds."""
-    return cosine_scale(rnd, job.start_round, job.rounds) if job.lr_schedule == "cosine" else 1.0
-
-
 def main(argv: list[str] | None = None) -> None:
     import nvflare.client as flare
     from nvflare.app_common.abstract.fl_model import FLMetaKey
@@ -112,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                           augmentation=augmentation_policy(cfg.augmentation))
     train_targets = loaders.dataset("train").targets
     own_counts = target_counts(train_targets)  # sent every round: the server pools them (class_balance)
+    count_metrics = {f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}
     own_profile = feature_histograms(loaders.dataset("train").images)  # counts; sent with the validation counts
     present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
@@ -188,6 +186,10 @@ def main(argv: list[str] | None = None) -> None:
             break
         rnd = int(input_model.current_round or 0)
         meta_in = input_model.meta or {}
+        request = meta_in.get(REQUEST)  # a task that is no training round
+        if request == "counts":  # before round 0: the server pools every site's training-label counts
+            flare.send(flare.FLModel(metrics=dict(count_metrics)))
+            continue
         if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
             # what the site already released (privatised under DP), never the unclipped local weights; a site
             # that never trained sends the global model it holds
@@ -203,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                                               **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
             continue
         val, val_counts = {}, {}
-        last = job.start_round + job.rounds - 1
-        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
+        if data.splits["val"] and (request == "validate" or meta_in.get(VALIDATE)):  # the server's choice of rounds
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
             val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
@@ -212,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                 val_counts.update(own_profile)  # for the federated input profile
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
+        if request == "validate":  # the final global model: validated, not trained
+            flare.send(flare.FLModel(metrics={"val_score": headline(val) if val else float("nan"),
+                                              **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}))
+            continue
         if rnd == args.fail_at_round and site == args.fail_site:
             raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
 
@@ -247,8 +252,6 @@ def main(argv: list[str] | None = None) -> None:
                 scaffold.model_update(m, lr, _g, _l)
         if job.reset_optimizer:
             optimizer = make_optimizer(model, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * lr_factor(job, rnd)
         pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
         t0 = time.perf_counter()
         batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = None
             train_loader = PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate, loaders.augmentation)
         else:
-            train_loader = loaders.train(seed=cfg.seed + rnd, batch_size=batch)
+            train_loader = loaders.train(seed=derived_seed(cfg.seed, rnd, site), batch_size=batch)
         if private is not None and not private.can_step():
             # the budget is spent: no more training here; the site still validates and says so
             print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
@@ -269,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(flare.FLModel(params=global_state, meta=meta, metrics={
                 "val_score": headline(val) if val else float("nan"),
                 **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}))
+                **count_metrics}))
             continue
         stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step,
@@ -314,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"val_score": headline(val) if val else float("nan"),
                    **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
                    **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
+                   **count_metrics}
         flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
 
 
