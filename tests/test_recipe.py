@@ -59,6 +59,30 @@ def test_a_resumed_job_continues_its_server_schedule_where_it_stopped():
     assert restarted[60] != pytest.approx(whole[60])
 
 
+def test_a_resumed_server_continues_its_adam_moments_from_the_round_file(tmp_path):
+    from fedbrain.fl.controller import save_round
+    from fedbrain.fl.metrics import SERVER_STATE
+
+    rng = np.random.default_rng(0)
+    updates = [{"w": rng.normal(size=4).astype(np.float32)} for _ in range(6)]
+
+    def run(ctrl, weights, rounds):
+        for r in rounds:
+            ctrl.current_round = r
+            weights = ctrl._server_step(weights, {"w": weights["w"] + updates[r]["w"]})
+        return weights
+
+    start = {"w": np.zeros(4, np.float32)}
+    whole = run(server(num_rounds=6), start, range(6))
+    first = server(num_rounds=6)
+    halfway = run(first, start, range(3))
+    path = str(tmp_path / "round-0002.pt")
+    save_round(path, halfway, 2, {SERVER_STATE: {"steps": first._steps, "m": first._velocity, "v": first._second}})
+    resumed = server(start_round=3, num_rounds=3, plan_start_round=0, initial_control=path)
+    resumed._load_server_state()
+    np.testing.assert_allclose(run(resumed, halfway, range(3, 6))["w"], whole["w"], rtol=1e-5)
+
+
 def test_the_resumed_settings_keep_the_plans_first_round(tmp_path):
     from fedbrain.fl.controller import save_round
     from fedbrain.fl.simulate import resume_in_place

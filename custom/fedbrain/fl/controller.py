@@ -34,7 +34,15 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
-from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, REQUEST, VALIDATE, pooled_validation, site_counts
+from fedbrain.fl.metrics import (
+    CLASS_COUNTS,
+    NUM_SITES,
+    REQUEST,
+    SERVER_STATE,
+    VALIDATE,
+    pooled_validation,
+    site_counts,
+)
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 from fedbrain.status import now_iso
 from fedbrain.training import WARMUP_FRACTION, cosine_schedule, validation_points
@@ -52,6 +60,8 @@ def save_round(path: str, params: dict, round_: int, extra: dict | None = None) 
 
     payload = {"model": tensors(params), "round": int(round_)}
     for k, v in (extra or {}).items():
+        if k == SERVER_STATE:
+            v = {"steps": int(v["steps"]), "m": tensors(v["m"]), "v": tensors(v["v"])}
         payload[k] = tensors(v) if k == "scaffold_control" else v
     tmp = path + ".tmp"
     torch.save(payload, tmp)
@@ -212,10 +222,23 @@ class FedbrainController(FedAvg):
     def run(self) -> None:
         """A ``counts`` request (the pooled class counts hold from round 0), FedAvg's rounds, then a ``validate``
         request of the final global model."""
+        self._load_server_state()
         self._request_counts()
         super().run()
         if self._final is not None and not self.abort_signal.triggered:
             self._validate_final(self._final)
+
+    def _load_server_state(self) -> None:
+        """A resumed job's server Adam moments and step count, from the round file it starts from."""
+        if not (self.initial_control and os.path.isfile(self.initial_control)):
+            return
+        import torch
+
+        saved = torch.load(self.initial_control, map_location="cpu", weights_only=True).get(SERVER_STATE)
+        if saved:
+            self._steps = int(saved["steps"])
+            self._velocity = {k: np.asarray(v, dtype=np.float64) for k, v in saved["m"].items()}
+            self._second = {k: np.asarray(v, dtype=np.float64) for k, v in saved["v"].items()}
 
     def _request(self, what: str, data: FLModel) -> list[FLModel]:
         """Ask every site for ``what`` instead of a training round; the answers that came back."""
@@ -284,6 +307,8 @@ class FedbrainController(FedAvg):
                 if k in self._global_ctrl:
                     self._global_ctrl[k] = self._global_ctrl[k] + share * np.asarray(v, dtype=np.float32)
             extra["scaffold_control"] = {k: v.copy() for k, v in self._global_ctrl.items()}
+        if self.server_optimizer in ("adam", "adamw") and self._velocity:
+            extra[SERVER_STATE] = {"steps": self._steps, "m": self._velocity, "v": self._second}
         d = self._dir()
         save_round(os.path.join(d, ROUND_FILE.format(self.current_round)), model.params, self.current_round, extra)
         stale = os.path.join(d, ROUND_FILE.format(self.current_round - KEEP_ROUND_FILES))

@@ -21,6 +21,7 @@ NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's trainin
 CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
 NUM_SITES = "fedbrain_num_sites"  # model meta key: how many sites the job has
 VALIDATE = "fedbrain_validate"  # model meta key: the sites validate the global model they receive this round
+SERVER_STATE = "server_optimizer_state"  # a round file's server Adam moments and step count (resume continues them)
 REQUEST = "fedbrain_request"  # model meta key of a task that is no training round: "counts" | "validate"
 SECURE_META = "secure_aggregation"  # a site's meta flag: its params are a masked, sample-weighted update (secagg)
 COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)

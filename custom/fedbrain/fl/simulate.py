@@ -18,7 +18,7 @@ from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
-from fedbrain.fl.metrics import with_round_fits
+from fedbrain.fl.metrics import SERVER_STATE, with_round_fits
 from fedbrain.fl.recipes import build_recipe
 from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
@@ -301,7 +301,8 @@ def is_unfinished(run: RunDir) -> bool:
 
 
 def _write_initial_model(source: Path, run: RunDir) -> dict:
-    """Copy a round file's (or checkpoint's) weights, and SCAFFOLD controls, into ``initial_model.pt``."""
+    """Copy a round file's (or checkpoint's) weights, SCAFFOLD controls and server optimiser state into
+    ``initial_model.pt``."""
     import torch
 
     from fedbrain.checkpoint import load_weights
@@ -311,8 +312,7 @@ def _write_initial_model(source: Path, run: RunDir) -> dict:
         _card, state = read_checkpoint(source)
         payload = {"model": state}
     else:
-        payload = {"model": obj["model"], **({"scaffold_control": obj["scaffold_control"]}
-                                             if "scaffold_control" in obj else {})}
+        payload = {"model": obj["model"], **{k: obj[k] for k in ("scaffold_control", SERVER_STATE) if k in obj}}
     torch.save(payload, run.initial_model)
     return obj
 
