@@ -35,7 +35,7 @@ else:  # pragma: no cover
 CONFIG_FILE = "config.toml"  # a run's effective configuration
 DEFAULT = "default"
 # JobSettings fields a configuration file never holds: derived, internal or test-only
-NOT_CONFIGURED = ("train", "user_train", "start_round", "extra_site_args", "initial_checkpoint")
+NOT_CONFIGURED = ("train", "user_train", "start_round", "plan_start_round", "extra_site_args", "initial_checkpoint")
 
 
 class ConfigError(ValueError):
@@ -198,7 +198,7 @@ RANGES: dict[str, tuple] = {
     "rounds": (1, None, False, False), "budget_epochs": (0, None, True, False),
     "data.num_sites": (1, None, False, False), "data.alpha": (0, None, True, False),
     "data.max_images_per_site": (0, None, False, False), "min_clients": (1, None, False, False),
-    "eval_every": (1, None, False, False), "server_lr": (0, None, True, False),
+    "validations": (0, None, False, False), "server_lr": (0, None, True, False),
     "server_momentum": (0, 1, False, True), "fedprox_mu": (0, None, False, False),
     "dp_clip": (0, None, False, False), "dp_noise": (0, None, False, False), "dp_epsilon": (0, None, False, False),
     "dp_delta": (0, 1, True, True), "dp_max_grad_norm": (0, None, True, False), "dp_sample_rate": (0, 1, True, False),

@@ -12,15 +12,18 @@ from pathlib import Path
 
 from fedbrain.distillation import DistillConfig
 from fedbrain.dp import DPSGDConfig
-from fedbrain.training import TrainConfig
+from fedbrain.training import WARMUP_FRACTION, TrainConfig
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 
 # The local training config of a federated round, for every algorithm: one plain SGD step (lr 1, no momentum),
-# so each site's update is its gradient on its share of a stratified batch and the server's optimiser (FedAdam,
-# below) takes the step centralised AdamW would take (issue 11). SCAFFOLD's control variates (plain SGD steps,
-# NVFlare's PTScaffoldHelper) fit it as they are. What each algorithm changes on top goes in ALGORITHM_DEFAULTS.
+# so each site's update is its gradient on its share of a stratified batch and the server's optimiser (AdamW,
+# below) takes the step centralised AdamW would take (issue 11). More local work (train.steps > 1, or steps 0:
+# epochs) takes plain SGD steps at MULTI_STEP_LOCAL_LR unless the user sets train.lr. SCAFFOLD's control variates
+# (plain SGD steps, NVFlare's PTScaffoldHelper) fit it as they are. What each algorithm changes on top goes in
+# ALGORITHM_DEFAULTS.
 FEDERATED_TRAIN: dict = {"steps": 1, "optimizer": "sgd", "momentum": 0.0, "lr": 1.0}
+MULTI_STEP_LOCAL_LR = 0.01  # the local SGD lr of several steps per round (lr 1 is only a gradient's scale for one)
 ALGORITHM_DEFAULTS: dict[str, dict] = {
     "fedavg": {},
     "fedprox": {},
@@ -32,10 +35,11 @@ FEDERATED_MODEL = "fedbrain_cnn_gn"  # GroupNorm: no batch statistics, which sit
 # Fields the server needs but a site does not (never sent in the site's arguments).
 SERVER_ONLY = ("min_clients", "wait_after_min_s", "cross_site_eval", "initial_checkpoint",
                "site_weighting", "pretrained", "extra_site_args", "threads_per_site", "user_train", "server_lr",
-               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum", "tracking_uri")
+               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum", "tracking_uri",
+               "server_weight_decay", "server_warmup", "validations", "plan_start_round")
 TRACKING = ("", "mlflow")  # experiment tracking besides the run's own JSONL + TensorBoard
-LEVER_CHOICES = {"server_optimizer": ("sgd", "adam"), "class_balance": ("site", "federation"),
-                 "missing_classes": ("keep", "restrict"), "lr_schedule": ("constant", "cosine"),
+LEVER_CHOICES = {"server_optimizer": ("sgd", "adam", "adamw"), "class_balance": ("site", "federation"),
+                 "missing_classes": ("keep", "restrict"),
                  "site_weighting": ("steps", "samples", "equal"),
                  "bn_statistics": ("batch", "pooled", "frozen", "renorm"), "batch_split": ("site", "proportional"),
                  "distil_teacher_bn": ("site", "global")}
@@ -49,8 +53,8 @@ def legacy_overrides() -> dict:
     return {"train": {"steps": 0, "epochs": 1, "norm": "batch", "optimizer": "adamw", "lr": TrainConfig.lr,
                       "momentum": TrainConfig.momentum},
             "site_weighting": "steps", "class_balance": "site", "bn_statistics": "batch", "missing_classes": "keep",
-            "reset_optimizer": False, "batch_split": "site", "eval_every": 1,
-            "lr_schedule": "constant", "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.0}
+            "reset_optimizer": False, "batch_split": "site", "validations": 0,
+            "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.0}
 
 
 def algorithm_train_config(algorithm: str, **overrides) -> TrainConfig:
@@ -62,6 +66,8 @@ def algorithm_train_config(algorithm: str, **overrides) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown training setting(s) {sorted(unknown)}")
     base = {"epochs": 1, **FEDERATED_TRAIN, **ALGORITHM_DEFAULTS[algorithm]}
+    if overrides.get("steps", base["steps"]) != 1 and base.get("optimizer") == "sgd":
+        base["lr"] = MULTI_STEP_LOCAL_LR
     return TrainConfig(**{**base, **overrides})
 
 
@@ -83,7 +89,6 @@ class JobSettings:
     class_balance: str = "federation"  # class weights from the pooled counts the server sends | "site": its own
     missing_classes: str = "keep"  # "restrict": a site's softmax covers only the classes its labels can show
     reset_optimizer: bool = False  # restart the local optimiser every round (no stale moments across rounds)
-    lr_schedule: str = "constant"  # "cosine": the local lr (and the server lr) follow one cosine over all rounds
     # BatchNorm across sites: "batch" (batch statistics at every site; the server pools the sites' running
     # moments), "pooled" (every round, sites estimate their moments, the server pools them, and everyone trains
     # with the pooled statistics), "frozen" (FixBN: batch statistics until bn_freeze_round, then the pooled
@@ -94,13 +99,18 @@ class JobSettings:
     bn_freeze_round: int | None = None  # "frozen": the round the statistics are pooled and frozen (default: 1/4)
     bn_images: int = 512  # images a site uses to estimate its BatchNorm moments
     server_bn_momentum: float = 0.1  # "renorm": the server's EMA rate for the pooled BatchNorm moments
-    eval_every: int = 25  # sites validate the received global model every N rounds (and in the last one)
+    validations: int = BUDGET_EPOCHS  # global models the sites validate, evenly spread over the planned rounds, the
+    # final one always (training.validation_points): as many candidates as centralised has epochs (0: every round)
     # "site": every site trains on batches of train.batch_size; "proportional": the federation's batch of
     # train.batch_size images is split across sites in proportion to their training-set sizes (at least 2 each),
     # so one round's sample-weighted average is a gradient of a stratified batch of the pooled data
     batch_split: str = "proportional"
-    server_optimizer: str = "adam"  # how the server applies the averaged update: "adam" (FedAdam) | "sgd" (FedAvg)
-    server_lr: float = TrainConfig.lr  # FedAdam's step: centralised AdamW's (FedAvg: plain SGD with lr 1)
+    # how the server applies the averaged update: "adamw" (centralised's AdamW: decoupled weight decay, warm-up then
+    # cosine to 0 over the planned rounds; the site lr stays fixed) | "adam" (FedAdam, constant lr) | "sgd" (FedAvg)
+    server_optimizer: str = "adamw"
+    server_lr: float = TrainConfig.lr  # the server's peak step: centralised AdamW's (FedAvg: plain SGD with lr 1)
+    server_weight_decay: float = TrainConfig.weight_decay  # "adamw": decoupled decay on the server (sites: none)
+    server_warmup: float = WARMUP_FRACTION  # "adamw": the share of the planned rounds the server lr warms up over
     server_momentum: float = 0.0  # FedAvgM: server momentum on the averaged update
     server_eps: float = 1e-8  # FedAdam's epsilon
     min_clients: int | None = None  # sites that must answer each round (default: all)
@@ -132,6 +142,7 @@ class JobSettings:
     # never leave it; a teacher federated with site-pure batches needs them) | "global": by the teacher's own
     distil_teacher_bn: str = "site"
     start_round: int = 0  # resume: round numbering continues from here
+    plan_start_round: int | None = None  # the job's first round as planned (None: start_round; a resumed run keeps it)
     extra_site_args: str = ""  # appended to every site's args (fault injection in tests)
 
     def __post_init__(self) -> None:
@@ -140,6 +151,8 @@ class JobSettings:
         for name, choices in LEVER_CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
+        if not 0 <= self.server_warmup < 1 or self.server_weight_decay < 0 or self.validations < 0:
+            raise ValueError("server_warmup must be in [0, 1), server_weight_decay and validations >= 0")
         if self.train.norm not in ("batch", "running"):
             raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
         self.distillation()  # validates weight and temperature
@@ -241,6 +254,8 @@ class JobSettings:
         """The settings a site trains by (no server-side fields, no paths: the teacher is named by the file the job
         carries to the site's ``custom/`` folder)."""
         d = {k: v for k, v in self.to_dict().items() if k not in SERVER_ONLY}
+        if self.server_optimizer == "adamw":  # the server decays the weights (decoupled): no L2 in the gradient
+            d["train"]["weight_decay"] = 0.0
         if self.distil_from:
             d["distil_from"] = Path(self.distil_from).name
         return d

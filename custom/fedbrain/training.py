@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import random
 import time
@@ -106,6 +107,24 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 def model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def derived_seed(seed: int, step: int, site: str = "") -> int:
+    """The data-order seed of one epoch or round (``step``) at one site: a hash of (seed, step, site), so no two
+    (seed, step) pairs share an order (``seed + step`` made seed 1's epoch 0 seed 0's epoch 1)."""
+    digest = hashlib.blake2b(f"{int(seed)}:{int(step)}:{site}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # 63 bits: a valid torch.Generator seed
+
+
+def validation_points(total: int, candidates: int) -> list[int]:
+    """After how many of ``total`` epochs or rounds the model is validated (and may be kept as the best):
+    ``candidates`` points spread evenly, the last one always ``total`` (the final model). Centralised training
+    validates every epoch; a federation gets as many candidates as centralised has epochs at its budget
+    (``candidates`` <= 0 or >= ``total``: every one)."""
+    if total <= 0:
+        return []
+    n = total if candidates <= 0 else min(candidates, total)
+    return [-(-total * (i + 1) // n) for i in range(n)]
 
 
 def seed_everything(seed: int) -> None:
@@ -408,7 +427,13 @@ def _batches(loader: Iterable, epochs: int, steps: int | None):
             return
 
 
-def cosine_schedule(warmup_fraction: float = 0.05) -> Callable[[int, int], float]:
+WARMUP_FRACTION = 0.05  # centralised training's linear warm-up, as a share of all steps (the server's default too)
+
+
+def cosine_schedule(warmup_fraction: float = WARMUP_FRACTION) -> Callable[[int, int], float]:
+    """The lr's scale at ``step`` of ``total``: a linear warm-up over ``warmup_fraction`` of the steps, then one
+    cosine towards 0 at the last step (centralised training per optimiser step; the federated server per round)."""
+
     def f(step: int, total: int) -> float:
         warm = max(1, int(total * warmup_fraction))
         if step < warm:
@@ -426,16 +451,20 @@ def train_keep_best(
     on_epoch: Callable[[int, dict, dict, float], None] | None = None,
     progress: str | None = None,
     distiller: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    validations: int = 0,
 ) -> tuple[dict | None, float, list[dict]]:
-    """``cfg.epochs`` epochs with one optimizer and one cosine schedule across all of them, scoring each
-    epoch by the validation headline (or minus the training loss without ``val_loader``).
+    """``cfg.epochs`` epochs with one optimizer and one cosine schedule across all of them, scoring the epochs of
+    :func:`validation_points` (``validations`` of them, 0: every epoch; the last always) by the validation
+    headline (or minus the training loss without ``val_loader``).
 
     Returns ``(best_state, best_score, history)``; the model keeps its last-epoch weights.
-    ``on_epoch(epoch, train_stats, val_metrics, score)`` runs after each epoch (logging).
+    ``on_epoch(epoch, train_stats, val_metrics, score)`` runs after each epoch (logging; score None where the
+    epoch was not validated).
     """
     place(model, resolve_device(cfg.device))
     optimizer = make_optimizer(model, cfg)  # its state carries over between epochs
     schedule = cosine_schedule()
+    validated = set(validation_points(cfg.epochs, validations))
     best, best_score, history = None, -float("inf"), []
     for epoch in range(cfg.epochs):
         loader = loader_for_epoch(epoch)
@@ -446,13 +475,15 @@ def train_keep_best(
                              schedule(start + step, total),
                              progress=f"{progress} {epoch + 1}/{cfg.epochs}" if progress else None,
                              distiller=distiller)
-        val = evaluate(model, val_loader) if val_loader is not None else {}
-        score = headline(val) if val else -stats["loss"]
+        val, score = {}, None
+        if epoch + 1 in validated:
+            val = evaluate(model, val_loader) if val_loader is not None else {}
+            score = headline(val) if val else -stats["loss"]
         history.append({"epoch": epoch + 1, "loss": stats["loss"], "val_score": score,
                         "images_per_s": stats["images_per_s"], "seconds": stats["seconds"]})
         if on_epoch is not None:
             on_epoch(epoch, stats, val, score)
-        if score > best_score:
+        if score is not None and score > best_score:
             best_score = score
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return best, best_score, history

@@ -453,6 +453,10 @@ def job_settings(args: argparse.Namespace, fed=None):
 
         settings.rounds = rounds_for_budget(settings, fed, cfg.budget_epochs)
         cfg.sources["rounds"] = f"budget_epochs = {cfg.budget_epochs:g} on this federation"
+    if fed is not None and not cfg.given("validations"):  # as many validated models as centralised has epochs
+        from fedbrain.experiments.compare import budget_epochs
+
+        settings.validations = budget_epochs(settings, fed)
     cfg.job = settings
     return settings
 

@@ -237,7 +237,8 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
             if progress:
                 print(f"\n== {mode.name} (seed {seed})", flush=True)
             if mode.kind == "federated":
-                s = replace(mode.settings, train=replace(mode.settings.train, seed=seed))
+                # as many validated models as centralised has epochs (training.validation_points)
+                s = replace(mode.settings, train=replace(mode.settings.train, seed=seed), validations=budget)
                 data = iid_federation(fed, seed) if mode.iid else fed
                 if mode.held_out:  # the same epochs over the smaller federation's data
                     data = without_site(fed, mode.held_out)

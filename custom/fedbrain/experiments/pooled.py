@@ -17,7 +17,14 @@ from fedbrain.input_check import build_profile
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
 from fedbrain.runs import MetricsLog, RunDir
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, headline_of
-from fedbrain.training import TrainConfig, predict_proba, resolve_device, seed_everything, train_keep_best
+from fedbrain.training import (
+    TrainConfig,
+    derived_seed,
+    predict_proba,
+    resolve_device,
+    seed_everything,
+    train_keep_best,
+)
 
 
 def train_pooled(
@@ -90,7 +97,7 @@ def _train(run, model, model_name, cfg, pool, every, card, log, status, train_si
 
     t0 = time.perf_counter()
     best, best_score, history = train_keep_best(
-        model, lambda epoch: pool.train(seed=cfg.seed + epoch), cfg,
+        model, lambda epoch: pool.train(seed=derived_seed(cfg.seed, epoch, train_site.name)), cfg,
         val_loader=pool.eval("val") if train_site.splits["val"] else None, on_epoch=on_epoch,
         progress="epoch" if progress else None, distiller=distiller)
     train_seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from fedbrain.models import (
 )
 from fedbrain.runs import RunDir, read_metrics, write_json
 from fedbrain.settings import JobSettings
-from fedbrain.training import TrainConfig, evaluate, make_optimizer, train_epochs
+from fedbrain.training import TrainConfig, derived_seed, evaluate, make_optimizer, train_epochs
 
 
 def train_throughput(names: list[str], batch_size: int = 32, steps: int = 3, image_size: int | None = None,
@@ -59,7 +59,7 @@ def simulator_overhead(fed: Federation, settings: JobSettings, run: RunDir, cach
         for rnd in range(settings.rounds):
             if site.splits["val"]:
                 evaluate(model, loaders.eval("val"))
-            train_epochs(model, loaders.train(seed=rnd), cfg, optimizer=opt)
+            train_epochs(model, loaders.train(seed=derived_seed(cfg.seed, rnd, site.name)), cfg, optimizer=opt)
     local = time.perf_counter() - t0
     wall = summary["wall_seconds"]
     out = {"simulator_wall_s": wall, "plain_local_s": local, "ratio": wall / local, "rounds": settings.rounds,

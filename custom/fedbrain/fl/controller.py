@@ -8,8 +8,14 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
 - after every round the global model (and SCAFFOLD's global control variates) is written to
   ``checkpoint_dir/round-NNNN.pt`` (the newest two are kept), so a run killed at any point resumes from its
   last finished round;
-- the best global model by the *pooled* validation score (the sites' summed validation counts, see
-  :mod:`fedbrain.fl.metrics`) is written to ``checkpoint_dir/best.pt``;
+- before round 0 the sites send their training-label counts (a ``counts`` request), so the federation's pooled
+  class counts (class_balance, proportional batches) hold from the first round;
+- the server's optimiser (AdamW by default) follows centralised training's schedule over the planned rounds: a
+  linear warm-up, then one cosine to 0, with decoupled weight decay;
+- the sites validate the global model at :func:`fedbrain.training.validation_points` (as many candidates as
+  centralised training has epochs) and the final model always (a ``validate`` request after the last round); the
+  best by the *pooled* validation score (the sites' summed validation counts, see :mod:`fedbrain.fl.metrics`) is
+  written to ``checkpoint_dir/best.pt``;
 - SCAFFOLD: the global control variates go out with the model and are updated from the validated,
   aggregated control differences (scaled by the share of sites that answered);
 - secure aggregation: before round 0 every site sends its public key (signed with its kit key where it has one)
@@ -31,10 +37,19 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
-from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
+from fedbrain.fl.metrics import (
+    CLASS_COUNTS,
+    NUM_SITES,
+    REQUEST,
+    SERVER_STATE,
+    VALIDATE,
+    pooled_validation,
+    site_counts,
+)
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 from fedbrain.secagg import KEY_EXCHANGE, PUBLIC_KEYS, REFUSED, SESSION
 from fedbrain.status import now_iso
+from fedbrain.training import WARMUP_FRACTION, cosine_schedule, validation_points
 
 PROGRESS_GROUP = "fedbrain"  # the admin API's show_stats group holding progress()
 KEEP_ROUND_FILES = 2  # the newest round files kept (written atomically: the newest alone is enough to resume)
@@ -49,6 +64,8 @@ def save_round(path: str, params: dict, round_: int, extra: dict | None = None) 
 
     payload = {"model": tensors(params), "round": int(round_)}
     for k, v in (extra or {}).items():
+        if k == SERVER_STATE:
+            v = {"steps": int(v["steps"]), "m": tensors(v["m"]), "v": tensors(v["v"])}
         payload[k] = tensors(v) if k == "scaffold_control" else v
     tmp = path + ".tmp"
     torch.save(payload, tmp)
@@ -61,7 +78,9 @@ class FedbrainController(FedAvg):
     def __init__(self, *args, min_responses: int = 0, wait_after_min_s: int = 60, checkpoint_dir: str = "",
                  scaffold: bool = False, num_sites: int = 0, initial_control: str = "", server_lr: float = 1.0,
                  server_momentum: float = 0.0, server_optimizer: str = "sgd", server_eps: float = 1e-6,
-                 server_cosine: bool = False, server_bn_momentum: float | None = None, stop_file: str = "",
+                 server_weight_decay: float = 0.0, server_warmup: float = WARMUP_FRACTION,
+                 plan_start_round: int | None = None, validations: int = 0,
+                 server_bn_momentum: float | None = None, stop_file: str = "",
                  secure_aggregation: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.secure_aggregation = secure_aggregation
@@ -74,7 +93,11 @@ class FedbrainController(FedAvg):
         self.server_momentum = server_momentum
         self.server_optimizer = server_optimizer
         self.server_eps = server_eps
-        self.server_cosine = server_cosine
+        self.server_weight_decay = server_weight_decay
+        self.server_warmup = server_warmup
+        self.plan_start_round = plan_start_round  # None: start_round (a resumed job keeps its plan's first round)
+        self.validations = validations
+        self._final: FLModel | None = None  # the last aggregated global model
         self.server_bn_momentum = server_bn_momentum
         self._velocity: dict | None = None
         self._second: dict = {}
@@ -118,6 +141,7 @@ class FedbrainController(FedAvg):
             if self._public_keys is not None:
                 data.meta[PUBLIC_KEYS] = self._public_keys
                 data.meta[SESSION] = self._session
+            data.meta[VALIDATE] = self._validates(int(self.current_round or 0))
         if data is not None and self._class_counts:  # the federation's pooled label counts (class_balance)
             data.meta[CLASS_COUNTS] = [float(sum(c[k] for c in self._class_counts.values()))
                                        for k in range(len(next(iter(self._class_counts.values()))))]
@@ -145,16 +169,22 @@ class FedbrainController(FedAvg):
 
     def _server_step(self, current: dict, averaged: dict) -> dict:
         """The server's optimiser on the averaged update ("pseudo-gradient"), BatchNorm statistics excepted:
-        FedAvgM (``sgd``: server_lr x momentum) or FedAdam (``adam``: bias-corrected, betas 0.9 / 0.999)."""
+        FedAvgM (``sgd``: server_lr x momentum), FedAdam (``adam``: bias-corrected, betas 0.9 / 0.999) or AdamW
+        (``adamw``: Adam, the weights first decayed by lr x server_weight_decay, as ``torch.optim.AdamW``). Under
+        Adam a weight no site changed (a frozen block) stays as it is: neither stepped nor decayed."""
         out = dict(averaged)
         self._velocity = self._velocity or {}
         self._steps += 1
+        lr = self._lr()
+        adam = self.server_optimizer in ("adam", "adamw")
         for k, v in averaged.items():
-            new, old = np.asarray(v), np.asarray(current[k])
+            new, old = np.asarray(v), np.asarray(current[k], dtype=np.float64)
             if new.dtype.kind != "f" or k.endswith(("running_mean", "running_var")):
                 continue
             delta = new.astype(np.float64) - old
-            if self.server_optimizer == "adam":
+            if adam and not delta.any() and k not in self._velocity:
+                continue  # frozen (fine-tuning): centralised AdamW never holds it either
+            if adam:
                 m = 0.9 * self._velocity.get(k, 0.0) + 0.1 * delta
                 s2 = 0.999 * self._second.get(k, 0.0) + 0.001 * delta * delta
                 self._velocity[k], self._second[k] = m, s2
@@ -163,7 +193,9 @@ class FedbrainController(FedAvg):
             else:
                 step = self.server_momentum * self._velocity.get(k, 0.0) + delta
                 self._velocity[k] = step
-            out[k] = (old + self._lr() * step).astype(new.dtype)
+            if self.server_optimizer == "adamw":
+                old = old * (1.0 - lr * self.server_weight_decay)
+            out[k] = (old + lr * step).astype(new.dtype)
         return out
 
     def _bn_ema(self, current: dict, pooled: dict) -> dict:
@@ -176,18 +208,82 @@ class FedbrainController(FedAvg):
                 out[k] = ((1 - m) * old + m * np.asarray(v, dtype=np.float64)).astype(np.asarray(v).dtype)
         return out
 
-    def _lr(self) -> float:
-        """The server lr this round: constant, or one cosine over the job's planned rounds."""
-        if not self.server_cosine:
-            return self.server_lr
-        return self.server_lr * cosine_scale(self.current_round or 0, self.start_round, self.num_rounds)
+    def _plan(self) -> tuple[int, int]:
+        """The planned job's first round and its number of rounds (a resumed job continues its plan)."""
+        first = self.start_round if self.plan_start_round is None else self.plan_start_round
+        return first, self.start_round + self.num_rounds - first
 
-    # -------------------------------------------------------------- receiving, stopping
+    def _lr(self) -> float:
+        """The server lr this round: under ``adamw`` centralised training's schedule over the planned rounds (a
+        linear warm-up over ``server_warmup`` of them, then one cosine to 0); otherwise constant."""
+        if self.server_optimizer != "adamw":
+            return self.server_lr
+        first, planned = self._plan()
+        return self.server_lr * cosine_schedule(self.server_warmup)(int(self.current_round or 0) - first, planned)
+
+    def _validates(self, round_: int) -> bool:
+        """Whether the sites validate the global model they receive in ``round_`` (the model after
+        ``round_ - first`` rounds; the final model is validated after the last round)."""
+        first, planned = self._plan()
+        return round_ - first in validation_points(planned, self.validations)
+
+    # -------------------------------------------------------------- requests outside the training rounds
 
     def run(self) -> None:
+        """Secure aggregation's key exchange, a ``counts`` request (the pooled class counts hold from round 0),
+        FedAvg's rounds, then a ``validate`` request of the final global model."""
         if self.secure_aggregation and not self._exchange_keys():
             return
+        self._load_server_state()
+        self._request_counts()
         super().run()
+        if self._final is not None and not self.abort_signal.triggered:
+            self._validate_final(self._final)
+
+    def _load_server_state(self) -> None:
+        """A resumed job's server Adam moments and step count, from the round file it starts from."""
+        if not (self.initial_control and os.path.isfile(self.initial_control)):
+            return
+        import torch
+
+        saved = torch.load(self.initial_control, map_location="cpu", weights_only=True).get(SERVER_STATE)
+        if saved:
+            self._steps = int(saved["steps"])
+            self._velocity = {k: np.asarray(v, dtype=np.float64) for k, v in saved["m"].items()}
+            self._second = {k: np.asarray(v, dtype=np.float64) for k, v in saved["v"].items()}
+
+    def _request(self, what: str, data: FLModel) -> list[FLModel]:
+        """Ask every site for ``what`` instead of a training round; the answers that came back."""
+        data.meta = {**(data.meta or {}), REQUEST: what, NUM_SITES: self.num_sites}
+        return self.broadcast_model(data=data, task_name=self.task_name, min_responses=self.min_responses or 0,
+                                    wait_time_after_min_received=self.wait_after_min_s if self.min_responses else 0,
+                                    blocking=True) or []
+
+    def _request_counts(self) -> None:
+        """Each site's training-label counts before round 0 (no model is sent)."""
+        for result in self._request("counts", FLModel(metrics={}, current_round=self.start_round)):
+            counts = site_counts(result.metrics or {})
+            if counts is not None:
+                self._class_counts[str(_get_client_name(result))] = counts
+
+    def _validate_final(self, model: FLModel) -> None:
+        """The sites validate the final global model; it becomes ``best.pt`` when it scores best."""
+        after = self.start_round + self.num_rounds if self._last_finished is None else self._last_finished + 1
+        data = FLModel(params=model.params, params_type=model.params_type, current_round=after)
+        rows = [dict(r.metrics or {}) for r in self._request("validate", data)]
+        metrics = pooled_validation(rows) if rows else {}
+        self._keep_if_best(metrics, model.params, after)
+
+    def _keep_if_best(self, metrics: dict, params: dict, round_: int) -> None:
+        """Write ``best.pt`` when ``metrics``' pooled validation score beats the best so far."""
+        score = metrics.get("val_score")
+        if isinstance(score, (int, float)) and math.isfinite(score) and score > self._best_score:
+            self._best_score = score
+            save_round(os.path.join(self._dir(), ROUNDS_BEST), params, round_,
+                       {"val_score": float(score), "metrics": {k: float(v) for k, v in metrics.items()
+                                                               if isinstance(v, (int, float))}})
+
+    # -------------------------------------------------------------- receiving, stopping
 
     def _exchange_keys(self) -> bool:
         """Secure aggregation, before round 0: every site's public key, to be sent to all with each round."""
@@ -224,14 +320,8 @@ class FedbrainController(FedAvg):
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         sent_params = dict(model.params or {})
-        metrics = aggr_result.metrics or {}
-        score = metrics.get("val_score")
-        if isinstance(score, (int, float)) and math.isfinite(score) and score > self._best_score:
-            # the sites validated the model they received this round: that one is the new best
-            self._best_score = score
-            save_round(os.path.join(self._dir(), ROUNDS_BEST), sent_params, self.current_round,
-                       {"val_score": float(score), "metrics": {k: float(v) for k, v in metrics.items()
-                                                               if isinstance(v, (int, float))}})
+        # the sites validated the model they received this round: it may be the new best
+        self._keep_if_best(aggr_result.metrics or {}, sent_params, self.current_round)
         take = getattr(self.aggregator, "take_site_counts", None)
         if take is not None:
             self._class_counts.update(take())
@@ -250,6 +340,8 @@ class FedbrainController(FedAvg):
                 if k in self._global_ctrl:
                     self._global_ctrl[k] = self._global_ctrl[k] + share * np.asarray(v, dtype=np.float32)
             extra["scaffold_control"] = {k: v.copy() for k, v in self._global_ctrl.items()}
+        if self.server_optimizer in ("adam", "adamw") and self._velocity:
+            extra[SERVER_STATE] = {"steps": self._steps, "m": self._velocity, "v": self._second}
         d = self._dir()
         save_round(os.path.join(d, ROUND_FILE.format(self.current_round)), model.params, self.current_round, extra)
         stale = os.path.join(d, ROUND_FILE.format(self.current_round - KEEP_ROUND_FILES))
@@ -261,6 +353,7 @@ class FedbrainController(FedAvg):
             self.stop_condition = self.stop_condition or ("val_score", 0.0, lambda _value, _target: True)
             self.info(f"stop requested ({self.stop_file}): the job ends after round {self.current_round}")
         self._last_finished = self.current_round
+        self._final = model
         with open(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), "w") as fh:
             json.dump(self.progress(), fh)
         os.replace(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), os.path.join(d, ROUNDS_PROGRESS))

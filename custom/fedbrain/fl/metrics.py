@@ -11,8 +11,6 @@ type, a type Brier curve); their sum over sites fits the global model's calibrat
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from fedbrain import calibration
@@ -22,6 +20,9 @@ from fedbrain.input_check import pooled_ranges, profile_of_metrics
 NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
 CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
 NUM_SITES = "fedbrain_num_sites"  # model meta key: how many sites the job has
+VALIDATE = "fedbrain_validate"  # model meta key: the sites validate the global model they receive this round
+SERVER_STATE = "server_optimizer_state"  # a round file's server Adam moments and step count (resume continues them)
+REQUEST = "fedbrain_request"  # model meta key of a task that is no training round: "counts" | "validate"
 SECURE_META = "secure_aggregation"  # a site's meta flag: its params are a masked, sample-weighted update (secagg)
 COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)
 CAL_PREFIX = "val_pooled_cal_"  # the server's calibration fit among a round's aggregated metrics (flat scalars)
@@ -159,13 +160,6 @@ def site_counts(metrics: dict) -> list[int] | None:
     except (TypeError, ValueError):
         return None
     return counts if all(0 <= c < 10**9 for c in counts) else None
-
-
-def cosine_scale(round_: int, start_round: int, rounds: int) -> float:
-    """One cosine over a job's planned rounds: 1 at the first round, towards 0 at the last (the local lr and the
-    server lr of ``lr_schedule="cosine"`` follow it alike)."""
-    total = max(1, start_round + rounds)
-    return 0.5 * (1 + math.cos(math.pi * min(round_, total - 1) / total))
 
 
 def site_batch_size(batch_size: int, own: int, meta: dict) -> int:

@@ -18,7 +18,7 @@ from fedbrain.contract import augmentation_policy, supervised_granularity
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
-from fedbrain.fl.metrics import with_round_fits
+from fedbrain.fl.metrics import SERVER_STATE, with_round_fits
 from fedbrain.fl.recipes import build_recipe
 from fedbrain.models import create_model, default_preprocessing, weights_source
 from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
@@ -294,7 +294,8 @@ def is_unfinished(run: RunDir) -> bool:
 
 
 def _write_initial_model(source: Path, run: RunDir) -> dict:
-    """Copy a round file's (or checkpoint's) weights, and SCAFFOLD controls, into ``initial_model.pt``."""
+    """Copy a round file's (or checkpoint's) weights, SCAFFOLD controls and server optimiser state into
+    ``initial_model.pt``."""
     import torch
 
     from fedbrain.checkpoint import load_weights
@@ -304,10 +305,18 @@ def _write_initial_model(source: Path, run: RunDir) -> dict:
         _card, state = read_checkpoint(source)
         payload = {"model": state}
     else:
-        payload = {"model": obj["model"], **({"scaffold_control": obj["scaffold_control"]}
-                                             if "scaffold_control" in obj else {})}
+        payload = {"model": obj["model"], **{k: obj[k] for k in ("scaffold_control", SERVER_STATE) if k in obj}}
     torch.save(payload, run.initial_model)
     return obj
+
+
+def threads_per_site(sites: int) -> int:
+    """Torch threads of each simulated site: the cores this process may use, shared out (never oversubscribed)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, sites))
 
 
 def continue_from(settings: JobSettings, source: Path, run: RunDir) -> None:
@@ -337,6 +346,8 @@ def resume_in_place(run: RunDir) -> JobSettings:
     config = run.read_config()
     settings = JobSettings.from_dict(config["job"])
     planned_end = settings.start_round + settings.rounds
+    if settings.plan_start_round is None:  # the server's lr schedule and validated rounds keep the whole plan
+        settings.plan_start_round = settings.start_round
     done = finished_rounds(run)
     if done:
         _write_initial_model(run.round_model(done[-1]), run)
@@ -444,7 +455,7 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
 
     settings.secure_aggregation = secure_aggregation_on(settings, len(sites))  # each site makes its own key
     if settings.threads_per_site is None:
-        settings.threads_per_site = max(1, (os.cpu_count() or 1) // len(sites))
+        settings.threads_per_site = threads_per_site(len(sites))
     run.write_config(kind="federated", algorithm=settings.algorithm, model=settings.model,
                      job=settings.to_dict(), federation=fed.spec.to_dict(), sites=sites)
     recipe = build_recipe(settings, sites, run.split_files(sites), run_dir=str(run),

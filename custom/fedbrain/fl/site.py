@@ -28,9 +28,10 @@ from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
     NUM_SAMPLES,
+    REQUEST,
     SECURE_META,
+    VALIDATE,
     class_recalls,
-    cosine_scale,
     site_batch_size,
     validation_counts,
 )
@@ -51,6 +52,7 @@ from fedbrain.secagg import (
 from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
+    derived_seed,
     estimate_bn_statistics,
     evaluate,
     headline,
@@ -96,11 +98,6 @@ def bn_initialised(model: torch.nn.Module) -> bool:
     """Whether the model's BatchNorm statistics were ever estimated (a fresh model's are 0 / 1)."""
     bns = batchnorms(model)
     return not bns or any(int(m.num_batches_tracked) > 0 for m in bns)
-
-
-def lr_factor(job: JobSettings, rnd: int) -> float:
-    """The local lr's scale in round ``rnd``: 1, or one cosine over the job's planned rounds."""
-    return cosine_scale(rnd, job.start_round, job.rounds) if job.lr_schedule == "cosine" else 1.0
 
 
 def secure_masker(site: str, run: RunDir | None) -> SiteMasker:
@@ -204,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     # under DP the label counts (and the training-set size, their sum) leave once, Laplace-noised, in the ledger
     sent_counts = released_counts(own_counts, job, entry) if private_any else own_counts.tolist()
     n_sent = max(1, int(sum(sent_counts))) if private_any else len(data.splits["train"])
+    count_metrics = {f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}
     k_patient = slices_per_patient(data.splits["train"])
     dp_count_eps = job.dp_count_epsilon if private_any else 0.0
 
@@ -257,6 +255,10 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(flare.FLModel(params={}, meta={PUBLIC_KEYS: secure.announcement()} if secure is not None
                                      and meta_in.get(KEY_EXCHANGE) else {REFUSED: "secure aggregation"}))
             continue
+        request = meta_in.get(REQUEST)  # a task that is no training round
+        if request == "counts":  # before round 0: the server pools every site's training-label counts
+            flare.send(flare.FLModel(metrics=dict(count_metrics)))
+            continue
         if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
             # what the site already released (privatised under DP), never the unclipped local weights; a site
             # that never trained sends the global model it holds
@@ -272,9 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                               **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
             continue
         val, val_counts = {}, {}
-        last = job.start_round + job.rounds - 1
-        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last) \
-                and may_evaluate():
+        if data.splits["val"] and (request == "validate" or meta_in.get(VALIDATE)) and may_evaluate():
             probs, targets = predict_proba(model, loaders.eval("val"))
             val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
             val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
@@ -282,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
                 val_counts.update(own_profile)  # for the federated input profile
         if val:
             log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
+        if request == "validate":  # the final global model: validated, not trained
+            flare.send(flare.FLModel(metrics={"val_score": headline(val) if val else float("nan"),
+                                              **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}))
+            continue
         if rnd == args.fail_at_round and site == args.fail_site:
             raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
 
@@ -317,8 +321,6 @@ def main(argv: list[str] | None = None) -> None:
                 scaffold.model_update(m, lr, _g, _l)
         if job.reset_optimizer:
             optimizer = make_optimizer(model, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * lr_factor(job, rnd)
         pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
         t0 = time.perf_counter()
         batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = None
             train_loader = PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate, loaders.augmentation)
         else:
-            train_loader = loaders.train(seed=cfg.seed + rnd, batch_size=batch)
+            train_loader = loaders.train(seed=derived_seed(cfg.seed, rnd, site), batch_size=batch)
         if private is not None and not private.can_step():
             # the budget is spent: no more training here; the site still validates and says so
             print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             flare.send(flare.FLModel(params=release(global_state), meta=meta, metrics={
                 "val_score": headline(val) if val else float("nan"),
                 **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}}))
+                **count_metrics}))
             continue
         stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
                              extra_loss=extra_loss, after_step=after_step,
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {"val_score": headline(val) if val else float("nan"),
                    **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
                    **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}}
+                   **count_metrics}
         flare.send(flare.FLModel(params=params if corrupt else release(params), metrics=metrics, meta=meta))
 
 
