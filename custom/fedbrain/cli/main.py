@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedbrain.cli import compression, dashboard, data, deployment, federation, privacy, runs, training
+from fedbrain.cli import compression, dashboard, data, deployment, federation, privacy, results, runs, training
 from fedbrain.cli.options import Parser, UsageError
 
 # Each module has ``register(groups)``; a module that fails to import fails the CLI loudly.
-COMMAND_MODULES = (data, training, federation, deployment, compression, privacy, dashboard, runs)
+COMMAND_MODULES = (data, training, federation, deployment, compression, privacy, dashboard, runs, results)
 GROUPS = {"data": "inspect, fetch and split data", "bench": "benchmarks"}
 
 
