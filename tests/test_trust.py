@@ -242,6 +242,7 @@ def test_shifts_are_deterministic_and_grow_with_strength():
     assert np.array_equal(shifted(imgs, SHIFTS[-1], "moderate"), imgs[:, :, ::-1])
 
 
+@pytest.mark.slow  # scores 36 shifted copies of the test split
 def test_evaluate_robustness_writes_every_shift_for_the_run(compression_synthetic_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(compression_synthetic_run, run, ignore=shutil.ignore_patterns("compression", "evaluation"))
