@@ -113,11 +113,16 @@ def compare_union(d: Path) -> list[str]:
                               ("site probe", lambda r: num(r["site_probe"], 2))])
 
 
+def _mean_sd(row: dict, key: str) -> str:
+    """``mean ± sd`` over seeds; the value alone for one seed."""
+    mean = num(row[f"{key}_mean"])
+    return f"{mean} ± {num(row[f'{key}_sd'])}" if row["seeds"] > 1 else mean
+
+
 def compare_summary(d: Path) -> list[str]:
     rows = read_json(d / "benchmark_compare.json")["summary"]
     keys = ["macro_f1", "tumour_auroc", "no_tumor_recall", "site_probe"]
-    body = [[r["mode"], str(r["seeds"]), str(r["n"])] + [f"{num(r[f'{k}_mean'])} ± {num(r[f'{k}_sd'])}" for k in keys]
-            for r in rows]
+    body = [[r["mode"], str(r["seeds"]), str(r["n"])] + [_mean_sd(r, k) for k in keys] for r in rows]
     return markdown(["mode", "seeds", "n", "union macro-F1", "tumour AUROC", "no_tumor recall", "site probe"], body)
 
 
