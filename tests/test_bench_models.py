@@ -34,6 +34,7 @@ def bench(tmp_path_factory) -> tuple[Path, Path]:
     return ws, run
 
 
+@pytest.mark.slow
 @needs_data
 def test_table_is_complete_and_from_the_run(bench):
     ws, run = bench
@@ -71,6 +72,7 @@ def test_table_is_complete_and_from_the_run(bench):
     assert all(g["best_baseline"] == "efficientnet_lite0" and g["params_ratio"] > 10 for g in doc["goal"])
 
 
+@pytest.mark.slow
 @needs_data
 def test_federated_baseline_starts_from_imagenet_and_keeps_frozen_blocks(bench):
     """The server's initial model holds the ImageNet weights and FedAvg leaves the frozen blocks as they were."""
@@ -145,6 +147,7 @@ def test_bad_model_and_finetune_are_clear_errors(capsys, tmp_path):
         assert "last-N" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @needs_data
 def test_retime_measures_again_and_keeps_accuracy(bench):
     ws, run = bench
@@ -157,6 +160,7 @@ def test_retime_measures_again_and_keeps_accuracy(bench):
         assert a["fp32_onnx_bytes"] == b["fp32_onnx_bytes"] and a["latency_ms_fp32_1t"] > 0
 
 
+@pytest.mark.slow
 @needs_data
 def test_models_page_shows_the_benchmark(bench, monkeypatch):
     from streamlit.testing.v1 import AppTest

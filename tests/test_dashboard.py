@@ -606,6 +606,7 @@ def test_federation_page_with_an_empty_cross_site_file(tmp_path, small_run, use_
 # ---------------------------------------------------------------- Evaluation (issue 14)
 
 
+@pytest.mark.slow  # a real `fedbrain evaluate --robustness`: 36 shifted copies of the test split
 def test_evaluation_page_shows_calibration_robustness_and_external_results(small_run, tmp_path, use_ws):
     ws = tmp_path / "ws"
     run = ws / small_run.name

@@ -2,7 +2,7 @@
 
 Opens every page, uploads a scan on the Predict page (from memory), waits for the prediction and saves a
 screenshot of each page under the test's tmp dir. ``FEDBRAIN_SCREENSHOTS=docs/screenshots`` also copies the
-screenshots there (the README's); ``FEDBRAIN_SCREENSHOTS_WORKSPACE=DIR`` points the server at another
+screenshots there (docs/clinicians.md's); ``FEDBRAIN_SCREENSHOTS_WORKSPACE=DIR`` points the server at another
 workspace (e.g. after ``make demo``) instead of the small fixture run.
 """
 
@@ -160,6 +160,7 @@ def _scan_png() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_dashboard_in_a_real_browser(dashboard_server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -207,7 +208,7 @@ def test_dashboard_in_a_real_browser(dashboard_server, tmp_path):
 
 
 def _publish(files: list[Path]) -> None:
-    """``FEDBRAIN_SCREENSHOTS=DIR``: copy the screenshots there (the README's), as 256-colour PNGs."""
+    """``FEDBRAIN_SCREENSHOTS=DIR``: copy the screenshots there (docs/clinicians.md's), as 256-colour PNGs."""
     target = os.environ.get("FEDBRAIN_SCREENSHOTS")
     if target:
         out = Path(target) if Path(target).is_absolute() else REPO / target

@@ -373,6 +373,7 @@ def test_the_policy_filter_stops_a_job_that_ignores_the_sites_policy(tmp_path, m
     assert "requires record-level DP, and the update was not trained by DP-SGD" in logs
 
 
+@pytest.mark.slow
 def test_exclude_twins_of_a_run_leaves_out_every_image_it_recorded(sim_run):
     """Public pretraining without the federation's scans: the same images as a run's splits are all left out."""
     from fedbrain.cli.main import build_parser

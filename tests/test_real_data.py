@@ -15,8 +15,10 @@ from fedbrain.data.federation import benchmark_spec, build_federation
 from fedbrain.data.readers import read_figshare, read_sartaj, read_yesno
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (DATA / "MANIFEST.csv").is_file(),
-                                reason=f"real benchmark data not found at {DATA} (../shared/data beside the checkout)")
+pytestmark = [pytest.mark.slow,  # reads every image of the three public sets
+              pytest.mark.skipif(not (DATA / "MANIFEST.csv").is_file(),
+                                 reason=f"real benchmark data not found at {DATA} (../shared/data beside the "
+                                        "checkout)")]
 FOLDER = {"glioma_tumor": "glioma", "meningioma_tumor": "meningioma", "pituitary_tumor": "pituitary",
           "no_tumor": "no_tumor", "yes": "tumour", "no": "no_tumor"}
 

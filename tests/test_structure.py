@@ -127,19 +127,6 @@ def test_every_flag_of_a_command_quoted_in_prose_exists(doc, command):
     assert not unknown, f"{doc}: `{command}`: fedbrain {' '.join(path)} has no {unknown}"
 
 
-def test_the_readme_is_ordered_by_reader():
-    """Quickstart first, then one part per reader, then results and internals; a table of contents."""
-    text = (ROOT / "README.md").read_text()
-    assert re.findall(r"(?m)^## (.+)$", text)[:6] == [
-        "Quickstart", "For researchers", "For hospital IT", "For clinicians", "Results", "Internals"]
-    quick = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    assert len(re.findall(r"```bash\n(.*?)```", quick, flags=re.S)[0].strip().splitlines()) <= 5
-    anchors = re.findall(r"\]\(#([a-z0-9_-]+)\)", text.split("## Quickstart")[0])
-    headings = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-")
-                for h in re.findall(r"(?m)^#{2,4} (.+)$", text)}
-    assert len(anchors) >= 8 and set(anchors) <= headings, set(anchors) - headings
-
-
 def test_the_installed_console_script_runs():
     exe = Path(sys.executable).with_name("fedbrain")
     proc = subprocess.run([str(exe), "provision", "--help"], capture_output=True, text=True, timeout=60)

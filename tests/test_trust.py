@@ -200,6 +200,7 @@ def test_the_federated_profile_is_the_pooled_profile_at_bin_resolution():
 # ---------------------------------------------------------------- augmentation policy
 
 
+@pytest.mark.slow
 def test_a_simulated_federation_saves_its_policy_calibration_and_input_profile(sim_run):
     card = read_card(sim_run / "checkpoints" / "best.pt")
     assert tuple(card.training["augmentation"]["gamma"]) == AUGMENTATIONS[DEFAULT_AUGMENTATION].gamma
@@ -241,6 +242,7 @@ def test_shifts_are_deterministic_and_grow_with_strength():
     assert np.array_equal(shifted(imgs, SHIFTS[-1], "moderate"), imgs[:, :, ::-1])
 
 
+@pytest.mark.slow  # scores 36 shifted copies of the test split
 def test_evaluate_robustness_writes_every_shift_for_the_run(compression_synthetic_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(compression_synthetic_run, run, ignore=shutil.ignore_patterns("compression", "evaluation"))
@@ -303,6 +305,7 @@ def layouts(tmp_path_factory) -> dict[str, tuple[Path, int]]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["figshare", "sartaj", "yesno", "folders", "csv"])
 def test_evaluate_external_scores_real_images_in_every_layout(layout, layouts, compression_synthetic_run, tmp_path,
                                                               capsys):
@@ -354,6 +357,7 @@ def test_evaluate_external_refuses_bad_requests_clearly(compression_synthetic_ru
     assert "none of the 1 images" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_onnx_models_are_scored_externally_through_the_same_predictor(compression_output, layouts, tmp_path):
     folder, n = layouts["yesno"]
     out = tmp_path / "onnx.json"
@@ -430,6 +434,7 @@ def test_keep_unfitted_takes_only_the_levels_a_local_fit_could_not_make():
 # ---------------------------------------------------------------- leave-one-hospital-out
 
 
+@pytest.mark.slow
 def test_compare_leave_one_out_scores_each_hospital_unseen(tmp_path, capsys):
     rc = main(["compare", "--set", "data.max_images_per_site=30", "--rounds", "1", "--algorithms", "--no-baselines",
                "--leave-one-out", "--set", "cross_site_eval=false", "--workspace", str(tmp_path)])

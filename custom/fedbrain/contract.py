@@ -104,7 +104,7 @@ class Augmentation:
 
 
 # Named policies (TrainConfig.augmentation), measured with `fedbrain evaluate --robustness` on the benchmark FedAvg
-# model (README, Results: robustness). "standard"'s model lost most macro-F1 under a brighter gamma, a wider or
+# model (docs/results.md, robustness). "standard"'s model lost most macro-F1 under a brighter gamma, a wider or
 # tighter field of view and lower contrast. "intensity" (the default) adds a random gamma and a wider contrast
 # range; "robust" widens the scale range as well, which bought field-of-view robustness at a cost in clean accuracy
 # and calibration.

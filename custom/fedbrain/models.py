@@ -149,7 +149,7 @@ class FedBrainCNNv2(nn.Module):
     normalisation layer survives export (weight standardisation folds into the convolutions), so the ONNX graph
     is convolutions and ReLUs only, which is what makes int8 pay: the v1 model spent its time in a
     full-resolution fp32 stem and in normalisation layers. The stem, widths and depths were chosen by measured
-    latency and centralised macro-F1 (README, Models).
+    latency and centralised macro-F1 (docs/results.md, model benchmark).
     """
 
     def __init__(self, num_classes: int, in_channels: int, widths: tuple[int, ...], depths: tuple[int, ...], stem: int,

@@ -5,11 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedbrain.cli import compression, configuration, dashboard, data, deployment, federation, privacy, runs, training
+from fedbrain.cli import (
+    compression,
+    configuration,
+    dashboard,
+    data,
+    deployment,
+    federation,
+    privacy,
+    results,
+    runs,
+    training,
+)
 from fedbrain.cli.options import Parser, UsageError
 
 # Each module has ``register(groups)``; a module that fails to import fails the CLI loudly.
-COMMAND_MODULES = (data, training, federation, configuration, deployment, compression, privacy, dashboard, runs)
+COMMAND_MODULES = (data, training, federation, configuration, deployment, compression, privacy, dashboard, runs,
+                   results)
 GROUPS = {"data": "inspect, fetch and split data", "bench": "benchmarks", "config": "the job configuration"}
 
 
