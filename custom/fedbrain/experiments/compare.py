@@ -23,6 +23,7 @@ from fedbrain.data.federation import Federation, SiteData
 from fedbrain.evaluation import UNCALIBRATED_KEYS as RAW_METRICS
 from fedbrain.evaluation import UNION
 from fedbrain.experiments.pooled import train_pooled
+from fedbrain.experiments.stats import REFERENCE, describe_gap, paired_gaps
 from fedbrain.fl.metrics import CLASS_COUNTS, site_batch_size
 from fedbrain.fl.privacy import epsilon_after
 from fedbrain.fl.simulate import run_simulation
@@ -279,7 +280,8 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
 
 
 def summarise(rows: list[dict], site: str = UNION) -> list[dict]:
-    """Per mode: mean and sd over seeds of the ``site`` metrics, and the gap to centralised (federated modes)."""
+    """Per mode: mean and sd over seeds of the ``site`` metrics, and the gap to centralised (federated modes): of
+    the means, and ``paired``: the per-seed paired differences with their t-interval (stats.paired_gaps)."""
     out = []
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     central = {}
@@ -294,14 +296,27 @@ def summarise(rows: list[dict], site: str = UNION) -> list[dict]:
                 entry[f"{k}_mean"] = statistics.fmean(vals)
                 entry[f"{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(entry)
-        if mode == "centralized":
+        if mode == REFERENCE:
             central = entry
+    paired = paired_gaps(rows, site) if central else {}
     for entry in out:
         if entry["kind"] == "federated" and central:
             for k in METRICS:
                 if f"{k}_mean" in entry and f"{k}_mean" in central:
                     entry[f"{k}_gap"] = entry[f"{k}_mean"] - central[f"{k}_mean"]
+            if entry["mode"] in paired:
+                entry["paired"] = paired[entry["mode"]]
     return out
+
+
+def paired_lines(summary: list[dict]) -> list[str]:
+    """Each federated mode's paired difference to centralised, seed by seed (calibrated, then raw)."""
+    lines = []
+    for e in (e for e in summary if e.get("paired")):
+        lines.append(f"paired vs {REFERENCE}, {e['mode']}:")
+        lines += [f"  {k:<22}{describe_gap(d)}" for k, d in e["paired"].items()]
+    return ([""] + lines + ["paired: mode minus centralised at the same seed; [..] 95 % t-interval over the seeds"]
+            if lines else [])
 
 
 def _pm(entry: dict, k: str) -> str:
@@ -323,6 +338,7 @@ def compare_table(rows: list[dict], sites: list[str]) -> str:
                      f"{_pm(e, 'no_tumor_recall'):>18}{gap:>9}{probe:>12}")
     lines.append("site probe: balanced accuracy of a linear probe telling the sites apart from the model's features "
                  "(test splits; chance 1/sites)")
+    lines += paired_lines(summary)
     lines.append("")
     hdr = f"{'mode (seed ' + str(min((r['seed'] for r in rows), default=0)) + ')':<34}" + "".join(
         f"{c[:17]:>19}" for c in sites + [UNION])
