@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedbrain.evaluation import MIN_CLASS_N
+from fedbrain.evaluation import MIN_CLASS_N, UNION
+from fedbrain.experiments import regenerate
+from fedbrain.experiments.stats import MIN_PAIRED_SEEDS, REFERENCE, paired_gaps
 
 MARKER = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 FLAG_NOTE = f"`*` rests on fewer than {MIN_CLASS_N} images of a class."
@@ -126,6 +128,29 @@ def compare_summary(d: Path) -> list[str]:
     return markdown(["mode", "seeds", "n", "union macro-F1", "tumour AUROC", "no_tumor recall", "site probe"], body)
 
 
+def _gap_cell(d: dict) -> str:
+    if d["lo"] is None:
+        return f"{d['mean']:+.3f} (per seed: {', '.join(f'{v:+.3f}' for v in d['per_seed'].values())})"
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
+def _reading(d: dict) -> str:
+    """"lead" for a positive gap; "level" where the interval holds 0."""
+    if d["lo"] is not None and d["lo"] <= 0 <= d["hi"]:
+        return "level within the interval"
+    return "lead" if d["mean"] > 0 else "behind" if d["mean"] < 0 else "level"
+
+
+def compare_paired(d: Path) -> list[str]:
+    rows = read_json(d / "benchmark_compare.json")["rows"]
+    label = {"macro_f1": "macro-F1", "no_tumor_recall": "no_tumor recall", "tumour_auroc": "tumour AUROC"}
+    body = [[mode, label[k.removesuffix("_raw")] + (" (raw)" if k.endswith("_raw") else ""), str(g["n"]),
+             _gap_cell(g), _reading(g)]
+            for mode, gaps in paired_gaps(rows, UNION).items() for k, g in gaps.items()]
+    return markdown(["mode", "union metric", "paired seeds", f"minus {REFERENCE} [95 % t-interval]", "reading"],
+                    body)
+
+
 def compare_sites(d: Path) -> list[str]:
     rows = [r for r in read_rows(d / "benchmark_compare.csv") if r["site"] != "union" and r["seed"] == "0"]
     return _eval_table(rows, [("mode", lambda r: r["mode"]), ("site", lambda r: r["site"])])
@@ -200,7 +225,8 @@ def external(d: Path) -> list[str]:
 
 def evaluate_sites(d: Path) -> list[str]:
     sites = read_json(d / "evaluate_intensity.json")
-    return _eval_table([{**m, "site": name} for name, m in sites.items()], [("site", lambda r: r["site"])])
+    return _eval_table([{**m, "site": name} for name, m in sites.items() if name != regenerate.PROVENANCE],
+                       [("site", lambda r: r["site"])])
 
 
 def leave_one_out(d: Path) -> list[str]:
@@ -284,6 +310,9 @@ class Table:
 TABLES: dict[str, Table] = {
     "compare_summary": Table(compare_summary, ("benchmark_compare.json",),
                              "union of the test splits; mean ± sd over seeds"),
+    "compare_paired": Table(compare_paired, ("benchmark_compare.json",),
+                            f"union of the test splits; each federated mode minus {REFERENCE} at the same seed, "
+                            f"calibrated and raw; the t-interval needs {MIN_PAIRED_SEEDS} or more paired seeds"),
     "compare_union": Table(compare_union, ("benchmark_compare.csv",), "union of the test splits, per seed"),
     "compare_sites": Table(compare_sites, ("benchmark_compare.csv",), "each hospital's test split, seed 0"),
     "ablation": Table(ablation, ("benchmark_ablation.csv",), "union of the test splits"),
@@ -317,7 +346,30 @@ def render_table(name: str, results_dir: Path) -> str:
     note = f"; {table.note}" if table.note else ""
     ci = " [..] is a 95 % bootstrap interval." if any(re.search(r"\[\d+\.\d+, ", line) for line in lines[2:]) else ""
     flag = f" {FLAG_NOTE}" if any("*" in line for line in lines[2:]) else ""
-    return "\n".join([f"*Generated from {sources}{note}.{ci}{flag}*", "", *lines]) + "\n"
+    made = provenance_note(results_dir, table.sources)
+    return "\n".join([f"*Generated from {sources}{note}.{ci}{flag} {made}*", "", *lines]) + "\n"
+
+
+def source_provenance(path: Path) -> str:
+    """A source file's provenance in words: its commit and date, and whether older code made it."""
+    if regenerate.hand_made(path.name):
+        return regenerate.HAND_MADE
+    prov = regenerate.read_provenance(path)
+    if prov is None:
+        return regenerate.NO_PROVENANCE
+    text = f"commit {str(prov.get('commit', '?'))[:7]}, {str(prov.get('written', '?'))[:10]}"
+    return text + (", made by older code" if prov.get("code_digest") != regenerate.code_digest() else "")
+
+
+def provenance_note(results_dir: Path, sources: tuple[str, ...]) -> str:
+    """``Made: commit abc1234, 2026-12-07.``, per source where they differ."""
+    states: dict[str, list[str]] = {}
+    for s in sources:
+        states.setdefault(source_provenance(results_dir / s), []).append(s)
+    if len(states) == 1:
+        return f"Made: {next(iter(states))}."
+    return "Made: " + "; ".join(f"{', '.join(f'`{s}`' for s in names)}: {state}"
+                                for state, names in states.items()) + "."
 
 
 def render_document(text: str, results_dir: Path) -> str:
