@@ -75,7 +75,8 @@ def _policy_entries(policy: str) -> tuple[Entry, ...]:
 
 
 _DP_ROW = "{run:privacy_curve_cnn_v2}/fedavg_dp-sgd_ε={eps}"
-_BENCH = ("bench", "models", "--data-root", "{data_root}", "--workspace", "{out}", "--out", "{out}/bench_models.json")
+# every invocation merges its rows into {out}/bench_models.json|csv (the workspace's table)
+_BENCH = ("bench", "models", "--data-root", "{data_root}", "--workspace", "{out}")
 _LITE0 = ("model=efficientnet_lite0", "image_size=128")
 _V2 = "model=fedbrain_cnn_v2"
 
@@ -120,11 +121,16 @@ REGISTRY: tuple[Entry, ...] = (
         (*_BENCH, "--rounds", "3", "--max-train-per-site", "200", "--models", "fedbrain_cnn", "efficientnet_lite0",
          "resnet50", "vgg16"),
         (*_BENCH, "--rounds", "20", "--models", "fedbrain_cnn"),
+        (*_BENCH, "--models", "--include-runs", "{run:federation_cnn_v2}", "{run:federation_cnn_v2_self_distilled}"),
         (*_BENCH, "--models", "fedbrain_cnn_v2", "--modes", "federated", "--rounds", "8", "--distil-from",
-         "{run:federation_lite0}", "--include-runs", "{run:federation_lite0}"),
-        (*_BENCH, "--models", "--include-runs", "{run:federation_cnn_v2}", "{run:federation_cnn_v2_self_distilled}")),
+         "{run:federation_lite0}", "--include-runs", "{run:federation_lite0}")),  # last: {run:bench_models}
           (("{out}/bench_models.json", "bench_models.json"), ("{out}/bench_models.csv", "bench_models.csv")),
           needs=("federation_lite0", "federation_cnn_v2", "federation_cnn_v2_self_distilled")),
+    Entry("compression_report_cnn_v2", (("compress", "{run:bench_models}/fedbrain_cnn_v2/federated/checkpoints/best.pt",
+                                         "--data-root", "{data_root}", "--repeats", "2000",
+                                         "--out", "{out}/compression"),),
+          (("{out}/compression/report.json", "compression_report_cnn_v2.json"),
+           ("{out}/compression/report.csv", "compression_report_cnn_v2.csv")), needs=("bench_models",)),
     # copied by hand from runs or tools that write no file of their own
     Entry("architecture_search", copy=(("", "architecture_search.csv"),)),
     Entry("local_calibration", copy=(("", "local_calibration.csv"),)),
@@ -268,9 +274,9 @@ class Regeneration:
     """Runs a plan's steps in turn in ``workspace``/<entry>/, copies and stamps their files into ``results_dir``."""
 
     def __init__(self, results_dir: Path, workspace: Path, data_root: str = DEFAULT_DATA_ROOT,
-                 runner: Runner = run_fedbrain, resume: bool = False) -> None:
+                 runner: Runner | None = None, resume: bool = False) -> None:
         self.results_dir, self.workspace, self.data_root = results_dir, workspace, data_root
-        self.runner, self.resume = runner, resume
+        self.runner, self.resume = runner or (lambda argv: run_fedbrain(argv)), resume
         self.commit = git_commit(results_dir)
 
     def folder(self, name: str) -> Path:
@@ -369,7 +375,7 @@ def _unfinished_run(folder: Path) -> Path | None:
 
 
 def regenerate(results_dir: Path, workspace: Path, names: list[str] | None = None, resume: bool = False,
-               data_root: str = DEFAULT_DATA_ROOT, runner: Runner = run_fedbrain, doc: Path | None = None,
+               data_root: str = DEFAULT_DATA_ROOT, runner: Runner | None = None, doc: Path | None = None,
                log: Callable[[str], None] = print) -> list[Path]:
     """Run every due step of the plan in turn, stamp what it writes, then re-render ``doc``; the files written."""
     from fedbrain.experiments.report import render_file
