@@ -135,10 +135,9 @@ def _gap_cell(d: dict) -> str:
 
 
 def _reading(d: dict) -> str:
-    """"lead" for a positive gap; "level" where the interval holds 0."""
-    if d["lo"] is not None and d["lo"] <= 0 <= d["hi"]:
-        return "level within the interval"
-    return "lead" if d["mean"] > 0 else "behind" if d["mean"] < 0 else "level"
+    """"lead" for a positive gap, "behind" for a negative one; says so when the interval holds 0."""
+    sign = "lead" if d["mean"] > 0 else "behind" if d["mean"] < 0 else "level"
+    return sign + (", the interval holds 0" if d["lo"] is not None and d["lo"] <= 0 <= d["hi"] else "")
 
 
 def compare_paired(d: Path) -> list[str]:
