@@ -6,13 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 
-from fedbrain.cli.main import main
+from fedbrain.cli.main import build_parser, main
+from fedbrain.cli.options import run_config
 from fedbrain.experiments import regenerate as regen
 from fedbrain.experiments.compare import FIELDS, compare_table, summarise
 from fedbrain.experiments.report import render_table
@@ -96,6 +98,17 @@ def test_registry_commands_hold_no_machine_path_and_read_only_earlier_runs():
             for other in order:
                 if f"{{run:{other}}}" in " ".join(argv):
                     assert other in entry.needs and order.index(other) < order.index(entry.name), entry.name
+
+
+def test_every_registered_command_is_accepted_by_fedbrains_parser_and_its_settings_exist(tmp_path):
+    parser = build_parser()
+    for entry in regen.REGISTRY:
+        for argv in entry.commands:
+            filled = [re.sub(r"\{run(:\w+)?\}", "RUN", a).replace("{out}", str(tmp_path))
+                      .replace("{data_root}", "DATA") for a in argv]
+            args = parser.parse_args(filled)
+            if hasattr(args, "set_values"):
+                run_config(args)  # every --set key and value is checked against the settings
 
 
 def test_the_three_hand_copied_tables_are_planned_and_captioned_as_hand_made():
