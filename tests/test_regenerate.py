@@ -76,6 +76,11 @@ class FakeRunner:
             (run / "status.json").write_text(json.dumps({"state": state}))
             self.fail.discard("simulate")
             return 1 if state == "running" else 0
+        elif argv[0] == "compress":
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "report.json").write_text(json.dumps({"rows": [], "checkpoint": argv[1]}))
+            (out / "report.csv").write_text("variant\nfp32\n")
         elif argv[0] == "evaluate":
             Path(argv[argv.index("--json") + 1]).write_text(json.dumps({"union": {"macro_f1": 0.7}}))
         return 0
@@ -216,6 +221,21 @@ def test_without_resume_an_interrupted_entry_starts_over(tmp_path):
     regen.regenerate(results, ws, ["evaluate_intensity"], runner=runner, log=lambda _: None)
     assert "--resume" not in runner.calls[1]
     assert len(list((ws / "federation_intensity").glob("fedavg-run*"))) == 1
+
+
+def test_an_up_to_date_run_that_a_due_entry_reads_is_made_first_when_the_workspace_lacks_it(tmp_path):
+    results, ws, runner = tmp_path / "results", tmp_path / "ws", FakeRunner()
+    results.mkdir()
+    for ext in ("json", "csv"):  # up to date, but its run folder is not in this workspace
+        (results / f"benchmark_compare.{ext}").write_text(json.dumps({"rows": []}) if ext == "json" else "x\n")
+        regen.stamp(results / f"benchmark_compare.{ext}", ["fedbrain"], "abc")
+    plan = regen.describe(regen.plan(results), regen.Regeneration(results, ws)).splitlines()
+    assert "keep benchmark_compare " in plan[0]
+    assert "first makes the run of benchmark_compare" in next(ln for ln in plan if " compression_report " in ln)
+    written = regen.regenerate(results, ws, ["compression_report"], runner=runner, log=lambda _: None)
+    assert [a[0] for a in runner.calls] == ["compare", "compress"]
+    assert runner.calls[1][1].endswith("/fedavg-seed0/checkpoints/best.pt") and "{run" not in runner.calls[1][1]
+    assert {p.name for p in written} >= {"compression_report.json", "compression_report.csv"}
 
 
 # ---------------------------------------------------------------- captions

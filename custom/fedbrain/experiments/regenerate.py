@@ -248,12 +248,15 @@ def plan(results_dir: Path, names: list[str] | None = None) -> list[Step]:
 def describe(steps: list[Step], job: Regeneration | None = None) -> str:
     """The plan, one line per entry: run or keep, why, and (with ``job``) what the workspace already holds."""
     width = max((len(s.entry.name) for s in steps), default=0) + 2
+    due = {s.entry.name: s.run for s in steps}
     lines = []
     for s in steps:
         where = ""
         if s.run and job is not None:
             where = "; finished in the workspace: copy only" if job.finished(s.entry) else \
                 "; interrupted in the workspace: --resume continues it" if job.started(s.entry) else ""
+            kept = [n for n in s.entry.needs if not job.finished(entries()[n]) and not due.get(n)]
+            where += f"; first makes the run of {', '.join(kept)} (not in the workspace)" if kept else ""
         lines.append(f"{'run ' if s.run else 'keep'} {s.entry.name:<{width}}{s.reason}{where}")
     todo = sum(s.run for s in steps)
     return "\n".join(lines + [f"{todo} of {len(steps)} to run"])
@@ -278,6 +281,7 @@ class Regeneration:
         self.results_dir, self.workspace, self.data_root = results_dir, workspace, data_root
         self.runner, self.resume = runner or (lambda argv: run_fedbrain(argv)), resume
         self.commit = git_commit(results_dir)
+        self.made: set[str] = set()  # entries made (or copied) by this regeneration
 
     def folder(self, name: str) -> Path:
         return self.workspace / name
@@ -319,8 +323,7 @@ class Regeneration:
         """Run the entry's unfinished commands (resuming an interrupted run where the command can), then copy and
         stamp its files; the files written."""
         folder = self.folder(entry.name)
-        if folder.exists() and not self.finished(entry) and not (self.resume and self._state(entry.name).get(
-                "code_digest") == code_digest()):
+        if folder.exists() and not self.finished(entry) and not (self.resume and self.started(entry)):
             shutil.rmtree(folder)  # made by other code, or interrupted and not to be resumed: start over
         folder.mkdir(parents=True, exist_ok=True)
         state = self._state(entry.name) or {"code_digest": code_digest(), "done": 0, "runs": []}
@@ -339,6 +342,16 @@ class Regeneration:
             state["done"] = i + 1
             self._save_state(entry.name, state)
         return self._copy(entry)
+
+    def make(self, entry: Entry, log: Callable[[str], None] = print) -> list[Path]:
+        """``run_entry`` after the runs it reads, each made first where the workspace lacks it; the files written."""
+        written = []
+        for name in entry.needs:
+            if name not in self.made and not self.finished(entries()[name]):
+                log(f"== {name} (read by {entry.name}; not finished in the workspace)")
+                written += self.make(entries()[name], log)
+        self.made.add(entry.name)
+        return written + self.run_entry(entry)
 
     def _copy(self, entry: Entry) -> list[Path]:
         written = []
@@ -383,9 +396,9 @@ def regenerate(results_dir: Path, workspace: Path, names: list[str] | None = Non
     steps = plan(results_dir, names)
     job = Regeneration(results_dir, workspace, data_root, runner, resume)
     written: list[Path] = []
-    for step in (s for s in steps if s.run):
+    for step in (s for s in steps if s.run and s.entry.name not in job.made):
         log(f"== {step.entry.name} ({step.reason})")
-        written += job.run_entry(step.entry)
+        written += job.make(step.entry, log)
     if doc is not None and doc.is_file():
         render_file(doc, results_dir)
     return written
