@@ -33,7 +33,7 @@ def cmd_results_render(args: argparse.Namespace) -> int:
 
 def cmd_results_regenerate(args: argparse.Namespace) -> int:
     from fedbrain.experiments.regenerate import RegenerateError, Regeneration, describe, plan, regenerate
-    from fedbrain.experiments.report import ReportError
+    from fedbrain.experiments.report import ReportError, render_file
 
     doc = Path(args.doc)
     results_dir, workspace = doc.parent / "results", Path(args.workspace)
@@ -42,8 +42,8 @@ def cmd_results_regenerate(args: argparse.Namespace) -> int:
         print(describe(steps, Regeneration(results_dir, workspace, args.data_root, resume=args.resume)))
         if args.dry_run:
             return 0
-        written = regenerate(results_dir, workspace, args.names, resume=args.resume, data_root=args.data_root,
-                             doc=doc)
+        written = regenerate(results_dir, workspace, args.names, resume=args.resume, data_root=args.data_root)
+        render_file(doc, results_dir)
     except (RegenerateError, ReportError) as exc:
         raise UsageError(str(exc)) from exc
     print(f"wrote {len(written)} file(s): {', '.join(p.name for p in written) or 'none'}; {doc} re-rendered")

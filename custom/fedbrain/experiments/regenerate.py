@@ -369,36 +369,28 @@ class Regeneration:
 
 def _run_folders(folder: Path) -> list[Path]:
     """The run folders a command made in ``folder`` (those with a config or a status file)."""
-    return sorted(p for p in folder.iterdir() if p.is_dir() and
-                  ((p / "config.json").is_file() or (p / "status.json").is_file()))
+    from fedbrain.runs import RunDir
+
+    return sorted(p for p in folder.iterdir() if p.is_dir() and (RunDir(p).config.is_file() or
+                                                                   RunDir(p).status.is_file()))
 
 
 def _unfinished_run(folder: Path) -> Path | None:
     """A run folder in ``folder`` that was interrupted (its status is not finished)."""
-    from fedbrain.status import FINISHED
+    from fedbrain.status import FINISHED, read_status
 
-    for run in reversed(_run_folders(folder)):
-        try:
-            state = json.loads((run / "status.json").read_text()).get("state")
-        except (OSError, ValueError):
-            state = None
-        if state != FINISHED:
-            return run
-    return None
+    return next((run for run in reversed(_run_folders(folder)) if read_status(run)["state"] != FINISHED), None)
 
 
 def regenerate(results_dir: Path, workspace: Path, names: list[str] | None = None, resume: bool = False,
-               data_root: str = DEFAULT_DATA_ROOT, runner: Runner | None = None, doc: Path | None = None,
+               data_root: str = DEFAULT_DATA_ROOT, runner: Runner | None = None,
                log: Callable[[str], None] = print) -> list[Path]:
-    """Run every due step of the plan in turn, stamp what it writes, then re-render ``doc``; the files written."""
-    from fedbrain.experiments.report import render_file
-
+    """Run every due step of the plan in turn and stamp what it writes (``fedbrain results regenerate`` then
+    re-renders docs/results.md); the files written."""
     steps = plan(results_dir, names)
     job = Regeneration(results_dir, workspace, data_root, runner, resume)
     written: list[Path] = []
     for step in (s for s in steps if s.run and s.entry.name not in job.made):
         log(f"== {step.entry.name} ({step.reason})")
         written += job.make(step.entry, log)
-    if doc is not None and doc.is_file():
-        render_file(doc, results_dir)
     return written
