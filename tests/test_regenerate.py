@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,8 @@ def test_a_regenerated_file_is_copied_from_its_run_folder_stamped_and_rendered(t
     assert [r["macro_f1"] for r in rows if r["mode"] == "fedavg"] == FED
     prov = regen.read_provenance(results / "benchmark_compare.csv")
     assert prov["command"][:2] == ["fedbrain", "compare"] and "{data_root}" in prov["command"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert prov["commit"].removesuffix("-dirty") == head
     assert regen.file_state(results / "benchmark_compare.json") == regen.UP_TO_DATE
     assert "minus centralized" in doc.read_text() and "Made: commit" in doc.read_text()
     assert [s.run for s in regen.plan(results, ["benchmark_compare"])] == [False]

@@ -165,12 +165,19 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def git_commit(cwd: Path | None = None) -> str:
+def git_commit() -> str:
+    """The commit of the checkout the package runs from (``-dirty`` with uncommitted changes); ``unknown``
+    outside a git checkout."""
+    import fedbrain
+
+    here = Path(fedbrain.__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return out.stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def sidecar(path: Path) -> Path:
@@ -280,7 +287,7 @@ class Regeneration:
                  runner: Runner | None = None, resume: bool = False) -> None:
         self.results_dir, self.workspace, self.data_root = results_dir, workspace, data_root
         self.runner, self.resume = runner or (lambda argv: run_fedbrain(argv)), resume
-        self.commit = git_commit(results_dir)
+        self.commit = git_commit()
         self.made: set[str] = set()  # entries made (or copied) by this regeneration
 
     def folder(self, name: str) -> Path:
