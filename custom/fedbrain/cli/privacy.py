@@ -70,7 +70,8 @@ def register(groups) -> None:
     p.add_argument("--setting", choices=("default", "one-image-untrained", "crafted"), default="default",
                    help="inversion: the run's model seen in the clear and under secure aggregation (default), one "
                    "image on an untrained model, or one image on a model a malicious server crafted")
-    p.add_argument("--iterations", type=POSITIVE_INT, help="inversion: optimiser steps per restart and of feature inversion")
+    p.add_argument("--iterations", type=POSITIVE_INT,
+                   help="inversion: optimiser steps per restart and of feature inversion")
     p.add_argument("--checkpoint", help="the model to attack (default: the run's best.pt)")
     p.add_argument("--max-images", type=POSITIVE_INT, default=500,
                    help="members and non-members per site, at most (default %(default)s; equally many of each)")
