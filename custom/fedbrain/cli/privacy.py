@@ -26,8 +26,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
                          "images (a federated or pooled run over a federation)")
     if args.attack == "inversion":
         return _inversion(args, run)
-    result = audit_run(run, max_images=args.max_images, seed=args.seed, cache_dir=cache_dir(args),
-                       checkpoint=Path(args.checkpoint) if args.checkpoint else None)
+    try:
+        result = audit_run(run, max_images=args.max_images, seed=args.seed, cache_dir=cache_dir(args),
+                           checkpoint=Path(args.checkpoint) if args.checkpoint else None,
+                           reference=Path(args.reference) if args.reference else None)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -73,6 +77,8 @@ def register(groups) -> None:
     p.add_argument("--iterations", type=POSITIVE_INT,
                    help="inversion: optimiser steps per restart and of feature inversion")
     p.add_argument("--checkpoint", help="the model to attack (default: the run's best.pt)")
+    p.add_argument("--reference", metavar="MODEL", help="membership: a model trained without these sites' training "
+                   "images (e.g. another run's best.pt): adds the calibrated attack (loss difference)")
     p.add_argument("--max-images", type=POSITIVE_INT, default=500,
                    help="members and non-members per site, at most (default %(default)s; equally many of each)")
     p.add_argument("--seed", type=int, default=0)
