@@ -599,6 +599,8 @@ def membership_table(audit: dict) -> pd.DataFrame:
                         "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else None,
                         "TPR @ 1% FPR": round(m.get("tpr_at_1pct_fpr", float("nan")), 3),
                         "members / non-members": f"{m.get('members')} / {m.get('nonmembers')}"})
+            if isinstance(m.get("calibrated"), dict):
+                row["calibrated attack AUROC"] = round(m["calibrated"]["auroc"], 3)
         else:
             row["attack AUROC"] = m.get("skipped")
         rows.append(row)
@@ -615,6 +617,41 @@ def roc_frame(audit: dict) -> pd.DataFrame:
         if roc:
             rows.extend({"site": site, "fpr": f, "tpr": t} for f, t in zip(roc["fpr"], roc["tpr"], strict=False))
     return pd.DataFrame(rows)
+
+
+CMD_INVERSION = "fedbrain audit --attack inversion <run>"
+
+
+def inversion_audit(run: Run) -> dict:
+    """``evaluation/inversion.json`` (``fedbrain audit --attack inversion``), or {}."""
+    res = read_json(run.dir.inversion_audit)
+    return res if isinstance(res, dict) else {}
+
+
+def inversion_table(audit: dict) -> pd.DataFrame:
+    """One row per attack: the reconstructions' mean SSIM / PSNR beside the no-information baselines'."""
+    rows = []
+    for key, a in (audit.get("attacks") or {}).items():
+        s = (a or {}).get("summary") if isinstance(a, dict) else None
+        if not s:
+            continue
+        rows.append({"attack": key, "setting": a.get("setting"), "server sees": a.get("view"),
+                     "images": a.get("images"), "px": a.get("image_size"), "SSIM": s.get("ssim"),
+                     "SSIM flat": s.get("flat_ssim"), "SSIM other slice": s.get("other_slice_ssim"),
+                     "PSNR": s.get("psnr"), "PSNR flat": s.get("flat_psnr"),
+                     "PSNR other slice": s.get("other_slice_psnr"),
+                     "beats both baselines": "yes" if s.get("any_beats_baselines") else "no"})
+    return pd.DataFrame(rows)
+
+
+def inversion_pictures(run: Run, audit: dict) -> list[tuple[str, Path]]:
+    """(attack, PNG of originals over reconstructions) for each attack whose picture exists."""
+    out = []
+    for key, a in (audit.get("attacks") or {}).items():
+        png = run.dir.evaluations / str((a or {}).get("png") or "") if isinstance(a, dict) else None
+        if png is not None and png.is_file() and png.parent == run.dir.evaluations:
+            out.append((key, png))
+    return out
 
 
 def what_left_table(audit: dict) -> pd.DataFrame:

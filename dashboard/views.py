@@ -767,6 +767,11 @@ def privacy_page() -> None:
             fig.add_hline(y=float(curves["dp_epsilon_budget"].max()), line_dash="dot",
                           annotation_text="budget")
         _chart(fig, 340)
+    _membership_section(run)
+    _inversion_section(run)
+
+
+def _membership_section(run: R.Run) -> None:
     audit = run_read("membership_audit", run)
     st.subheader("Membership-inference attack on the global model")
     if not audit:
@@ -785,6 +790,21 @@ def privacy_page() -> None:
                "almost never wrong.")
     st.subheader("What travelled")
     st.dataframe(R.what_left_table(audit), hide_index=True, width="stretch")
+
+
+def _inversion_section(run: R.Run) -> None:
+    st.subheader("Gradient inversion of one round")
+    audit = run_read("inversion_audit", run)
+    table = R.inversion_table(audit)
+    if table.empty:
+        st.info(f"No inversion audit of this run yet: `{R.CMD_INVERSION}` rebuilds a site's images from what the "
+                "server sees in one round and scores them beside a flat image and another slice.")
+        return
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.caption("A reconstruction leaks when it is closer to its original (SSIM and PSNR) than both no-information "
+               "baselines: a flat image at the scan's mean brightness and another slice of the same site.")
+    for key, png in R.inversion_pictures(run, audit):
+        st.image(str(png), caption=f"{key}: originals (top) and reconstructions (bottom)")
 
 
 # ---------------------------------------------------------------- Models

@@ -195,6 +195,20 @@ def test_the_loss_attack_separates_memorised_images_and_not_random_ones():
     assert len(fair["roc"]["fpr"]) == len(fair["roc"]["tpr"]) == 101
 
 
+def test_the_calibrated_attack_finds_members_that_the_loss_attack_misses_among_hard_and_easy_images():
+    from fedbrain.privacy_audit import attack, calibrated_attack
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.exponential(1.0, 600)  # some images are hard for any model, some easy
+    member_ref, nonmember_ref = difficulty[:300], difficulty[300:]  # a reference model trained without them
+    member, nonmember = 0.8 * member_ref, nonmember_ref * rng.uniform(0.95, 1.05, 300)  # training shaved 20 %
+    plain = attack(member, nonmember)
+    calibrated = calibrated_attack(member, nonmember, member_ref, nonmember_ref)
+    assert calibrated["auroc"] > 0.9 > plain["auroc"]
+    blind = calibrated_attack(nonmember_ref, nonmember_ref[::-1].copy(), nonmember_ref, nonmember_ref[::-1].copy())
+    assert abs(blind["auroc"] - 0.5) < 0.1  # no training, no signal
+
+
 def test_the_aggregator_takes_a_spent_site_s_counts_but_no_update():
     from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 

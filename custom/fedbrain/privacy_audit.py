@@ -5,6 +5,9 @@ The attack (Yeom et al.'s loss attack, the baseline of every MIA audit) scores a
 own label: a model that memorised its training images has a lower loss on them. Members are a site's training
 images, non-members the same site's validation and test images (never trained on), equally many of each. AUROC
 0.5 is a coin flip; TPR at 1 % FPR says how many members an attacker finds while almost never being wrong.
+With a reference model (one trained without these images), the calibrated attack (Watson et al. 2022, the
+one-reference form of LiRA's idea) scores an image by its loss under the target minus its loss under the reference:
+an image that is simply hard (or easy) is so for both models, and what remains is what training on it did.
 Knows nothing of NVFlare: it reads the run's files, the model and the sites' own images.
 """
 
@@ -56,6 +59,14 @@ def attack(member_loss: np.ndarray, nonmember_loss: np.ndarray, n_boot: int = 50
             "roc": {"fpr": grid.round(4).tolist(), "tpr": np.interp(grid, fpr, tpr).round(4).tolist()}}
 
 
+def calibrated_attack(member_loss: np.ndarray, nonmember_loss: np.ndarray, member_reference: np.ndarray,
+                      nonmember_reference: np.ndarray, seed: int = 0) -> dict:
+    """The calibrated attack: the loss attack on each image's loss difference (target minus reference)."""
+    out = attack(member_loss - member_reference, nonmember_loss - nonmember_reference, seed=seed)
+    out["attack"] = "calibrated loss difference (Watson et al.)"
+    return out
+
+
 def _balanced(members: list, nonmembers: list, max_images: int | None, seed: int) -> tuple[list, list]:
     rng = np.random.default_rng(seed)
     n = min(len(members), len(nonmembers), max_images or 10**9)
@@ -65,9 +76,10 @@ def _balanced(members: list, nonmembers: list, max_images: int | None, seed: int
 
 @torch.no_grad()
 def membership_inference(model: torch.nn.Module, sites: dict, pre, max_images: int | None = 500, seed: int = 0,
-                         cache_dir: Path | None = None) -> dict:
+                         cache_dir: Path | None = None, reference: torch.nn.Module | None = None) -> dict:
     """The loss attack at every site (members: its training images; non-members: its validation and test images,
-    as many as members) and over all sites pooled. ``sites``: name -> :class:`fedbrain.data.federation.SiteData`."""
+    as many as members) and over all sites pooled; with a ``reference`` model trained without them, the calibrated
+    attack beside it. ``sites``: name -> :class:`fedbrain.data.federation.SiteData`."""
     from fedbrain.data.dataset import BatchLoader, SliceDataset
     from fedbrain.training import predict_proba
 
@@ -82,12 +94,24 @@ def membership_inference(model: torch.nn.Module, sites: dict, pre, max_images: i
         losses = {}
         for side, recs in (("member", members), ("nonmember", nonmembers)):
             ds = SliceDataset(recs, pre, cache_dir=cache_dir)
-            probs, targets = predict_proba(model, BatchLoader(ds, 64))
-            losses[side] = label_loss(probs, targets)
-            pooled[side].append(losses[side])
-        out["sites"][name] = attack(losses["member"], losses["nonmember"], seed=seed)
+            for who, m in (("", model), ("ref_", reference)):
+                if m is not None:
+                    probs, targets = predict_proba(m, BatchLoader(ds, 64))
+                    losses[who + side] = label_loss(probs, targets)
+                    pooled[who + side].append(losses[who + side])
+        out["sites"][name] = _both_attacks({k: [v] for k, v in losses.items()}, seed)
     if pooled["member"]:
-        out["pooled"] = attack(np.concatenate(pooled["member"]), np.concatenate(pooled["nonmember"]), seed=seed)
+        out["pooled"] = _both_attacks(pooled, seed)
+    return out
+
+
+def _both_attacks(losses: dict, seed: int) -> dict:
+    """The loss attack, and the calibrated one under ``calibrated`` where reference losses exist."""
+    cat = {k: np.concatenate(v) for k, v in losses.items()}
+    out = attack(cat["member"], cat["nonmember"], seed=seed)
+    if "ref_member" in cat:
+        out["calibrated"] = calibrated_attack(cat["member"], cat["nonmember"], cat["ref_member"],
+                                              cat["ref_nonmember"], seed=seed)
     return out
 
 
@@ -147,7 +171,7 @@ def privacy_spent(site_rows: list[dict]) -> dict:
 
 
 def audit_run(run, max_images: int | None = 500, seed: int = 0, cache_dir: Path | None = None,
-              checkpoint: Path | None = None) -> dict:
+              checkpoint: Path | None = None, reference: Path | None = None) -> dict:
     """The whole audit of a run folder (:class:`fedbrain.runs.RunDir`): what left each site, the ε each spent,
     and the membership-inference attack on its best global model; written to ``evaluation/membership.json``."""
     from fedbrain.checkpoint import load_checkpoint
@@ -158,12 +182,18 @@ def audit_run(run, max_images: int | None = 500, seed: int = 0, cache_dir: Path 
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{run}: no global model to audit ({checkpoint.name} is missing)")
     model, card = load_checkpoint(checkpoint)
+    ref_model = None
+    if reference is not None:
+        ref_model, ref_card = load_checkpoint(reference)
+        if ref_card.preprocessing != card.preprocessing:
+            raise ValueError(f"the reference model {Path(reference).name} reads images differently from the target")
     fed = Federation.read(run)
     rows = read_metrics(run.server_audit)
     site_rows = [r for s in fed.sites for r in read_metrics(run.site_metrics(s))]
     result = {"run": run.name, "model": checkpoint.name, "model_name": card.model,
               "what_left": structural_audit(rows), "privacy": privacy_spent(site_rows),
-              "membership": membership_inference(model, fed.sites, card.preprocessing, max_images, seed, cache_dir)}
+              "membership": membership_inference(model, fed.sites, card.preprocessing, max_images, seed, cache_dir,
+                                                reference=ref_model)}
     result["membership"]["healthy_class"] = NO_TUMOR
     run.evaluations.mkdir(parents=True, exist_ok=True)
     write_json(run.membership_audit, result)
@@ -184,6 +214,8 @@ def audit_table(result: dict) -> str:
                       f"{site_spent['patient_epsilon']:.2f} at {int(site_spent['slices_per_patient'])} slices)")
         if "auroc" in m:
             auc = f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]"
+            if "calibrated" in m:
+                auc += f" calibrated {m['calibrated']['auroc']:.3f}"
             tpr, n = f"{m['tpr_at_1pct_fpr']:.3f}", str(m["members"])
         else:
             auc, tpr, n = m.get("skipped", "-"), "-", "-"
@@ -199,5 +231,5 @@ def audit_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["label_loss", "attack", "membership_inference", "structural_audit", "privacy_spent", "audit_run",
-           "audit_table", "LOW_FPR"]
+__all__ = ["label_loss", "attack", "calibrated_attack", "membership_inference", "structural_audit", "privacy_spent",
+           "audit_run", "audit_table", "LOW_FPR"]

@@ -170,6 +170,11 @@ class RunDir:
         return self.evaluations / "membership.json"
 
     @property
+    def inversion_audit(self) -> Path:
+        """``fedbrain audit --attack inversion``: images rebuilt from one round's update, beside baselines."""
+        return self.evaluations / "inversion.json"
+
+    @property
     def nvflare(self) -> Path:
         return self.root / "nvflare"
 
