@@ -1,7 +1,8 @@
-"""The hospital-side training script (NVFlare Client API): init -> receive -> evaluate -> train -> send.
+"""The hospital-side training script (NVFlare Client API): set up -> per round: receive -> validate -> train -> release.
 
 One script for every site and every algorithm; per-site differences (data split file) come from
-per-site config. Only weights, sample counts and scalar metrics are sent to the server.
+per-site config. Only weights, sample counts and scalar metrics are sent to the server. The algorithm hooks
+(FedProx's proximal term, SCAFFOLD's control variates, DP, distillation) live in :class:`AlgorithmHooks`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +91,173 @@ def lr_factor(job: JobSettings, rnd: int) -> float:
     return cosine_scale(rnd, job.start_round, job.rounds) if job.lr_schedule == "cosine" else 1.0
 
 
-def main(argv: list[str] | None = None) -> None:
-    import nvflare.client as flare
-    from nvflare.app_common.abstract.fl_model import FLMetaKey
-    from nvflare.app_common.app_constant import AlgorithmConstants
+def cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
-    args = parse_args(argv)
+
+# ---------------------------------------------------------------- the algorithm hooks
+
+
+class AlgorithmHooks:
+    """What each algorithm adds to a site's round, in one place: FedProx's proximal term and SCAFFOLD's control
+    variates around training, distillation from a teacher, DP-SGD (``private``) inside training, and update DP
+    (``dp``: clip and noise the released update)."""
+
+    def __init__(self, job: JobSettings, model: torch.nn.Module, dp: DPConfig,
+                 private: PrivateTraining | None, teacher: Teacher | None, device):
+        self.job, self.dp, self.private, self.teacher, self.device = job, dp, private, teacher, device
+        self.scaffold = None
+        if job.algorithm == "scaffold":
+            from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+            self.scaffold = PTScaffoldHelper()
+            self.scaffold.init(model)
+        self._controls = None
+
+    @property
+    def private_any(self) -> bool:
+        """Under any DP, training-data scalars stay home."""
+        return self.dp.enabled or self.private is not None
+
+    def _global_model(self, global_state: dict) -> torch.nn.Module:
+        g = create_model(self.job.model, pretrained=False, **self.job.model_kwargs)
+        g.load_state_dict(global_state)
+        return g
+
+    def train_kwargs(self, meta_in: dict, global_state: dict) -> dict:
+        """``train_epochs``'s hooks this round: FedProx's loss or SCAFFOLD's step correction, the distiller, DP-SGD."""
+        extra_loss, after_step = None, None
+        if self.job.algorithm == "fedprox":
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+            mu = float(meta_in.get("fedprox_mu", self.job.fedprox_mu))
+            prox = PTFedProxLoss(mu=mu)
+            global_model = self._global_model(global_state)
+            place(global_model, self.device)
+
+            def extra_loss(m, _g=global_model, _p=prox):
+                return _p(m, _g)
+        elif self.scaffold is not None:
+            from nvflare.app_common.app_constant import AlgorithmConstants
+
+            global_ctrl = meta_in.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+            if global_ctrl:
+                self.scaffold.load_global_controls(global_ctrl)
+            c_global, c_local = self._controls = self.scaffold.get_params()
+
+            def after_step(m, lr, _g=c_global, _l=c_local, _s=self.scaffold):
+                _s.model_update(m, lr, _g, _l)
+        return {"extra_loss": extra_loss, "after_step": after_step, "private": self.private,
+                "distiller": Distiller(self.teacher.logits, self.job.distillation()) if self.teacher else None}
+
+    def after_train(self, model: torch.nn.Module, lr: float, global_state: dict, meta: dict) -> None:
+        """SCAFFOLD: this site's control-variate difference joins the update's meta."""
+        if self.scaffold is None:
+            return
+        from nvflare.app_common.app_constant import AlgorithmConstants
+
+        c_global, c_local = self._controls
+        self.scaffold.terms_update(model, lr, c_global, c_local, self._global_model(global_state))
+        meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = self.scaffold.get_delta_controls()
+
+    def privatise(self, params: dict, global_state: dict, stats: dict, rnd: int) -> tuple[dict, dict]:
+        """(the update as it may leave, its DP record): update DP clips and noises it; DP-SGD reports its spend."""
+        if self.dp.enabled:
+            return privatize_update(params, global_state, self.dp, rnd)
+        if self.private is not None:
+            return params, {k: v for k, v in stats.items() if k.startswith("dp_")}
+        return params, {}
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Site:
+    """One hospital's state across rounds (built once by :func:`setup_site`)."""
+
+    args: argparse.Namespace
+    job: JobSettings
+    name: str
+    data: SiteData
+    loaders: SiteLoaders
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hooks: AlgorithmHooks
+    policy: object
+    dp_sgd: object
+    log_dir: Path | None
+    own_counts: np.ndarray
+    own_profile: dict
+    present: object
+    secure: tuple | None = None
+    tracker: object = None
+    released: dict | None = None  # the last weights this site sent: the only local model that may leave it again
+
+    def log(self, row: dict) -> None:
+        if self.log_dir:
+            append_jsonl(metrics_file(self.log_dir), {"site": self.name, **row})
+        if self.tracker is not None and not (self.hooks.private_any and row["split"] == "train"):
+            prefix = row["split"]  # training scalars stay home under DP
+            self.tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
+                                      if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
+
+    def count_metrics(self) -> dict:
+        return {f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(self.own_counts.tolist())}
+
+
+def load_teacher(job: JobSettings, pre, device, loaders: SiteLoaders) -> Teacher | None:
+    if not job.distil_from:
+        return None
+    here = Path(__file__).resolve().parent  # the job carries the teacher file into this script's folder (custom/)
+    job_custom = [here] + [p for p in here.parents if p.name == "custom"]  # NVFlare may keep the package path
+    teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
+    if job.distil_teacher_bn == "site":
+        teacher.adapt_batchnorm(loaders.eval("train"))
+    return teacher
+
+
+def private_training(site: str, job: JobSettings, model, loaders: SiteLoaders, run: RunDir | None,
+                     log_dir: Path | None):
+    """(policy, dp_sgd, private): record-level DP, the job's request made at least as strict as this hospital's
+    own policy."""
+    cfg = job.train
+    policy = find_policy(run.site_policy(site) if run else None, starts=(Path(__file__).parent, Path.cwd()))
+    dp_sgd = policy.apply(job.dp_sgd())
+    if dp_sgd.private and job.bn_statistics != "batch":
+        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and --bn-statistics {job.bn_statistics} "
+                          "would estimate statistics on its training images outside the accounting")
+    if not dp_sgd.private:
+        return policy, dp_sgd, None
+    per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
+    private = PrivateTraining(model, dp_sgd, len(loaders.dataset("train").targets),
+                              planned_steps=job.rounds * per_round,
+                              ledger=privacy_ledger(log_dir) if log_dir else None)
+    print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
+          f"steps: noise multiplier {private.noise_multiplier:.3f}"
+          + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
+    return policy, dp_sgd, private
+
+
+def secure_keys(site: str, run: RunDir | None) -> tuple | None:
+    """Secure aggregation: this site's keys (its kit's local/ folder) and the secrets it shares."""
+    from fedbrain.secagg import SecureAggregationError, SiteKeys, pair_secrets
+
+    found = site_workspace_policy(Path(__file__).parent, SITE_KEYS_FILE) or \
+        site_workspace_policy(Path.cwd(), SITE_KEYS_FILE) or (run.site_keys(site) if run else None)
+    if found is None or not found.is_file():
+        raise SecureAggregationError(f"{site}: this job aggregates securely and the site has no keys (local/"
+                                     f"{SITE_KEYS_FILE} of its kit: fedbrain provision --secure-aggregation)")
+    keys = SiteKeys.read(found)
+    if keys.site != site:
+        raise SecureAggregationError(f"{found} holds the keys of {keys.site!r}, not of {site!r}")
+    return keys, pair_secrets(keys)
+
+
+def setup_site(args: argparse.Namespace, site: str) -> Site:
+    """This site's data, model, optimiser, privacy and algorithm hooks (once, before the first round)."""
     job = JobSettings.from_dict(json.loads(args.job))
     cfg = job.train
-    # (1) initialise the Client API and this site's data
-    flare.init()
-    site = flare.get_site_name()
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(cfg.seed)
@@ -111,9 +268,6 @@ def main(argv: list[str] | None = None) -> None:
     loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                           augmentation=augmentation_policy(cfg.augmentation))
     train_targets = loaders.dataset("train").targets
-    own_counts = target_counts(train_targets)  # sent every round: the server pools them (class_balance)
-    own_profile = feature_histograms(loaders.dataset("train").images)  # counts; sent with the validation counts
-    present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
     apply_finetune(model, job.model, job.finetune)
     device = resolve_device(cfg.device)
@@ -121,201 +275,182 @@ def main(argv: list[str] | None = None) -> None:
     if job.bn_statistics == "renorm":
         use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
-    teacher = None
-    if job.distil_from:  # the job carries the teacher file into this script's folder (custom/)
-        here = Path(__file__).resolve().parent
-        job_custom = [here] + [p for p in here.parents if p.name == "custom"]  # NVFlare may keep the package path
-        teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
-        if job.distil_teacher_bn == "site":
-            teacher.adapt_batchnorm(loaders.eval("train"))
-    dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise)
+    teacher = load_teacher(job, pre, device, loaders)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
-    # record-level DP: the job's request, made at least as strict as this hospital's own policy
-    policy = find_policy(run.site_policy(site) if run else None, starts=(Path(__file__).parent, Path.cwd()))
-    dp_sgd = policy.apply(job.dp_sgd())
-    private = None
-    if dp_sgd.private and job.bn_statistics != "batch":
-        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and --bn-statistics {job.bn_statistics} "
-                          "would estimate statistics on its training images outside the accounting")
-    if dp_sgd.private:
-        per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
-        private = PrivateTraining(model, dp_sgd, len(train_targets), planned_steps=job.rounds * per_round,
-                                  ledger=privacy_ledger(log_dir) if log_dir else None)
-        print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
-              f"steps: noise multiplier {private.noise_multiplier:.3f}"
-              + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
-    private_any = dp.enabled or private is not None  # under any DP, training-data scalars stay home
-    secure = None  # secure aggregation: this site's keys (its kit's local/ folder) and the secrets it shares
-    if job.secure_aggregation:
-        from fedbrain.secagg import SecureAggregationError, SiteKeys, pair_secrets
-
-        found = site_workspace_policy(Path(__file__).parent, SITE_KEYS_FILE) or \
-            site_workspace_policy(Path.cwd(), SITE_KEYS_FILE) or (run.site_keys(site) if run else None)
-        if found is None or not found.is_file():
-            raise SecureAggregationError(f"{site}: this job aggregates securely and the site has no keys (local/"
-                                         f"{SITE_KEYS_FILE} of its kit: fedbrain provision --secure-aggregation)")
-        keys = SiteKeys.read(found)
-        if keys.site != site:
-            raise SecureAggregationError(f"{found} holds the keys of {keys.site!r}, not of {site!r}")
-        secure = (keys, pair_secrets(keys))
-    scaffold = None
-    if job.algorithm == "scaffold":
-        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
-
-        scaffold = PTScaffoldHelper()
-        scaffold.init(model)
-
+    policy, dp_sgd, private = private_training(site, job, model, loaders, run, log_dir)
+    hooks = AlgorithmHooks(job, model, DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise), private,
+                           teacher, device)
     tracker = None
     if job.tracking == "mlflow":  # NVFlare experiment tracking: the same scalars, streamed to the server
         from nvflare.client.tracking import MLflowWriter
 
         tracker = MLflowWriter()
+    return Site(args=args, job=job, name=site, data=data, loaders=loaders, model=model, optimizer=optimizer,
+                hooks=hooks, policy=policy, dp_sgd=dp_sgd, log_dir=log_dir,
+                own_counts=target_counts(train_targets),  # sent every round: the server pools them (class_balance)
+                own_profile=feature_histograms(loaders.dataset("train").images),  # sent with the validation counts
+                present=present_classes(train_targets) if job.missing_classes == "restrict" else None,
+                secure=secure_keys(site, run) if job.secure_aggregation else None, tracker=tracker)
 
-    def log(row: dict) -> None:
-        if log_dir:
-            append_jsonl(metrics_file(log_dir), {"site": site, **row})
-        if tracker is not None and not (private_any and row["split"] == "train"):  # training scalars stay home
-            prefix = row["split"]
-            tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
-                                 if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
 
-    released = None  # the last weights this site sent: the only local model that may leave it again
+# ---------------------------------------------------------------- one round
 
+
+def evaluate_on_test(s: Site) -> dict:
+    """Cross-site evaluation: the received model's scores on the local test split."""
+    test = evaluate(s.model, s.loaders.eval("test")) if s.data.splits["test"] else {}
+    return {"val_score": headline(test) if test else float("nan"),
+            **{f"test_{k}": v for k, v in flat_scalars(test).items()}}
+
+
+def validate(s: Site, rnd: int) -> tuple[dict, dict]:
+    """(metrics, counts) of the received model on the local validation split, on the job's evaluation rounds."""
+    job = s.job
+    val, val_counts = {}, {}
+    last = job.start_round + job.rounds - 1
+    if s.data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
+        probs, targets = predict_proba(s.model, s.loaders.eval("val"))
+        val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
+        val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
+        if not s.hooks.private_any:  # the training images' feature histograms are not privatised: kept home under DP
+            val_counts.update(s.own_profile)  # for the federated input profile
+    if val:
+        s.log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
+    return val, val_counts
+
+
+def val_metrics(val: dict, val_counts: dict) -> dict:
+    """The validation scalars and counts an update carries."""
+    return {"val_score": headline(val) if val else float("nan"),
+            **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}
+
+
+def train_loader(s: Site, rnd: int, meta_in: dict):
+    """(this round's training batches, the batch size; None for Poisson batches under DP-SGD)."""
+    cfg = s.job.train
+    if s.dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
+        return PoissonLoader(s.loaders.dataset("train"), s.dp_sgd.sample_rate, s.loaders.augmentation), None
+    batch = site_batch_size(cfg.batch_size, len(s.data.splits["train"]), meta_in) \
+        if s.job.batch_split == "proportional" else cfg.batch_size
+    return s.loaders.train(seed=cfg.seed + rnd, batch_size=batch), batch
+
+
+def budget_spent(s: Site, rnd: int, global_state: dict, val: dict, val_counts: dict):
+    """The DP-SGD budget is spent: no more training here; the site still validates and says so."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+    from nvflare.client import FLModel
+
+    private = s.hooks.private
+    print(f"{s.name}: privacy budget ε={s.dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
+          f"round {rnd}", file=sys.stderr)
+    s.log({"round": rnd, "split": "train", "model": "local", **private.summary()})
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: len(s.data.splits["train"]),
+            **{k: v for k, v in private.summary().items() if k in PUBLIC_DP_KEYS}}
+    check_outgoing(s.policy, meta)
+    return FLModel(params=global_state, meta=meta, metrics={**val_metrics(val, val_counts), **s.count_metrics()})
+
+
+def train(s: Site, rnd: int, meta_in: dict, global_state: dict) -> tuple[dict, dict, dict]:
+    """Train locally from the global weights: (the training stats, the update's meta: counts and algorithm state,
+    the round's settings for the local log)."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+
+    job, cfg, model = s.job, s.job.train, s.model
+    norm = job.norm_in_round(rnd)
+    hooks = s.hooks.train_kwargs(meta_in, global_state)
+    if job.reset_optimizer:
+        s.optimizer = make_optimizer(model, cfg)
+    for g in s.optimizer.param_groups:
+        g["lr"] = cfg.lr * lr_factor(job, rnd)
+    pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
+    t0 = time.perf_counter()
+    loader, batch = train_loader(s, rnd, meta_in)
+    stats = train_epochs(model, loader, replace(cfg, norm=norm), optimizer=s.optimizer,
+                         class_counts=torch.tensor(pooled) if pooled else None, present=s.present,
+                         **hooks)
+    if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
+        estimate_bn_statistics(model, s.loaders.eval("train"), job.bn_images)
+    # counts and algorithm state, never data
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: len(s.data.splits["train"])}
+    s.hooks.after_train(model, s.optimizer.param_groups[0]["lr"], global_state, meta)
+    return stats, meta, {"norm": norm, "batch_size": batch, "lr": s.optimizer.param_groups[0]["lr"],
+                         "class_balance": "federation" if pooled else "site", "train_seconds": time.perf_counter() - t0}
+
+
+def release(s: Site, rnd: int, trained: tuple[dict, dict, dict], global_state: dict, val: dict, val_counts: dict):
+    """The update as it may leave the site: weights (privatised, masked), sample count and scalar metrics only."""
+    from nvflare.client import FLModel
+
+    args, (stats, meta, settings) = s.args, trained
+    params, dp_info = s.hooks.privatise(cpu_state(s.model), global_state, stats, rnd)
+    # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
+    # the local log (they would tell the server the unclipped update's size)
+    meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
+    check_outgoing(s.policy, meta)
+    s.released = params
+    private_any = s.hooks.private_any
+    s.log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, **settings,
+           "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
+    if rnd == args.corrupt_at_round and s.name == args.corrupt_site:
+        params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in params.items()}
+    if s.secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
+        from fedbrain.secagg import mask_update
+
+        delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
+        params = {k: torch.from_numpy(v) for k, v in mask_update(delta, float(len(s.data.splits["train"])),
+                                                                 s.secure[0], rnd, s.secure[1]).items()}
+        meta[SECURE_META] = True
+    metrics = {**val_metrics(val, val_counts), **s.count_metrics(),
+               **({} if private_any else {"train_loss": stats["loss"]})}  # a training-data scalar: not under DP
+    return FLModel(params=params, metrics=metrics, meta=meta)
+
+
+def prepare_statistics(s: Site, rnd: int) -> None:
+    """This site's exact moments under the received weights: used now where no pooled statistics exist yet, and
+    sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)."""
+    job = s.job
+    estimate = job.bn_statistics == "pooled" and not bn_initialised(s.model)
+    estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
+    if estimate:
+        estimate_bn_statistics(s.model, s.loaders.eval("train"), job.bn_images)
+
+
+def run_round(flare, s: Site, input_model) -> None:
+    """One task from the server: send the released model, score on the test split, or validate -> train -> release."""
+    rnd = int(input_model.current_round or 0)
+    meta_in = input_model.meta or {}
+    if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
+        # what the site already released (privatised under DP), never the unclipped local weights; a site
+        # that never trained sends the global model it holds
+        flare.send(flare.FLModel(params=s.released if s.released is not None else cpu_state(s.model)))
+        return
+    s.model.load_state_dict(to_torch_state(input_model.params, s.model))
+    if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
+        flare.send(flare.FLModel(metrics=evaluate_on_test(s)))
+        return
+    val, val_counts = validate(s, rnd)
+    if rnd == s.args.fail_at_round and s.name == s.args.fail_site:
+        raise RuntimeError(f"fault injection: {s.name} crashes at round {rnd}")
+    prepare_statistics(s, rnd)
+    global_state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+    private = s.hooks.private
+    if private is not None and not private.can_step():
+        flare.send(budget_spent(s, rnd, global_state, val, val_counts))
+        return
+    flare.send(release(s, rnd, train(s, rnd, meta_in, global_state), global_state, val, val_counts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import nvflare.client as flare
+
+    args = parse_args(argv)
+    flare.init()
+    s = setup_site(args, flare.get_site_name())
     while flare.is_running():
-        # (2) receive the global model
         input_model = flare.receive()
         if input_model is None:
             break
-        rnd = int(input_model.current_round or 0)
-        meta_in = input_model.meta or {}
-        if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
-            # what the site already released (privatised under DP), never the unclipped local weights; a site
-            # that never trained sends the global model it holds
-            sent = released if released is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            flare.send(flare.FLModel(params=sent))
-            continue
-        model.load_state_dict(to_torch_state(input_model.params, model))
-
-        # (3) evaluate the global model on local data
-        if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
-            test = evaluate(model, loaders.eval("test")) if data.splits["test"] else {}
-            flare.send(flare.FLModel(metrics={"val_score": headline(test) if test else float("nan"),
-                                              **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
-            continue
-        val, val_counts = {}, {}
-        last = job.start_round + job.rounds - 1
-        if data.splits["val"] and ((rnd - job.start_round) % max(1, job.eval_every) == 0 or rnd >= last):
-            probs, targets = predict_proba(model, loaders.eval("val"))
-            val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
-            val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
-            if not private_any:  # the training images' feature histograms are not privatised: kept home under DP
-                val_counts.update(own_profile)  # for the federated input profile
-        if val:
-            log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
-        if rnd == args.fail_at_round and site == args.fail_site:
-            raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
-
-        # (4) train locally, starting from the global weights
-        norm = job.norm_in_round(rnd)
-        round_cfg = replace(cfg, norm=norm)
-        # this site's exact moments under the received weights: used now where no pooled statistics exist yet,
-        # and sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)
-        estimate = job.bn_statistics == "pooled" and not bn_initialised(model)
-        estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
-        if estimate:
-            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
-        global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        extra_loss, after_step = None, None
-        if job.algorithm == "fedprox":
-            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
-
-            mu = float(meta_in.get("fedprox_mu", job.fedprox_mu))
-            prox = PTFedProxLoss(mu=mu)
-            global_model = create_model(job.model, pretrained=False, **job.model_kwargs)
-            global_model.load_state_dict(global_state)
-            place(global_model, device)
-
-            def extra_loss(m, _g=global_model, _p=prox):
-                return _p(m, _g)
-        elif scaffold is not None:
-            global_ctrl = meta_in.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
-            if global_ctrl:
-                scaffold.load_global_controls(global_ctrl)
-            c_global, c_local = scaffold.get_params()
-
-            def after_step(m, lr, _g=c_global, _l=c_local):
-                scaffold.model_update(m, lr, _g, _l)
-        if job.reset_optimizer:
-            optimizer = make_optimizer(model, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * lr_factor(job, rnd)
-        pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
-        t0 = time.perf_counter()
-        batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
-            if job.batch_split == "proportional" else cfg.batch_size
-        if dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
-            batch = None
-            train_loader = PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate, loaders.augmentation)
-        else:
-            train_loader = loaders.train(seed=cfg.seed + rnd, batch_size=batch)
-        if private is not None and not private.can_step():
-            # the budget is spent: no more training here; the site still validates and says so
-            print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
-                  f"round {rnd}", file=sys.stderr)
-            log({"round": rnd, "split": "train", "model": "local", **private.summary()})
-            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: len(data.splits["train"]),
-                    **{k: v for k, v in private.summary().items() if k in PUBLIC_DP_KEYS}}
-            check_outgoing(policy, meta)
-            flare.send(flare.FLModel(params=global_state, meta=meta, metrics={
-                "val_score": headline(val) if val else float("nan"),
-                **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}))
-            continue
-        stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
-                             extra_loss=extra_loss, after_step=after_step,
-                             class_counts=torch.tensor(pooled) if pooled else None, present=present,
-                             distiller=Distiller(teacher.logits, job.distillation()) if teacher else None,
-                             private=private)
-        if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
-            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
-        # counts and algorithm state, never data
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: len(data.splits["train"])}
-        if scaffold is not None:
-            g = create_model(job.model, pretrained=False, **job.model_kwargs)
-            g.load_state_dict(global_state)
-            scaffold.terms_update(model, optimizer.param_groups[0]["lr"], c_global, c_local, g)
-            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.get_delta_controls()
-        # (5) send the update: weights, sample count and scalar metrics only
-        params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        dp_info = {}
-        if dp.enabled:
-            params, dp_info = privatize_update(params, global_state, dp, rnd)
-        elif private is not None:
-            dp_info = {k: v for k, v in stats.items() if k.startswith("dp_")}
-        # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
-        # the local log (they would tell the server the unclipped update's size)
-        meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
-        check_outgoing(policy, meta)
-        released = params
-        log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, "norm": norm, "batch_size": batch,
-             "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
-             "train_seconds": time.perf_counter() - t0,
-             "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
-        if rnd == args.corrupt_at_round and site == args.corrupt_site:
-            params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                      for k, v in params.items()}
-        if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
-            from fedbrain.secagg import mask_update
-
-            delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
-            params = {k: torch.from_numpy(v) for k, v in mask_update(delta, float(len(data.splits["train"])),
-                                                                     secure[0], rnd, secure[1]).items()}
-            meta[SECURE_META] = True
-        metrics = {"val_score": headline(val) if val else float("nan"),
-                   **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
-                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                   **{f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(own_counts.tolist())}}
-        flare.send(flare.FLModel(params=params, metrics=metrics, meta=meta))
+        run_round(flare, s, input_model)
 
 
 if __name__ == "__main__":
