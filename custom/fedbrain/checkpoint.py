@@ -172,6 +172,19 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def set_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Replace the model's metadata_props with ``props`` (other keys are dropped)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.producer_name = "fedbrain"
+    onnx.save(model, str(path))
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:
     """Write ``card`` and the model's weights atomically; a pruned card gets the model's current layer sizes."""
     path = Path(path)

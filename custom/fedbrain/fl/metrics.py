@@ -16,14 +16,13 @@ import math
 import numpy as np
 
 from fedbrain import calibration
-from fedbrain.contract import NO_TUMOR, NUM_CLASSES
+from fedbrain.contract import COUNT_PREFIX, NO_TUMOR, NUM_CLASSES
 from fedbrain.input_check import pooled_ranges, profile_of_metrics
 
 NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
 CLASS_COUNTS = "fedbrain_class_counts"  # model meta key: the federation's pooled training-label counts
 NUM_SITES = "fedbrain_num_sites"  # model meta key: how many sites the job has
 SECURE_META = "secure_aggregation"  # a site's meta flag: its params are a masked, sample-weighted update (secagg)
-COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)
 CAL_PREFIX = "val_pooled_cal_"  # the server's calibration fit among a round's aggregated metrics (flat scalars)
 ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
 BINS = 50
