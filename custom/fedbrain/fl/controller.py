@@ -13,7 +13,8 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
 - SCAFFOLD: the global control variates go out with the model and are updated from the validated,
   aggregated control differences (scaled by the share of sites that answered);
 - ``checkpoint_dir/progress.json`` says, after every round, which round finished, out of how many, when each
-  site last answered, and whether the job stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
+  site last answered, the pooled validation of every round (the run log's global rows), and whether the job
+  stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
   after the round in flight, keeping every model written so far.
 """
 
@@ -28,7 +29,7 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AlgorithmConstants
 from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 
-from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, cosine_scale
+from fedbrain.fl.metrics import CLASS_COUNTS, NUM_SITES, POOLED_VAL, cosine_scale, pooled_row
 from fedbrain.runs import ROUND_FILE, ROUNDS_BEST, ROUNDS_PROGRESS
 from fedbrain.status import now_iso
 
@@ -82,6 +83,7 @@ class FedbrainController(FedAvg):
         self.initial_control = initial_control
         self._global_ctrl: dict | None = None
         self._best_score = -math.inf
+        self._pooled_val: dict[str, dict] = {}  # round -> the pooled validation of the model sent that round
 
     # -------------------------------------------------------------- where round files go
 
@@ -191,6 +193,9 @@ class FedbrainController(FedAvg):
         sent_params = dict(model.params or {})
         metrics = aggr_result.metrics or {}
         score = metrics.get("val_score")
+        pooled = pooled_row(metrics)
+        if pooled:  # the run log's global row of this round (fedbrain.fl.runlog)
+            self._pooled_val[str(self.current_round)] = {**pooled, "sites": (aggr_result.meta or {}).get("nr_accepted")}
         if isinstance(score, (int, float)) and math.isfinite(score) and score > self._best_score:
             # the sites validated the model they received this round: that one is the new best
             self._best_score = score
@@ -238,7 +243,7 @@ class FedbrainController(FedAvg):
         return {"last_round": last, "start_round": self.start_round, "num_rounds": self.num_rounds,
                 "rounds_done": 0 if last is None else last - self.start_round + 1,
                 "best_score": self._best_score if math.isfinite(self._best_score) else None,
-                "sites": self._contacts, "stopped_early": self._stopped_early,
+                "sites": self._contacts, "stopped_early": self._stopped_early, POOLED_VAL: self._pooled_val,
                 "time": now_iso()}
 
     def handle_event(self, event_type: str, fl_ctx) -> None:

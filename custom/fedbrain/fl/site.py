@@ -43,7 +43,6 @@ from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
     estimate_bn_statistics,
-    evaluate,
     headline,
     make_optimizer,
     place,
@@ -297,10 +296,14 @@ def setup_site(args: argparse.Namespace, site: str) -> Site:
 
 
 def evaluate_on_test(s: Site) -> dict:
-    """Cross-site evaluation: the received model's scores on the local test split."""
-    test = evaluate(s.model, s.loaders.eval("test")) if s.data.splits["test"] else {}
-    return {"val_score": headline(test) if test else float("nan"),
-            **{f"test_{k}": v for k, v in flat_scalars(test).items()}}
+    """Cross-site evaluation: the received model's scores on the local test split, and its test counts (summed
+    over sites they give a deployed run's pooled test metrics, :func:`fedbrain.fl.runlog.pooled_test_results`)."""
+    if not s.data.splits["test"]:
+        return {"val_score": float("nan")}
+    probs, targets = predict_proba(s.model, s.loaders.eval("test"))
+    test = compute_metrics(probs, targets)
+    return {"val_score": headline(test), **{f"test_{k}": v for k, v in flat_scalars(test).items()},
+            **validation_counts(probs, targets, prefix="test")}
 
 
 def validate(s: Site, rnd: int) -> tuple[dict, dict]:
