@@ -139,8 +139,8 @@ POOLED_ROW_KEYS = ("macro_f1", "tumour_auroc", "n", *(f"{c}_recall" for c in CLA
 def pooled_row(metrics: dict, prefix: str = "val") -> dict[str, float]:
     """The headline of a pooled validation (:func:`pooled_validation`'s output, or a round's aggregated metrics) as
     a run-log row's scalars: macro_f1, tumour_auroc, per-class recall and support, n and ``score``; {} without one."""
-    row = {k: float(metrics[f"{prefix}_pooled_{k}"]) for k in POOLED_ROW_KEYS
-           if isinstance(metrics.get(f"{prefix}_pooled_{k}"), (int, float))}
+    row = {k: (int if k == "n" or k.startswith("n_") else float)(metrics[f"{prefix}_pooled_{k}"])
+           for k in POOLED_ROW_KEYS if isinstance(metrics.get(f"{prefix}_pooled_{k}"), (int, float))}
     if row and isinstance(metrics.get(f"{prefix}_score"), (int, float)):
         row["score"] = float(metrics[f"{prefix}_score"])
     return row

@@ -106,6 +106,7 @@ def merge_run_log(run: RunDir, sites: list[str], server_rows: list[dict] | None 
     out = rows + [pooled[r] for r in sorted(pooled)]
     server_rows = read_metrics(run.server_log) if server_rows is None else server_rows
     out += [row for row in map(aggregation_row, server_rows) if row]
+    run.root.mkdir(parents=True, exist_ok=True)
     tmp = run.metrics.with_name(run.metrics.name + ".tmp")
     tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in out))
     tmp.replace(run.metrics)
