@@ -331,3 +331,10 @@ def test_no_function_in_the_federation_package_is_over_100_lines():
             for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100]
     assert long == []
+
+
+def test_a_trained_models_card_is_built_in_one_place():
+    """checkpoint.training_card builds the card of every model fedbrain trains (pooled, simulated, deployed)."""
+    builders = sorted(name for name, path in MODULES.items() if "ModelCard(" in path.read_text())
+    # checkpoint: the class and its builder; throughput: a stand-in model file for a timing, trained by nobody
+    assert builders == ["fedbrain.checkpoint", "fedbrain.experiments.throughput"]
