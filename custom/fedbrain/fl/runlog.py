@@ -219,12 +219,12 @@ def finish_deployed_run(run: RunDir, settings, result_dir: Path | None, label_sc
     summed test counts. Returns the summary as written; the checkpoints are left out when no model came back."""
     sites = summary.get("sites") or []
     server_logs = sorted(Path(result_dir).rglob(run.server_log.name)) if result_dir and result_dir.is_dir() else []
-    progress = server_progress(result_dir) or server_progress(run.rounds)
+    progress = server_progress(run.rounds) or server_progress(result_dir)
     rows = merge_run_log(run, sites, server_rows=read_metrics(server_logs[0]) if server_logs
                          else read_metrics(run.server_log), progress=progress)
-    last, best = server_models(result_dir)
+    last, best = server_models(run.rounds)  # a POC job's server writes into the run folder
     if last is None:
-        last, best = server_models(run.rounds)
+        last, best = server_models(result_dir)
     test: dict[str, dict] = {}
     if last is not None:
         last_round = int(load_weights(last).get("round", progress.get("last_round") or 0))
