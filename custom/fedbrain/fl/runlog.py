@@ -125,7 +125,7 @@ def pooled_test_results(cross_site: dict, model: str) -> dict[str, dict]:
     pooled = pooled_row(pooled_validation([m for m in per_site.values() if isinstance(m, dict)], prefix="test"),
                         prefix="test")
     if pooled:
-        out[UNION] = {**pooled, "from": "the sites' summed test counts"}
+        out[UNION] = pooled
     return out
 
 
@@ -235,6 +235,8 @@ def finish_deployed_run(run: RunDir, settings, result_dir: Path | None, label_sc
             run.cross_site.write_text(json.dumps(cse, indent=2))
             name = server_model_name(cse)
             test = pooled_test_results(cse, name) if name else {}
+            summary = {**summary, "test_source": f"cross-site evaluation of {name}: each site's scalars, the union "
+                                                 "from the sites' summed test counts"}
         save_best(run, model, card, best_round, test)
         summary = {**summary, "best_round": best_round}
     summary = {**summary, "train_seconds_per_site": train_seconds(rows), "rounds": sorted(
