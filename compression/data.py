@@ -7,11 +7,10 @@ test splits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from fedbrain.contract import Preprocessing, target_index
+from fedbrain.data.arrays import arrays, normalise  # noqa: F401 (the core's, used by compression)
 from fedbrain.data.federation import SiteData
 from fedbrain.data.readers import Record
 from fedbrain.runs import RunDir
@@ -47,20 +46,3 @@ def sample(records: list, n: int, seed: int = 0) -> list:
         return list(records)
     idx = np.sort(np.random.default_rng(seed).choice(len(records), n, replace=False))
     return [records[i] for i in idx]
-
-
-def arrays(records: list[Record], pre: Preprocessing, cache_dir: Path | None = None,
-           progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 ``(N, S, S)`` images at the contract size (decoded once, cached) and targets ``(N,)``."""
-    from fedbrain.data.cache import load_arrays
-
-    imgs = load_arrays([r.path for r in records], pre.image_size, cache_dir, progress)
-    targets = np.array([target_index(r.label) for r in records], dtype=np.int64)
-    return imgs, targets
-
-
-def normalise(imgs: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """uint8 ``(N, S, S)`` -> float32 ``(N, C, S, S)`` exactly as training and prediction do."""
-    from fedbrain.data.dataset import to_tensor
-
-    return to_tensor(imgs, pre).numpy()

@@ -12,24 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedbrain.checkpoint import ONNX_INPUT, ONNX_OUTPUT, ModelCard, deployable
+from fedbrain.checkpoint import ONNX_INPUT, ONNX_OUTPUT, ModelCard, deployable, set_metadata
 
 INPUT_NAME = ONNX_INPUT
 OUTPUT_NAME = ONNX_OUTPUT
 OPSET = 17
-
-
-def set_metadata(path: str | Path, props: dict[str, str]) -> None:
-    """Replace the model's metadata_props with ``props`` (other keys are dropped)."""
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for k, v in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = k, v
-    model.producer_name = "fedbrain"
-    onnx.save(model, str(path))
 
 
 def export_onnx(model: nn.Module, card: ModelCard, path: str | Path) -> Path:

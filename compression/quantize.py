@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedbrain.compression.onnx_export import INPUT_NAME, set_metadata
+from fedbrain.checkpoint import set_metadata
+from fedbrain.compression.onnx_export import INPUT_NAME
 
 
 class _ArrayReader:

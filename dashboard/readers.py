@@ -144,11 +144,14 @@ def read_metrics(path: str | Path) -> pd.DataFrame:
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
     """Numeric metric columns present with data, headline metrics first."""
-    skip = {"round", "samples", "n", "n_typed", "steps", "seconds", "n_tumour_unknown_type", "sites"}
+    skip = {"round", "samples", "n", "n_typed", "steps", "seconds", "n_tumour_unknown_type", "sites", "pooled", "score"}
     cols = [c for c in df.columns if c not in skip and c not in ("site", "split", "checkpoint")
             and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()]
     head = [m for m in HEADLINE_METRICS if m in cols]
     return head + sorted(c for c in cols if c not in head)
+
+
+POOLED_SCORE = "pooled validation of all sites, the best model's selection score"
 
 
 def is_pooled(site: str) -> bool:
@@ -164,8 +167,11 @@ def global_curves(df: pd.DataFrame) -> tuple[pd.DataFrame, str]:
         return df, ""
     per_round = df[df["checkpoint"].isna()] if "checkpoint" in df.columns else df
     g = per_round[per_round["site"] == "global"]
-    if not g.empty:
-        return g.sort_values("round"), "global model"
+    if not g.empty and "pooled" in g.columns and g["pooled"].eq(True).any():
+        # the server's pooled validation (the sites' summed counts): the score it picks the best model by
+        return g[g["pooled"].eq(True)].sort_values("round"), f"global model ({POOLED_SCORE})"
+    if not g.empty:  # a run from before the server logged its pooled score
+        return g.sort_values("round"), "global model (size-weighted mean of the sites' scores)"
     pooled = per_round[per_round["site"].map(is_pooled)]
     if not pooled.empty:
         return pooled.sort_values("round"), f"pooled training set {pooled['site'].iloc[0]}"

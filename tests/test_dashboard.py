@@ -186,6 +186,20 @@ def test_readers_on_the_real_run(small_run):
     assert "best.pt (torch)" in R.model_files(run)
 
 
+def test_the_global_curve_is_the_servers_pooled_score_not_a_mean_of_site_scores():
+    """One small site scoring 0.9 and one large at 0.1: the curve shows the server's pooled score of their summed
+    counts (its best-model criterion), not a mean of the two sites' scores."""
+    rows = [{"round": 0, "site": "small", "split": "val", "macro_f1": 0.9, "n": 10},
+            {"round": 0, "site": "large", "split": "val", "macro_f1": 0.1, "n": 90},
+            {"round": 0, "site": "global", "split": "val", "macro_f1": 0.27, "score": 0.27, "n": 100, "pooled": True},
+            {"round": 0, "site": "union", "split": "test", "macro_f1": 0.3, "checkpoint": "best"}]
+    curves, what = R.global_curves(pd.DataFrame(rows))
+    assert list(curves["macro_f1"]) == [0.27] and "pooled validation" in what
+    assert "score" not in R.metric_columns(curves) and "pooled" not in R.metric_columns(curves)
+    legacy = pd.DataFrame([{**rows[2], "pooled": None, "macro_f1": 0.18}])  # a run from before the server's rows
+    assert R.global_curves(legacy)[1] == "global model (size-weighted mean of the sites' scores)"
+
+
 def test_compression_ratios_are_filled_from_the_fp32_row(tmp_path):
     (tmp_path / "compression").mkdir()
     rows = [{"variant": "fp32", "file_bytes": 1000, "macs": 100, "latency_ms_p50_1t": 4.0, "macro_f1": 0.9},
@@ -349,7 +363,7 @@ def _federated_sample(ws: Path, small_run: Path) -> Path:
     for r in range(1, 4):
         for split in ("val", "test"):
             rows.append({"round": r, "site": "global", "split": split, "macro_f1": 0.5 + r / 10,
-                         "loss": 1 / r})
+                         "loss": 1 / r, "pooled": True, "score": 0.5 + r / 10})
         for s in ("hospital-1", "hospital-2"):
             rows.append({"round": r, "site": s, "split": "train", "loss": 1.2 / r, "samples": 30})
             rows.append({"round": r, "site": s, "split": "val", "macro_f1": 0.4 + r / 10})
@@ -376,7 +390,7 @@ def test_federation_page_federated_schema(tmp_path, small_run, use_ws):
     assert at.selectbox(key="fed_run").value == "federated-fedavg-sample"
     specs = charts(at)
     assert any('"heatmap"' in s for s in specs), "cross-site heatmap missing"
-    assert "global model" in specs[0]
+    assert "global model (pooled validation of all sites" in specs[0]  # the server's selection score
     assert "compare.json" in texts(at, "caption")
     assert "No per-round" not in texts(at, "info") and "cross_site.json" not in texts(at, "info")
     at.selectbox(key="fed_run").set_value("compare-sample").run()  # a compare run: the rest degrades

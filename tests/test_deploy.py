@@ -347,8 +347,7 @@ def test_deployment_end_to_end(tmp_path, launcher):
     site_logs = tmp_path / "site-logs"
     argv = ["submit", "--admin-kit", str(kits.admin), "--sites", ",".join(SITES),
             *[f"--site-split={site}={path}" for site, path in splits.items()], "--site-log-dir", str(site_logs),
-            "--rounds", "2", "--set", "local.batch_size=16", "--set", "cross_site_eval=false", "--set",
-                "threads_per_site=1",
+            "--rounds", "2", "--set", "local.batch_size=16", "--set", "threads_per_site=1",
             "--timeout", "180", "--wait-for-sites", "60", "--workspace", str(tmp_path / "runs")]
     rc = run_cli(argv)  # `fedbrain submit`: the simulate recipe, ProdEnv, bounded wait, result download
     t_job = time.monotonic() - t0
@@ -375,6 +374,18 @@ def test_deployment_end_to_end(tmp_path, launcher):
     assert status["state"] == "finished" and status["job_id"] == res["job_id"], status
     assert (status["done"], status["total"]) == (2, 2) and set(status["sites"]) == set(SITES), status
     assert all(c.get("last_contact") and c.get("last_round") == 1 for c in status["sites"].values()), status
+
+    # the run folder of a simulated run (issue 27): per round the server's pooled validation, results.json from
+    # the sites' summed test counts (cross-site evaluation), the status's headline from it
+    glob = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["site"] == "global" and r["split"] == "val"]
+    # validated: the model after round 1 and the final model (validation_points(2, ...) = [1, 2])
+    assert [r["round"] for r in glob] == [1, 2] and all(r["pooled"] and r["n"] > 0 for r in glob), glob
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["test"]) == {*SITES, "union"}, results["test"]
+    assert results["test"]["union"]["n"] == sum(len(s.splits["test"]) for s in fed.sites.values())
+    assert "summed test counts" in results["test_source"]
+    assert status["headline"] and status["best_round"] == results["best_round"], status
 
     # each site logged its own metrics to its --log-dir (one folder here: both "machines" are this one)
     rows = [json.loads(x) for x in (site_logs / "metrics.jsonl").read_text().splitlines()]

@@ -145,8 +145,8 @@ def test_two_jobs_in_a_row_at_one_site_the_second_is_refused_when_the_lifetime_b
     hospital = tmp_path / "hospital"
     policy = _policy(hospital, dp_epsilon=2, lifetime_epsilon=3)
     monkeypatch.setenv("FEDBRAIN_PRIVACY_POLICY", str(policy))
-    args = ["simulate", "--max-images-per-site", "40", "--rounds", "1", "--model", "fedbrain_cnn_v2",
-            "--dp-epsilon", "2", "--dp-sample-rate", "0.5", "--no-cross-site-eval"]
+    args = ["simulate", "--set", "data.max_images_per_site=40", "--rounds", "1", "--model", "fedbrain_cnn_v2",
+            "--dp-epsilon", "2", "--set", "dp_sample_rate=0.5", "--set", "cross_site_eval=false"]
     assert main([*args, "--workspace", str(tmp_path / "ws1")]) == 0
     run1 = RunDir(next(d for d in (tmp_path / "ws1").iterdir() if (d / "config.json").is_file()))
     ledgers = sorted(policy.parent.glob("fedbrain_ledger.*.json"))

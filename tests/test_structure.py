@@ -287,3 +287,41 @@ def test_one_default_learning_rate():
     """The default lr is written once (TrainConfig); everything else refers to it."""
     hits = [f"{name}" for name, path in MODULES.items() for _ in re.finditer(r"\b2e-3\b|0\.002\b", path.read_text())]
     assert hits == ["fedbrain.training"], hits
+
+
+UPPER = ("fedbrain.fl", "fedbrain.experiments", "fedbrain.cli", "fedbrain.compression", "fedbrain.dashboard")
+
+
+def _layer(module: str) -> int:
+    """0: the core (fedbrain.<module>, fedbrain.data); 1: the federation (fl); 2: everything that uses both."""
+    if module.startswith("fedbrain.fl"):
+        return 1
+    return 2 if module.startswith(UPPER) else 0
+
+
+def test_imports_only_run_down_the_layers():
+    """The core imports neither the federation nor compression, experiments, the CLI or the dashboard; the
+    federation imports none of those above it."""
+    up = {m: sorted(t for t in deps if _layer(t) > _layer(m)) for m, deps in GRAPH.items()}
+    assert {m: d for m, d in up.items() if d} == {}
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert _layer("fedbrain.privacy_audit") == 0 and _layer("fedbrain.fl.metrics") == 1
+    assert _layer("fedbrain.compression.data") == 2 and _layer("fedbrain.data.arrays") == 0
+
+
+def test_no_function_in_the_federation_package_is_over_100_lines():
+    """The site script and the server side stay readable: every function of fedbrain/fl/ fits 100 lines."""
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((PACKAGE_DIRS["fedbrain"] / "fl").glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100]
+    assert long == []
+
+
+def test_a_trained_models_card_is_built_in_one_place():
+    """checkpoint.training_card builds the card of every model fedbrain trains (pooled, simulated, deployed)."""
+    builders = sorted(name for name, path in MODULES.items() if "ModelCard(" in path.read_text())
+    # checkpoint: the class and its builder; throughput: a stand-in model file for a timing, trained by nobody
+    assert builders == ["fedbrain.checkpoint", "fedbrain.experiments.throughput"]

@@ -191,8 +191,35 @@ class ModelCard:
         return self._create()
 
 
+def training_card(model: str, model_kwargs: dict | None, image_size: int | None, label_schemes: dict[str, str],
+                  training: dict) -> ModelCard:
+    """The card of a model fedbrain trained (pooled, simulated or deployed): its architecture, the contract's
+    preprocessing for it, what its sites' labels let it claim (with no scheme known: tumour / no tumour only), the
+    sites' schemes and how it was trained."""
+    from fedbrain.contract import supervised_granularity
+    from fedbrain.models import default_preprocessing
+
+    return ModelCard(model=model, model_kwargs=dict(model_kwargs or {}),
+                     preprocessing=default_preprocessing(model, image_size),
+                     supervised_granularity=supervised_granularity(list(label_schemes.values()) or ["binary"]),
+                     label_schemes=dict(label_schemes), training=training)
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def set_metadata(path: str | Path, props: dict[str, str]) -> None:
+    """Replace the model's metadata_props with ``props`` (other keys are dropped)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    model.producer_name = "fedbrain"
+    onnx.save(model, str(path))
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, card: ModelCard) -> Path:

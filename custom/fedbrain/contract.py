@@ -15,6 +15,8 @@ TUMOUR_CLASSES: tuple[int, ...] = tuple(i for i, c in enumerate(CLASSES) if c !=
 # Target index for "tumour, type unknown" (binary sites). Not a model output: the partial-label
 # loss maps it to p(glioma) + p(meningioma) + p(pituitary).
 TUMOUR_ANY = NUM_CLASSES
+# What a site sends each round: its training-label counts as metric keys ``train_count_<target>`` (5 target kinds).
+COUNT_PREFIX = "train_count_"
 
 SCHEMES: dict[str, tuple[str, ...]] = {
     "multiclass": CLASSES,

@@ -104,7 +104,7 @@ def model_run(model_path: Path):
 def evaluate_external(predictor, ext: ExternalSet, training: list[Record] | None, cache_dir: Path | None = None,
                       n_boot: int = 1000) -> dict:
     """Metrics on every usable external image and, when some have a twin in training, without those."""
-    from fedbrain.compression.data import arrays, normalise
+    from fedbrain.data.arrays import arrays, normalise
     from fedbrain.evaluation import scored
 
     imgs, targets = arrays(ext.records, predictor.preprocessing, cache_dir)
@@ -125,7 +125,7 @@ def refit_calibration(predictor, ext: ExternalSet, cache_dir: Path | None = None
     """The model's calibration refitted on a hospital's own labelled images (the folder ``ext``): each level with
     enough images of its outcomes is fitted anew, the others keep the model's current fit."""
     from fedbrain import calibration
-    from fedbrain.compression.data import arrays, normalise
+    from fedbrain.data.arrays import arrays, normalise
 
     imgs, targets = arrays(ext.records, predictor.preprocessing, cache_dir)
     probs = predictor.raw_probabilities(normalise(imgs, predictor.preprocessing))
@@ -144,7 +144,7 @@ def save_with_calibration(model_file: str | Path, out: str | Path, record: dict)
     if model_file.suffix.lower() == ".onnx":
         import onnx
 
-        from fedbrain.compression.onnx_export import set_metadata
+        from fedbrain.checkpoint import set_metadata
 
         props = {p.key: p.value for p in onnx.load(str(model_file)).metadata_props}
         card = ModelCard.from_onnx_metadata(props, str(model_file)).replace(calibration=record)

@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbrain.contract import NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
-from fedbrain.fl.metrics import COUNT_PREFIX
+from fedbrain.contract import COUNT_PREFIX, NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSES
 
 LOW_FPR = 0.01
 ROC_POINTS = 101  # the ROC curve is stored at this many false-positive rates

@@ -157,7 +157,7 @@ def robustness(predictor, imgs: np.ndarray, targets: np.ndarray, shifts: tuple[S
     Returns ``{"clean": metrics, "rows": [{shift, strength, param, <metric>, <metric>_drop, ci}], "worst": ...}``;
     a drop is clean minus shifted (positive = worse).
     """
-    from fedbrain.compression.data import normalise
+    from fedbrain.data.arrays import normalise
     from fedbrain.evaluation import scored
 
     pre = predictor.preprocessing

@@ -81,8 +81,9 @@ next steps (details: docs/deployment.md)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from fedbrain.fl.runlog import RunLog, server_progress
     from fedbrain.runs import RunDir
-    from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter
+    from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, from_controller
 
     d = _deploy()
     try:
@@ -117,19 +118,22 @@ def cmd_submit(args: argparse.Namespace) -> int:
     status = StatusWriter(run_dir, kind="federated", deployment="nvflare-prod", algorithm=settings.algorithm,
                           model=settings.model, sites={s: {} for s in sites}, done=0, total=settings.rounds,
                           unit="round", admin_kit=str(admin_kit))
+    log = RunLog(run_dir)  # metrics.jsonl grows with the server's pooled validation while the job runs
     try:
         res = d.submit(settings, sites, admin_kit, site_splits=splits or None, site_dir=args.site_dir,
                        site_log_dir=args.site_log_dir, cache_dir=args.site_cache_dir, timeout=args.timeout,
                        out_dir=run_dir, username=args.username, abort_on_timeout=not args.keep_running,
-                       label_schemes=schemes or None, on_progress=DeployedProgress(status, settings.rounds))
+                       label_schemes=schemes or None, on_progress=DeployedProgress(status, settings.rounds, log))
     except BaseException as exc:
         status.finish(FAILED, error=f"{type(exc).__name__}: {exc}")
         if isinstance(exc, d.DeployError):
             raise UsageError(str(exc)) from exc
         raise
-    status.update(job_id=res.job_id, job_status=res.status, **_final_progress(res.result_dir))
+    finally:
+        log.close()
+    status.update(job_id=res.job_id, job_status=res.status, **from_controller(server_progress(res.result_dir)))
     if res.ok:
-        status.finish(FINISHED)
+        status.finish(FINISHED, **final_headline(run_dir))
     elif (res.status or "").endswith("ABORTED") and run_dir.stop_request.is_file():
         status.finish(STOPPED, error=f"job {res.job_id} aborted by `fedbrain runs stop`")
     else:
@@ -151,25 +155,28 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 3
 
 
-def _final_progress(result_dir: Path | None) -> dict:
-    """Rounds done and each site's last answer from the downloaded job's ``progress.json`` (the server's)."""
-    from fedbrain.runs import ROUNDS_PROGRESS, read_json
-    from fedbrain.status import from_controller
+def final_headline(run) -> dict:
+    """``status.json``'s best round and headline of a finished federated run (from its ``results.json``)."""
+    from fedbrain.evaluation import UNION
+    from fedbrain.runs import read_json
+    from fedbrain.status import headline_of
 
-    found = sorted(Path(result_dir).rglob(ROUNDS_PROGRESS)) if result_dir and Path(result_dir).is_dir() else []
-    progress = read_json(found[0]) if found else None
-    return from_controller(progress) if isinstance(progress, dict) else {}
+    results = read_json(run.results) or {}
+    return {"best_round": results.get("best_round"), "headline": headline_of((results.get("test") or {}).get(UNION))}
 
 
 class DeployedProgress:
     """``status.json`` of a ``fedbrain submit`` run from the deployed server's progress, one line per round."""
 
-    def __init__(self, status, rounds: int):
+    def __init__(self, status, rounds: int, log=None):
         self.status, self.rounds, self.printed = status, rounds, None
+        self.log = log  # a fedbrain.fl.runlog.RunLog: the run log's global rows grow with the server's progress
 
     def __call__(self, job_id: str, job_status: str | None, progress: dict) -> None:
         from fedbrain.status import from_controller, progress_text
 
+        if self.log is not None:
+            self.log.add_progress(progress)
         server = from_controller(progress)
         doc = self.status.progress(server.pop("done", 0), progress.get("num_rounds") or self.rounds,
                                    job_id=job_id, job_status=job_status,

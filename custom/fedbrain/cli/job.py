@@ -74,15 +74,16 @@ def _run(algorithm: str, args: argparse.Namespace) -> int:
         if not args.startup_kit:
             raise UsageError("--env prod needs --startup-kit (the admin's startup kit folder)")
         env = ProdEnv(startup_kit_location=args.startup_kit)
-    return _follow(recipe.execute(env), env, run, settings, args)
+    return _follow(recipe.execute(env), env, run, settings, args, {n: s.scheme for n, s in fed.sites.items()})
 
 
-def _follow(job, env, run, settings, args) -> int:
+def _follow(job, env, run, settings, args, label_schemes: dict[str, str]) -> int:
     """Wait for a POC / production job, keeping the run's status.json current (as ``fedbrain submit`` does)."""
     import time
 
-    from fedbrain.cli.deployment import DeployedProgress
+    from fedbrain.cli.deployment import DeployedProgress, final_headline
     from fedbrain.fl.deploy import follow_job
+    from fedbrain.fl.runlog import RunLog, finish_deployed_run
     from fedbrain.status import FAILED, FINISHED, StatusWriter
 
     job_id = job.get_job_id()
@@ -95,10 +96,18 @@ def _follow(job, env, run, settings, args) -> int:
         kit = poc_admin_kit(env)
     else:
         kit = Path(args.startup_kit)
-    follow_job(kit, job_id, env, DeployedProgress(status, settings.rounds), time.monotonic() + args.timeout)
-    job.get_result(timeout=60)
+    log = RunLog(run)  # metrics.jsonl grows with the server's pooled validation while the job runs
+    try:
+        follow_job(kit, job_id, env, DeployedProgress(status, settings.rounds, log), time.monotonic() + args.timeout)
+    finally:
+        log.close()
+    result = job.get_result(timeout=60)
     final = job.get_status()
     ok = final == "FINISHED:COMPLETED"
-    status.finish(FINISHED if ok else FAILED, error=None if ok else f"job {job_id} ended {final}", job_status=final)
+    if ok:  # the run folder a simulated run gets: run log, checkpoints, results.json
+        finish_deployed_run(run, settings, Path(result) if result else None, label_schemes,
+                            {"sites": list(label_schemes)}, deployment=args.env, job_id=job_id)
+    status.finish(FINISHED if ok else FAILED, error=None if ok else f"job {job_id} ended {final}", job_status=final,
+                  **(final_headline(run) if ok else {}))
     print(f"job {job_id}: {final}")
     return 0 if ok else 3

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from fedbrain import calibration
-from fedbrain.checkpoint import ModelCard, save_checkpoint
-from fedbrain.contract import augmentation_policy, supervised_granularity
+from fedbrain.checkpoint import save_checkpoint, training_card
+from fedbrain.contract import augmentation_policy
 from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.distillation import DistillConfig, Distiller, Teacher
@@ -61,12 +61,10 @@ def train_pooled(
     pool = SiteLoaders(train_site, pre, cfg.batch_size, cache_dir=cache_dir,
                        augmentation=augmentation_policy(cfg.augmentation))
     every = site_loaders(fed.sites, pre, cfg.batch_size, cache_dir, union=UNION)
-    card = ModelCard(model=model_name, model_kwargs=dict(model_kwargs or {}), preprocessing=pre,
-                     supervised_granularity=supervised_granularity([fed.sites[n].scheme for n in names]),
-                     label_schemes={n: fed.sites[n].scheme for n in names},
-                     training={**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,
-                               "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
-                               "augmentation": pool.augmentation.to_dict()})
+    card = training_card(model_name, model_kwargs, image_size, {n: fed.sites[n].scheme for n in names},
+                         {**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,
+                          "weights": weights_source(model), "trainable_params": tuned["trainable_params"],
+                          "augmentation": pool.augmentation.to_dict()})
     guide = None
     if teacher:
         guide = Teacher(teacher, pre, resolve_device(cfg.device))

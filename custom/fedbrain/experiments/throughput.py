@@ -151,7 +151,8 @@ def secure_aggregation_cost(fed: Federation, settings: JobSettings, run: RunDir,
     and how far apart the two global models end. The masks cancel exactly; what is left is fixed-point rounding,
     which the rounds amplify as they amplify any float rounding: a third run, plain again with one more thread
     per site (another summation order), measures that floor."""
-    from fedbrain.fl.simulate import finished_rounds, global_state
+    from fedbrain.checkpoint import global_state
+    from fedbrain.fl.simulate import finished_rounds
 
     out: dict = {"rounds": settings.rounds, "sites": list(fed.sites), "model": settings.model,
                  "server_optimizer": settings.server_optimizer}

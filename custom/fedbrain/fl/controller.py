@@ -21,7 +21,8 @@ One controller serves FedAvg, FedProx and SCAFFOLD:
 - secure aggregation: before round 0 every site sends its public key (signed with its kit key where it has one)
   and the set goes to every site with each round's model; a site that refuses to mask a round is logged;
 - ``checkpoint_dir/progress.json`` says, after every round, which round finished, out of how many, when each
-  site last answered, and whether the job stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
+  site last answered, the pooled validation of every round (the run log's global rows), and whether the job
+  stops early: a ``stop_file`` (``fedbrain runs stop``) ends the job
   after the round in flight, keeping every model written so far.
 """
 
@@ -40,9 +41,11 @@ from nvflare.app_common.workflows.fedavg import FedAvg, _get_client_name
 from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     NUM_SITES,
+    POOLED_VAL,
     REQUEST,
     SERVER_STATE,
     VALIDATE,
+    pooled_row,
     pooled_validation,
     site_counts,
 )
@@ -111,6 +114,7 @@ class FedbrainController(FedAvg):
         self.initial_control = initial_control
         self._global_ctrl: dict | None = None
         self._best_score = -math.inf
+        self._pooled_val: dict[str, dict] = {}  # round -> the pooled validation of the model sent that round
 
     # -------------------------------------------------------------- where round files go
 
@@ -272,7 +276,15 @@ class FedbrainController(FedAvg):
         data = FLModel(params=model.params, params_type=model.params_type, current_round=after)
         rows = [dict(r.metrics or {}) for r in self._request("validate", data)]
         metrics = pooled_validation(rows) if rows else {}
+        self._record_pooled(metrics, after, len(rows))
         self._keep_if_best(metrics, model.params, after)
+        self._write_progress()  # the final model's pooled validation joins the progress (the run log's last row)
+
+    def _record_pooled(self, metrics: dict, round_: int, sites) -> None:
+        """The run log's global row of the model sent in ``round_`` (fedbrain.fl.runlog): its pooled validation."""
+        pooled = pooled_row(metrics)
+        if pooled:
+            self._pooled_val[str(round_)] = {**pooled, "sites": sites}
 
     def _keep_if_best(self, metrics: dict, params: dict, round_: int) -> None:
         """Write ``best.pt`` when ``metrics``' pooled validation score beats the best so far."""
@@ -320,8 +332,10 @@ class FedbrainController(FedAvg):
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         sent_params = dict(model.params or {})
+        metrics = aggr_result.metrics or {}
+        self._record_pooled(metrics, self.current_round, (aggr_result.meta or {}).get("nr_accepted"))
         # the sites validated the model they received this round: it may be the new best
-        self._keep_if_best(aggr_result.metrics or {}, sent_params, self.current_round)
+        self._keep_if_best(metrics, sent_params, self.current_round)
         take = getattr(self.aggregator, "take_site_counts", None)
         if take is not None:
             self._class_counts.update(take())
@@ -354,10 +368,14 @@ class FedbrainController(FedAvg):
             self.info(f"stop requested ({self.stop_file}): the job ends after round {self.current_round}")
         self._last_finished = self.current_round
         self._final = model
+        self._write_progress()
+        return model
+
+    def _write_progress(self) -> None:
+        d = self._dir()
         with open(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), "w") as fh:
             json.dump(self.progress(), fh)
         os.replace(os.path.join(d, ROUNDS_PROGRESS + ".tmp"), os.path.join(d, ROUNDS_PROGRESS))
-        return model
 
     def progress(self) -> dict:
         """The last finished round, out of how many, each site's last answer: ``progress.json``, and what the
@@ -366,7 +384,7 @@ class FedbrainController(FedAvg):
         return {"last_round": last, "start_round": self.start_round, "num_rounds": self.num_rounds,
                 "rounds_done": 0 if last is None else last - self.start_round + 1,
                 "best_score": self._best_score if math.isfinite(self._best_score) else None,
-                "sites": self._contacts, "stopped_early": self._stopped_early,
+                "sites": self._contacts, "stopped_early": self._stopped_early, POOLED_VAL: self._pooled_val,
                 "time": now_iso()}
 
     def handle_event(self, event_type: str, fl_ctx) -> None:

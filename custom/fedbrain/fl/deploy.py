@@ -540,6 +540,7 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
 
     from fedbrain.checkpoint import global_state
     from fedbrain.fl.recipes import build_recipe
+    from fedbrain.fl.runlog import finish_deployed_run, server_models
 
     sites = parse_sites(sites)
     admin_kit = Path(admin_kit).resolve()
@@ -568,12 +569,7 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
         except Exception:
             pass
     out = SubmitResult(job_id, status, seconds, Path(result) if result else None)
-    if out.result_dir is not None and out.result_dir.exists():
-        rounds = sorted(out.result_dir.rglob("round-*.pt"))  # the controller's per-round global models
-        models = rounds[-1:] or sorted(out.result_dir.rglob("FL_global_model.pt"))
-        best = [p for p in out.result_dir.rglob("best.pt") if p.parent.name == "rounds"]
-        out.global_model = models[0] if models else None
-        out.best_model = best[0] if best else None  # best by the pooled validation score
+    out.global_model, out.best_model = server_models(out.result_dir)  # the best by the pooled validation score
     if out.global_model is not None:
         bad = check_finite(global_state(out.global_model))
         if bad:
@@ -581,14 +577,10 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
     if out_dir:
         run_out = RunDir(out_dir)
         run_out.root.mkdir(parents=True, exist_ok=True)
-        if out.global_model is not None and not out.error:
-            out.checkpoint = save_global_checkpoint(global_state(out.global_model), settings, run_out.last,
-                                                    label_schemes, job_id)
-            if out.best_model is not None:
-                from fedbrain.checkpoint import load_weights
-
-                save_global_checkpoint(global_state(out.best_model), settings, run_out.best, label_schemes, job_id,
-                                       round_metrics=load_weights(out.best_model).get("metrics") or {})
+        if out.global_model is not None and not out.error:  # the run folder of a simulated run: log, models, results
+            finish_deployed_run(run_out, settings, out.result_dir, label_schemes or {}, {"sites": sites},
+                                deployment="nvflare-prod", job_id=job_id)
+            out.checkpoint = run_out.last if run_out.last.is_file() else None
         run_out.deploy_result.write_text(json.dumps({
             "job_id": job_id, "status": status, "ok": out.ok, "error": out.error, "seconds": seconds,
             "result_dir": str(out.result_dir) if out.result_dir else None,
@@ -596,24 +588,3 @@ def submit(settings, sites: list[str], admin_kit: str | Path, site_splits: dict[
             "checkpoint": str(out.checkpoint) if out.checkpoint else None,
             "sites": sites, "job": settings.to_dict()}, indent=2))
     return out
-
-
-def save_global_checkpoint(state: dict, settings, path: Path, label_schemes: dict[str, str] | None,
-                           job_id: str, round_metrics: dict | None = None) -> Path:
-    """The server's global weights as a self-describing fedbrain checkpoint (for ``fedbrain evaluate``); with the
-    aggregated ``round_metrics`` of its round, the calibration and input profile fitted from the sites' sums."""
-    from fedbrain.checkpoint import ModelCard, save_checkpoint
-    from fedbrain.contract import supervised_granularity
-    from fedbrain.fl.metrics import with_round_fits
-    from fedbrain.models import create_model, default_preprocessing
-
-    model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
-    model.load_state_dict(state)
-    # without the sites' label schemes, claim no more than tumour / no tumour
-    granularity = supervised_granularity(list((label_schemes or {}).values()) or ["binary"])
-    card = ModelCard(model=settings.model, model_kwargs=settings.model_kwargs,
-                     preprocessing=default_preprocessing(settings.model, settings.image_size),
-                     supervised_granularity=granularity, label_schemes=dict(label_schemes or {}),
-                     training={**settings.to_dict(), "mode": "federated", "deployment": "nvflare-prod",
-                               "job_id": job_id})
-    return save_checkpoint(path, model, with_round_fits(card, round_metrics or {}))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedbrain import calibration
-from fedbrain.contract import NO_TUMOR, NUM_CLASSES
+from fedbrain.contract import CLASSES, COUNT_PREFIX, NO_TUMOR, NUM_CLASSES
 from fedbrain.input_check import pooled_ranges, profile_of_metrics
 
 NUM_SAMPLES = "num_samples"  # update meta key: the images in the site's training split
@@ -24,7 +24,7 @@ VALIDATE = "fedbrain_validate"  # model meta key: the sites validate the global 
 SERVER_STATE = "server_optimizer_state"  # a round file's server Adam moments and step count (resume continues them)
 REQUEST = "fedbrain_request"  # model meta key of a task that is no training round: "counts" | "validate"
 SECURE_META = "secure_aggregation"  # a site's meta flag: its params are a masked, sample-weighted update (secagg)
-COUNT_PREFIX = "train_count_"  # metric keys of a site's own training-label counts (the 5 target kinds)
+POOLED_VAL = "pooled_val"  # the controller's progress: per round, the pooled validation (pooled_row)
 CAL_PREFIX = "val_pooled_cal_"  # the server's calibration fit among a round's aggregated metrics (flat scalars)
 ROWS = NUM_CLASSES + 1  # the 4 classes, then "tumour of unknown type"
 BINS = 50
@@ -118,9 +118,11 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
         out[f"{prefix}_pooled_macro_f1"] = f1
     if auc is not None:
         out[f"{prefix}_pooled_tumour_auroc"] = auc
-    healthy = cm[NO_TUMOR].sum()
-    if healthy:
-        out[f"{prefix}_pooled_no_tumor_recall"] = float(cm[NO_TUMOR, NO_TUMOR] / healthy)
+    for c, name in enumerate(CLASSES):  # per-class recall and support of the pooled split
+        support = cm[c].sum()
+        if support:
+            out[f"{prefix}_pooled_{name}_recall"] = float(cm[c, c] / support)
+            out[f"{prefix}_pooled_n_{name}"] = float(support)
     if prefix == "val":  # the federated calibration fit: the sum of the sites' calibration sums
         record = calibration.fit_sums(calibration.Sums.of(rows), "")
         out.update({f"{CAL_PREFIX}{k}": v for k, v in calibration.to_scalars(record).items()})
@@ -130,6 +132,19 @@ def pooled_validation(rows: list[dict], prefix: str = "val") -> dict[str, float]
     if score is not None:
         out[f"{prefix}_score"] = score
     return out
+
+
+POOLED_ROW_KEYS = ("macro_f1", "tumour_auroc", "n", *(f"{c}_recall" for c in CLASSES), *(f"n_{c}" for c in CLASSES))
+
+
+def pooled_row(metrics: dict, prefix: str = "val") -> dict[str, float]:
+    """The headline of a pooled validation (:func:`pooled_validation`'s output, or a round's aggregated metrics) as
+    a run-log row's scalars: macro_f1, tumour_auroc, per-class recall and support, n and ``score``; {} without one."""
+    row = {k: (int if k == "n" or k.startswith("n_") else float)(metrics[f"{prefix}_pooled_{k}"])
+           for k in POOLED_ROW_KEYS if isinstance(metrics.get(f"{prefix}_pooled_{k}"), (int, float))}
+    if row and isinstance(metrics.get(f"{prefix}_score"), (int, float)):
+        row["score"] = float(metrics[f"{prefix}_score"])
+    return row
 
 
 def federated_calibration(metrics: dict) -> dict:

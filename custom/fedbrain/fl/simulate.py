@@ -13,15 +13,25 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from fedbrain.checkpoint import ModelCard, global_state, load_weights, read_checkpoint, save_checkpoint
-from fedbrain.contract import augmentation_policy, supervised_granularity
+from fedbrain.checkpoint import load_weights, read_checkpoint
 from fedbrain.data.dataset import site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
-from fedbrain.fl.metrics import SERVER_STATE, with_round_fits
+from fedbrain.fl.metrics import SERVER_STATE
 from fedbrain.fl.recipes import build_recipe
-from fedbrain.models import create_model, default_preprocessing, weights_source
-from fedbrain.runs import JsonlTail, MetricsLog, RunDir, append_jsonl, flat_scalars, read_json, read_metrics
+from fedbrain.fl.runlog import (
+    RunLog,
+    cross_site_matrix,
+    federated_card,
+    global_val_rows,
+    merge_run_log,
+    save_best,
+    save_global_models,
+    train_seconds,
+    write_results,
+)
+from fedbrain.models import create_model, weights_source
+from fedbrain.runs import JsonlTail, RunDir, read_json, read_metrics
 from fedbrain.settings import JobSettings
 from fedbrain.status import FAILED, FINISHED, STOPPED, StatusWriter, from_controller, headline_of, progress_text
 from fedbrain.training import place, resolve_device
@@ -54,45 +64,11 @@ def site_errors(nv_root: Path, names: list[str]) -> dict[str, str]:
     return errors
 
 
-HEADLINE_KEYS = ("macro_f1", "accuracy", "tumour_accuracy", "tumour_auroc", "macro_auroc")
-
-
-def global_val_row(rnd: int, rows: list[dict]) -> dict | None:
-    """The ``global`` row of one round from the sites' validation rows: headline metrics weighted by each
-    site's n, per-class recall pooled exactly (correct / support summed over sites)."""
-    total = sum(r.get("n", 0) for r in rows)
-    if not total:
-        return None
-    agg = {"round": rnd, "site": "global", "split": "val", "model": "global", "n": total, "sites": len(rows)}
-    for key in HEADLINE_KEYS:
-        have = [r for r in rows if isinstance(r.get(key), (int, float))]
-        weight = sum(r.get("n", 0) for r in have)
-        if have and weight:
-            agg[key] = sum(r[key] * r["n"] for r in have) / weight
-    classes = sorted({k[:-len("_recall")] for r in rows for k in r if k.endswith("_recall")})
-    for cls in classes:
-        support_key = "n_no_tumor" if cls == "no_tumor" else f"n_{cls}"
-        have = [r for r in rows if isinstance(r.get(f"{cls}_recall"), (int, float)) and r.get(support_key)]
-        support = sum(r[support_key] for r in have)
-        if support:
-            agg[f"{cls}_recall"] = sum(r[f"{cls}_recall"] * r[support_key] for r in have) / support
-            agg[support_key] = support
-    return agg
-
-
-def aggregation_row(r: dict) -> dict | None:
-    """A server round-log line as the run log's ``aggregation`` row (who drove the global model)."""
-    if not r.get("aggregated") or r.get("site") == "server":
-        return None
-    return {"round": r["round"], "site": r["site"], "split": "aggregation", "model": "update",
-            **{k: r[k] for k in ("weight", "weight_share", "update_norm", "steps", "samples")
-               if isinstance(r.get(k), (int, float))}}
-
-
 class LiveRun:
     """While the simulator runs: the run's ``metrics.jsonl`` and TensorBoard grow round by round from the sites'
-    own logs and the server's round log, ``status.json`` says round x of N with an ETA and each site's last
-    contact, and the terminal gets one progress line per poll."""
+    own logs, the server's pooled validation and its round log (:class:`fedbrain.fl.runlog.RunLog`),
+    ``status.json`` says round x of N with an ETA and each site's last contact, and the terminal gets one progress
+    line per poll."""
 
     def __init__(self, run: RunDir, sites: list[str], status, start_round: int, rounds: int,
                  interval: float = 2.0, out=None):
@@ -109,50 +85,42 @@ class LiveRun:
         self.server_tail = JsonlTail(run.server_log)
         self.val: dict[int, dict[str, dict]] = defaultdict(dict)
         self.max_round = dict.fromkeys(sites, -1)
-        self.emitted = {r["round"] for r in read_metrics(run.metrics) if r.get("site") == "global"}
-        self.log = MetricsLog.of(run)
+        self.log = RunLog(run)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.printed_done = -1
 
-    def _append(self, row: dict) -> None:
-        append_jsonl(self.run.metrics, row)
-        self.log.scalars(row)
-
-    def poll(self, final: bool = False) -> None:
+    def poll(self) -> None:
         with self.lock:
-            self._poll(final)
+            self._poll()
 
-    def _poll(self, final: bool) -> None:
+    def _poll(self) -> None:
         new_train: list[dict] = []
         for site, tail in self.tails.items():
             for r in tail.read():
-                self._append(r)
+                self.log.append(r)
                 rnd = r.get("round", 0)
                 self.max_round[site] = max(self.max_round[site], rnd)
                 if r.get("split") == "val" and r.get("model") == "global":
                     self.val[rnd][site] = r
                 elif r.get("split") == "train":
                     new_train.append(r)
-        for r in self.server_tail.read():
-            row = aggregation_row(r)
-            if row:
-                self._append(row)
-        # a round's global row once every site validated it, or moved past it (or the run ended)
-        for rnd in sorted(self.val):
-            if rnd in self.emitted:
-                continue
-            complete = len(self.val[rnd]) == len(self.sites) or all(m > rnd for m in self.max_round.values())
-            if complete or final:
-                row = global_val_row(rnd, list(self.val[rnd].values()))
-                if row:
-                    self._append(row)
-                self.emitted.add(rnd)
-        self._report(new_train)
+        self.log.add_server_rows(self.server_tail.read())
+        progress = read_json(self.run.rounds_progress) or {}
+        self.log.add_progress(progress)  # a round's global row: the server's pooled validation, once it has it
+        self._report(new_train, progress)
 
-    def _report(self, new_train: list[dict]) -> None:
-        server = from_controller(read_json(self.run.rounds_progress) or {})
+    def _latest_val(self) -> dict | None:
+        """Each site's validation headline and the pooled one of the last round the server validated."""
+        rows = {r["round"]: r for r in global_val_rows(read_json(self.run.rounds_progress))}
+        for rnd in sorted(rows, reverse=True):
+            latest = {s: r.get("macro_f1", r.get("tumour_auroc")) for s, r in self.val.get(rnd, {}).items()}
+            return {**latest, "global": rows[rnd].get("score"), "round": rnd}
+        return None
+
+    def _report(self, new_train: list[dict], progress: dict) -> None:
+        server = from_controller(progress)
         done, last = server.get("done", 0), server.get("round")
         contacts = server.get("sites", {})
         for site, path in self.paths.items():  # the simulator's sites log here: their last write is a contact
@@ -161,14 +129,8 @@ class LiveRun:
             if "last_contact" not in c and path.is_file():
                 c["last_contact"] = _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc).isoformat(
                     timespec="seconds")
-        latest = {}
-        for rnd in sorted(self.val, reverse=True):
-            if rnd in self.emitted:
-                latest = {s: r.get("macro_f1", r.get("tumour_auroc")) for s, r in self.val[rnd].items()}
-                latest["round"] = rnd
-                break
         doc = self.status.progress(done, self.rounds, round=last, unit="round", sites=contacts,
-                                   latest_val=latest or None)
+                                   latest_val=self._latest_val())
         if not new_train and done == self.printed_done:
             return
         self.printed_done = done
@@ -194,7 +156,7 @@ class LiveRun:
     def __exit__(self, *exc):
         self.stop_event.set()
         self.thread.join(timeout=10)
-        self.poll(final=True)
+        self.poll()
         self.log.close()
 
 
@@ -208,29 +170,6 @@ def _quiet_log_config(run: RunDir) -> str:
     cfg["handlers"]["consoleHandler"]["level"] = "ERROR"
     run.nvflare_log_config.write_text(json.dumps(cfg, indent=2))
     return str(run.nvflare_log_config)
-
-
-def merge_site_metrics(run: RunDir, sites: list[str]) -> list[dict]:
-    """The run log in canonical order, rewritten from each site's own log plus the weighted 'global' row per
-    round and the server's aggregation rows (what :class:`LiveRun` appended as they came)."""
-    rows = []
-    for site in sites:
-        rows += read_metrics(run.site_metrics(site))
-    rows.sort(key=lambda r: (r.get("round", 0), r.get("site", ""), r.get("split", "")))
-    by_round: dict[int, list[dict]] = defaultdict(list)
-    for r in rows:
-        if r.get("split") == "val" and r.get("model") == "global":
-            by_round[r["round"]].append(r)
-    out = list(rows)
-    for rnd, rs in sorted(by_round.items()):
-        agg = global_val_row(rnd, rs)
-        if agg:
-            out.append(agg)
-    out += [row for row in map(aggregation_row, read_metrics(run.server_log)) if row]
-    tmp = run.metrics.with_name(run.metrics.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in out))
-    tmp.replace(run.metrics)
-    return out
 
 
 def privacy_record(rows: list[dict], up_to_round: int) -> dict:
@@ -251,27 +190,13 @@ def privacy_record(rows: list[dict], up_to_round: int) -> dict:
                if any(key in s for s in spent.values())}}
 
 
-def cross_site_matrix(nv_root: Path) -> dict | None:
-    files = _find(nv_root, "cross_val_results.json")
-    if not files:
-        return None
-    raw = json.loads(files[0].read_text())
-    if not raw:  # NVFlare leaves an empty file when no cross-site evaluation ran
-        return None
-    matrix: dict[str, dict[str, dict]] = defaultdict(dict)
-    for evaluator, per_model in raw.items():
-        for model_name, metrics in per_model.items():
-            matrix[model_name][evaluator] = metrics
-    return {"models": sorted(matrix), "sites": sorted(raw), "matrix": matrix, "source": str(files[0])}
-
-
 def round_table(rows: list[dict], sites: list[str]) -> str:
-    """Global model per round: each site's validation headline and the weighted global one."""
+    """Global model per round: each site's validation headline and the server's pooled one."""
     val = [r for r in rows if r.get("split") == "val" and r.get("model") == "global"]
     rounds = sorted({r["round"] for r in val})
     cols = sites + ["global"]
     hdr = f"{'round':>5}  " + "".join(f"{c[:16]:>17}" for c in cols)
-    lines = ["global model on each site's validation split (macro-F1, or tumour AUROC for binary sites)",
+    lines = ["global model on each site's validation split and pooled (macro-F1, or tumour AUROC for binary sites)",
              hdr, "-" * len(hdr)]
     for rnd in rounds:
         cells = []
@@ -297,8 +222,6 @@ def _write_initial_model(source: Path, run: RunDir) -> dict:
     """Copy a round file's (or checkpoint's) weights, SCAFFOLD controls and server optimiser state into
     ``initial_model.pt``."""
     import torch
-
-    from fedbrain.checkpoint import load_weights
 
     obj = load_weights(source)
     if obj.get("format"):  # a fedbrain checkpoint
@@ -487,66 +410,40 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     errors = site_errors(run.nvflare, sites + ["server"])
     if sim_error and not errors:
         errors = {"server": sim_error}
-    rows = merge_site_metrics(run, sites)
+    rows = merge_run_log(run, sites)
     summary = {"wall_seconds": wall, "failed_sites": errors, "sites": sites}
     progress = read_json(run.rounds_progress) or {}
     if progress.get("stopped_early"):
         summary["stopped_early"] = True
         summary["stopped_after_round"] = progress.get("last_round")
     status.update(state="running", eta_s=None, phase="evaluating the best global model on every test split")
+    return _evaluate_best(fed, settings, run, rows, summary, cache_dir)
 
-    # the global model: the simulator's persistor files -> self-describing checkpoints
-    pre = default_preprocessing(settings.model, settings.image_size)
-    card = ModelCard(model=settings.model, model_kwargs=settings.model_kwargs, preprocessing=pre,
-                     supervised_granularity=supervised_granularity([s.scheme for s in fed.sites.values()]),
-                     label_schemes={n: s.scheme for n, s in fed.sites.items()},
-                     training={**settings.to_dict(), "mode": "federated",
-                               "augmentation": augmentation_policy(settings.train.augmentation).to_dict()})
+
+def _evaluate_best(fed: Federation, settings: JobSettings, run: RunDir, rows: list[dict], summary: dict,
+                   cache_dir: Path | None) -> dict:
+    """The end of a simulated job: the server's models as checkpoints, the best one evaluated on every site's test
+    split and their union (the simulator's machine holds them), ``results.json``."""
     done = finished_rounds(run)
     if not done:
         summary["error"] = "the simulator produced no global model"
         return summary
-    best = run.rounds_best
-    model = create_model(settings.model, pretrained=False, **settings.model_kwargs)
-    model.load_state_dict(global_state(run.round_model(done[-1])))
-    save_checkpoint(run.last, model, card.replace(training={**card.training, "last_round": done[-1]}))
-    best_round = done[-1]
-    best_metrics = {}
-    if best.is_file():
-        model.load_state_dict(global_state(best))
-        best_file = load_weights(best)
-        best_round = int(best_file.get("round", done[-1]))
-        best_metrics = best_file.get("metrics") or {}
+    card = federated_card(settings, {n: s.scheme for n, s in fed.sites.items()})
+    model, card, best_round = save_global_models(run, card, run.round_model(done[-1]),
+                                                 run.rounds_best if run.rounds_best.is_file() else None, done[-1])
     summary["best_round"] = best_round
-    card = with_round_fits(card, best_metrics)
-    loaders = site_loaders(fed.sites, pre, 64, cache_dir, union=UNION)
+    loaders = site_loaders(fed.sites, card.preprocessing, 64, cache_dir, union=UNION)
     place(model, resolve_device(settings.train.device))
     results = evaluate_everywhere(model, loaders, calibrator=card.calibrator)
     summary["site_probe"] = site_separability(model, settings.model, loaders)
     privacy = privacy_record(rows, best_round)
     if privacy:
         summary["privacy"] = privacy
-    save_checkpoint(run.best, model, card.replace(metrics={"test": results}, training={
-        **card.training, "best_round": best_round, "selected_by": "pooled validation score of the sites' counts",
-        **({"privacy": privacy} if privacy else {})}))
-    log = MetricsLog.of(run)  # (the per-round rows reached TensorBoard while the run was live)
-    for name, m in results.items():
-        log.log(done[-1], name, "test", m, checkpoint="best", model="global")
-    log.close()
+    save_best(run, model, card, best_round, results, **({"privacy": privacy} if privacy else {}))
     cse = cross_site_matrix(run.nvflare)
     if cse:
         run.cross_site.write_text(json.dumps(cse, indent=2))
-    train_seconds = defaultdict(float)
-    for r in rows:
-        if r.get("split") == "train":
-            train_seconds[r["site"]] += r.get("seconds", 0.0)
-    summary.update({"test": results, "train_seconds_per_site": dict(train_seconds),
-                    "rounds_table": round_table(rows, sites)})
-    out = {k: v for k, v in summary.items() if k != "rounds_table"}
-    out["test"] = {k: flat_scalars(v) | {kk: v[kk] for kk in ("per_class", "confusion_matrix", "ci", "unreliable",
-                                                                          "reliability", "calibration",
-                                                                          "uncalibrated")
-                                        if kk in v}
-                   for k, v in results.items()}
-    run.write_results(out)
+    summary.update({"test": results, "train_seconds_per_site": train_seconds(rows),
+                    "rounds_table": round_table(rows, list(fed.sites))})
+    write_results(run, summary, results, done[-1])
     return summary

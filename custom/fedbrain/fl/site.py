@@ -1,7 +1,8 @@
-"""The hospital-side training script (NVFlare Client API): init -> receive -> evaluate -> train -> send.
+"""The hospital-side training script (NVFlare Client API): set up -> per round: receive -> validate -> train -> release.
 
 One script for every site and every algorithm; per-site differences (data split file) come from
-per-site config. Only weights, sample counts and scalar metrics are sent to the server.
+per-site config. Only weights, sample counts and scalar metrics are sent to the server. The algorithm hooks
+(FedProx's proximal term, SCAFFOLD's control variates, DP, distillation) live in :class:`AlgorithmHooks`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,6 @@ from fedbrain.training import (
     compute_metrics,
     derived_seed,
     estimate_bn_statistics,
-    evaluate,
     headline,
     make_optimizer,
     place,
@@ -138,17 +138,186 @@ def privacy_report(private: PrivateTraining | None, ledger: SiteLedger | None, k
             "dp_slices_per_patient": k}
 
 
-def main(argv: list[str] | None = None) -> None:
-    import nvflare.client as flare
-    from nvflare.app_common.abstract.fl_model import FLMetaKey
-    from nvflare.app_common.app_constant import AlgorithmConstants
+def cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
-    args = parse_args(argv)
+
+# ---------------------------------------------------------------- the algorithm hooks
+
+
+class AlgorithmHooks:
+    """What each algorithm adds to a site's round, in one place: FedProx's proximal term and SCAFFOLD's control
+    variates around training, distillation from a teacher, DP-SGD (``private``) inside training, and update DP
+    (``dp``: clip and noise the released update)."""
+
+    def __init__(self, job: JobSettings, model: torch.nn.Module, dp: DPConfig,
+                 private: PrivateTraining | None, teacher: Teacher | None, device):
+        self.job, self.dp, self.private, self.teacher, self.device = job, dp, private, teacher, device
+        self.scaffold = None
+        if job.algorithm == "scaffold":
+            from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+            self.scaffold = PTScaffoldHelper()
+            self.scaffold.init(model)
+        self._controls = None
+
+    @property
+    def private_any(self) -> bool:
+        """Under any DP, training-data scalars stay home."""
+        return self.dp.enabled or self.private is not None
+
+    def _global_model(self, global_state: dict) -> torch.nn.Module:
+        g = create_model(self.job.model, pretrained=False, **self.job.model_kwargs)
+        g.load_state_dict(global_state)
+        return g
+
+    def train_kwargs(self, meta_in: dict, global_state: dict) -> dict:
+        """``train_epochs``'s hooks this round: FedProx's loss or SCAFFOLD's step correction, the distiller, DP-SGD."""
+        extra_loss, after_step = None, None
+        if self.job.algorithm == "fedprox":
+            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
+
+            mu = float(meta_in.get("fedprox_mu", self.job.fedprox_mu))
+            prox = PTFedProxLoss(mu=mu)
+            global_model = self._global_model(global_state)
+            place(global_model, self.device)
+
+            def extra_loss(m, _g=global_model, _p=prox):
+                return _p(m, _g)
+        elif self.scaffold is not None:
+            from nvflare.app_common.app_constant import AlgorithmConstants
+
+            global_ctrl = meta_in.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
+            if global_ctrl:
+                self.scaffold.load_global_controls(global_ctrl)
+            c_global, c_local = self._controls = self.scaffold.get_params()
+
+            def after_step(m, lr, _g=c_global, _l=c_local, _s=self.scaffold):
+                _s.model_update(m, lr, _g, _l)
+        return {"extra_loss": extra_loss, "after_step": after_step, "private": self.private,
+                "distiller": Distiller(self.teacher.logits, self.job.distillation()) if self.teacher else None}
+
+    def after_train(self, model: torch.nn.Module, lr: float, global_state: dict, meta: dict) -> None:
+        """SCAFFOLD: this site's control-variate difference joins the update's meta."""
+        if self.scaffold is None:
+            return
+        from nvflare.app_common.app_constant import AlgorithmConstants
+
+        c_global, c_local = self._controls
+        self.scaffold.terms_update(model, lr, c_global, c_local, self._global_model(global_state))
+        meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = self.scaffold.get_delta_controls()
+
+    def privatise(self, params: dict, global_state: dict, stats: dict, rnd: int,
+                  report: dict) -> tuple[dict, dict]:
+        """(the update as it may leave, its DP record): update DP clips and noises it; DP-SGD reports its spend
+        and ``report`` (the site's and each patient's ε, :func:`privacy_report`)."""
+        if self.dp.enabled:
+            return privatize_update(params, global_state, self.dp, rnd)
+        if self.private is not None:
+            return params, {**{k: v for k, v in stats.items() if k.startswith("dp_")}, **report}
+        return params, {}
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Site:
+    """One hospital's state across rounds (built once by :func:`setup_site`)."""
+
+    args: argparse.Namespace
+    job: JobSettings
+    name: str
+    data: SiteData
+    loaders: SiteLoaders
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    hooks: AlgorithmHooks
+    policy: object
+    dp_sgd: object
+    log_dir: Path | None
+    sent_counts: list[int]  # the training-label counts that leave (Laplace-noised once under DP)
+    n_sent: int  # the training-set size that leaves (under DP: the noised counts' sum)
+    own_profile: dict
+    present: object
+    k_patient: int = 1  # the most training slices of one patient (group privacy)
+    dp_count_eps: float = 0.0  # the ε the released counts spent (0 without DP)
+    ledger: SiteLedger | None = None  # the hospital's own, across all its jobs (None: no policy file)
+    job_id: str = ""
+    secure: SiteMasker | None = None  # secure aggregation: this site's own key and ledger
+    tracker: object = None
+    released: dict | None = None  # the last weights this site sent: the only local model that may leave it again
+
+    def log(self, row: dict) -> None:
+        if self.log_dir:
+            append_jsonl(metrics_file(self.log_dir), {"site": self.name, **row})
+        if self.tracker is not None and not (self.hooks.private_any and row["split"] == "train"):
+            prefix = row["split"]  # training scalars stay home under DP
+            self.tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
+                                      if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
+
+    def count_metrics(self) -> dict:
+        return {f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(self.sent_counts)}
+
+    def record_release(self, params: dict) -> dict:
+        """Record what leaves in the site's release ledger (its policy filter sends nothing else)."""
+        if self.ledger is not None:
+            self.ledger.record_release(weights_digest(params))
+        return params
+
+    def may_evaluate(self) -> bool:
+        """Count one scoring of the held-out images against the site's limit (False: refused)."""
+        if self.ledger is None or self.ledger.count_query(self.policy.max_eval_queries):
+            return True
+        print(f"{self.name}: this site's limit of {self.policy.max_eval_queries} evaluations of its held-out images "
+              f"({self.policy.source}) is reached: evaluation refused", file=sys.stderr)
+        return False
+
+    def privacy_report(self) -> dict:
+        return privacy_report(self.hooks.private, self.ledger, self.k_patient, self.dp_count_eps)
+
+
+def load_teacher(job: JobSettings, pre, device, loaders: SiteLoaders, job_custom: str | None) -> Teacher | None:
+    """The distillation teacher: the job carries its file in its custom/ folder (the executor names it)."""
+    if not job.distil_from:
+        return None
+    teacher = Teacher(resolve_teacher_file(job.distil_from, [Path(job_custom)] if job_custom else []), pre, device)
+    if job.distil_teacher_bn == "site":
+        teacher.adapt_batchnorm(loaders.eval("train"))
+    return teacher
+
+
+def private_training(site: str, job: JobSettings, model, loaders: SiteLoaders, run: RunDir | None,
+                     log_dir: Path | None, site_home: Path, job_id: str):
+    """(policy, dp_sgd, private, ledger, entry): record-level DP, the job's request made at least as strict as this
+    hospital's own policy, and the hospital's ledger (across all its jobs) with this job's entry."""
+    cfg = job.train
+    policy = find_policy(run.site_policy(site) if run else None, starts=(site_home,))
+    dp_sgd = policy.apply(job.dp_sgd())
+    ledger = policy.ledger(site)  # the hospital's own, across all its jobs (None: no policy file)
+    entry = ledger.job(ledger.job_key(f"{job_id}:{log_dir or ''}", resume=job.start_round > 0)) \
+        if ledger is not None else None
+    if entry is not None and dp_sgd.private:  # refused before training when the site's lifetime budget is short
+        policy.admit(ledger, entry.key, dp_sgd.epsilon + job.dp_count_epsilon)
+    if dp_sgd.private and job.bn_statistics != "batch":
+        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and bn_statistics {job.bn_statistics} "
+                          "would estimate statistics on its training images outside the accounting")
+    if not dp_sgd.private:
+        return policy, dp_sgd, None, ledger, entry
+    per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
+    private = PrivateTraining(model, dp_sgd, len(loaders.dataset("train").targets),
+                              planned_steps=job.rounds * per_round,
+                              ledger=entry if entry is not None else privacy_ledger(log_dir) if log_dir else None)
+    print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
+          f"steps: noise multiplier {private.noise_multiplier:.3f}"
+          + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
+    return policy, dp_sgd, private, ledger, entry
+
+
+def setup_site(args: argparse.Namespace, site: str, job_id: str = "") -> Site:
+    """This site's data, model, optimiser, privacy and algorithm hooks (once, before the first round)."""
     job = JobSettings.from_dict(json.loads(args.job))
     cfg = job.train
-    # (1) initialise the Client API and this site's data
-    flare.init()
-    site = flare.get_site_name()
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(cfg.seed)
@@ -159,9 +328,6 @@ def main(argv: list[str] | None = None) -> None:
     loaders = SiteLoaders(data, pre, cfg.batch_size, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
                           augmentation=augmentation_policy(cfg.augmentation))
     train_targets = loaders.dataset("train").targets
-    own_counts = target_counts(train_targets)  # sent every round: the server pools them (class_balance)
-    own_profile = feature_histograms(loaders.dataset("train").images)  # counts; sent with the validation counts
-    present = present_classes(train_targets) if job.missing_classes == "restrict" else None
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
     apply_finetune(model, job.model, job.finetune)
     device = resolve_device(cfg.device)
@@ -169,232 +335,214 @@ def main(argv: list[str] | None = None) -> None:
     if job.bn_statistics == "renorm":
         use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
-    teacher = None
-    if job.distil_from:  # the job carries the teacher file into this script's folder (custom/)
-        job_custom = [Path(args.job_custom)] if args.job_custom else []  # the executor names the job's custom/
-        teacher = Teacher(resolve_teacher_file(job.distil_from, job_custom), pre, device)
-        if job.distil_teacher_bn == "site":
-            teacher.adapt_batchnorm(loaders.eval("train"))
-    dp = DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise)
+    teacher = load_teacher(job, pre, device, loaders, args.job_custom)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
-    # record-level DP: the job's request, made at least as strict as this hospital's own policy
     site_home = Path(args.site_workspace) if args.site_workspace else Path.cwd()
-    policy = find_policy(run.site_policy(site) if run else None, starts=(site_home,))
-    dp_sgd = policy.apply(job.dp_sgd())
-    private = None
-    ledger = policy.ledger(site)  # the hospital's own, across all its jobs (None: no policy file)
-    entry = ledger.job(ledger.job_key(f"{flare.get_job_id()}:{log_dir or ''}", resume=job.start_round > 0)) \
-        if ledger is not None else None
-    if entry is not None and dp_sgd.private:  # refused before training when the site's lifetime budget is short
-        policy.admit(ledger, entry.key, dp_sgd.epsilon + job.dp_count_epsilon)
-    if dp_sgd.private and job.bn_statistics != "batch":
-        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and bn_statistics {job.bn_statistics} "
-                          "would estimate statistics on its training images outside the accounting")
-    if dp_sgd.private:
-        per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
-        private = PrivateTraining(model, dp_sgd, len(train_targets), planned_steps=job.rounds * per_round,
-                                  ledger=entry if entry is not None else privacy_ledger(log_dir) if log_dir else None)
-        print(f"{site}: DP-SGD with budget ε={dp_sgd.epsilon:g}, δ={dp_sgd.delta:g} over {job.rounds * per_round} "
-              f"steps: noise multiplier {private.noise_multiplier:.3f}"
-              + (f" (this site's policy, {policy.source})" if policy.requires_dp else ""), file=sys.stderr)
-    private_any = dp.enabled or private is not None  # under any DP, training-data scalars stay home
+    policy, dp_sgd, private, ledger, entry = private_training(site, job, model, loaders, run, log_dir, site_home,
+                                                             job_id)
+    hooks = AlgorithmHooks(job, model, DPConfig(clip=job.dp_clip, noise_multiplier=job.dp_noise), private,
+                           teacher, device)
+    own_counts = target_counts(train_targets)  # sent with every update: the server pools them (class_balance)
     # under DP the label counts (and the training-set size, their sum) leave once, Laplace-noised, in the ledger
-    sent_counts = released_counts(own_counts, job, entry) if private_any else own_counts.tolist()
-    n_sent = max(1, int(sum(sent_counts))) if private_any else len(data.splits["train"])
-    count_metrics = {f"{COUNT_PREFIX}{k}": int(c) for k, c in enumerate(sent_counts)}
-    k_patient = slices_per_patient(data.splits["train"])
-    dp_count_eps = job.dp_count_epsilon if private_any else 0.0
-
-    def release(params: dict) -> dict:
-        """Record what leaves in the site's release ledger (its policy filter sends nothing else)."""
-        if ledger is not None:
-            ledger.record_release(weights_digest(params))
-        return params
-
-    def may_evaluate() -> bool:
-        """Count one scoring of the held-out images against the site's limit (False: refused)."""
-        if ledger is None or ledger.count_query(policy.max_eval_queries):
-            return True
-        print(f"{site}: this site's limit of {policy.max_eval_queries} evaluations of its held-out images "
-              f"({policy.source}) is reached: evaluation refused", file=sys.stderr)
-        return False
-
-    secure = secure_masker(site, run) if job.secure_aggregation else None  # this site's own key and ledger
-    scaffold = None
-    if job.algorithm == "scaffold":
-        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
-
-        scaffold = PTScaffoldHelper()
-        scaffold.init(model)
-
+    sent_counts = released_counts(own_counts, job, entry) if hooks.private_any else own_counts.tolist()
     tracker = None
     if job.tracking == "mlflow":  # NVFlare experiment tracking: the same scalars, streamed to the server
         from nvflare.client.tracking import MLflowWriter
 
         tracker = MLflowWriter()
+    return Site(args=args, job=job, name=site, data=data, loaders=loaders, model=model, optimizer=optimizer,
+                hooks=hooks, policy=policy, dp_sgd=dp_sgd, log_dir=log_dir, sent_counts=sent_counts,
+                n_sent=max(1, int(sum(sent_counts))) if hooks.private_any else len(data.splits["train"]),
+                own_profile=feature_histograms(loaders.dataset("train").images),  # sent with the validation counts
+                present=present_classes(train_targets) if job.missing_classes == "restrict" else None,
+                k_patient=slices_per_patient(data.splits["train"]),
+                dp_count_eps=job.dp_count_epsilon if hooks.private_any else 0.0, ledger=ledger, job_id=job_id,
+                secure=secure_masker(site, run) if job.secure_aggregation else None, tracker=tracker)
 
-    def log(row: dict) -> None:
-        if log_dir:
-            append_jsonl(metrics_file(log_dir), {"site": site, **row})
-        if tracker is not None and not (private_any and row["split"] == "train"):  # training scalars stay home
-            prefix = row["split"]
-            tracker.log_metrics({f"{prefix}_{k}": float(v) for k, v in flat_scalars(row).items()
-                                 if k in TRACKED and np.isfinite(v)}, step=int(row["round"]))
 
-    released = None  # the last weights this site sent: the only local model that may leave it again
+# ---------------------------------------------------------------- one round
 
+
+def evaluate_on_test(s: Site) -> dict:
+    """Cross-site evaluation: the received model's scores on the local test split, and its test counts (summed
+    over sites they give a deployed run's pooled test metrics, :func:`fedbrain.fl.runlog.pooled_test_results`)."""
+    if not s.data.splits["test"] or not s.may_evaluate():
+        return {"val_score": float("nan")}
+    probs, targets = predict_proba(s.model, s.loaders.eval("test"))
+    test = compute_metrics(probs, targets)
+    return {"val_score": headline(test), **{f"test_{k}": v for k, v in flat_scalars(test).items()},
+            **validation_counts(probs, targets, prefix="test")}
+
+
+def validate(s: Site, rnd: int, meta_in: dict) -> tuple[dict, dict]:
+    """(metrics, counts) of the received model on the local validation split, when the server asks for them (the
+    round's meta says VALIDATE, or the final "validate" request) and the site's evaluation limit allows."""
+    val, val_counts = {}, {}
+    asked = meta_in.get(REQUEST) == "validate" or meta_in.get(VALIDATE)
+    if s.data.splits["val"] and asked and s.may_evaluate():
+        probs, targets = predict_proba(s.model, s.loaders.eval("val"))
+        val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
+        val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
+        if not s.hooks.private_any:  # the training images' feature histograms are not privatised: kept home under DP
+            val_counts.update(s.own_profile)  # for the federated input profile
+    if val:
+        s.log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
+    return val, val_counts
+
+
+def val_metrics(val: dict, val_counts: dict) -> dict:
+    """The validation scalars and counts an update carries."""
+    return {"val_score": headline(val) if val else float("nan"),
+            **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}
+
+
+def train_loader(s: Site, rnd: int, meta_in: dict):
+    """(this round's training batches, the batch size; None for Poisson batches under DP-SGD)."""
+    cfg = s.job.train
+    if s.dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
+        return PoissonLoader(s.loaders.dataset("train"), s.dp_sgd.sample_rate, s.loaders.augmentation), None
+    batch = site_batch_size(cfg.batch_size, len(s.data.splits["train"]), meta_in) \
+        if s.job.batch_split == "proportional" else cfg.batch_size
+    return s.loaders.train(seed=derived_seed(cfg.seed, rnd, s.name), batch_size=batch), batch
+
+
+def budget_spent(s: Site, rnd: int, global_state: dict, val: dict, val_counts: dict):
+    """The DP-SGD budget is spent: no more training here; the site still validates and says so."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+    from nvflare.client import FLModel
+
+    private = s.hooks.private
+    print(f"{s.name}: privacy budget ε={s.dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
+          f"round {rnd}", file=sys.stderr)
+    report = {**private.summary(), **s.privacy_report()}
+    s.log({"round": rnd, "split": "train", "model": "local", **report})
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: s.n_sent,
+            **{k: v for k, v in report.items() if k in PUBLIC_DP_KEYS}}
+    check_outgoing(s.policy, meta)
+    return FLModel(params=s.record_release(global_state), meta=meta,
+                   metrics={**val_metrics(val, val_counts), **s.count_metrics()})
+
+
+def train(s: Site, rnd: int, meta_in: dict, global_state: dict) -> tuple[dict, dict, dict]:
+    """Train locally from the global weights: (the training stats, the update's meta: counts and algorithm state,
+    the round's settings for the local log)."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+
+    job, cfg, model = s.job, s.job.train, s.model
+    norm = job.norm_in_round(rnd)
+    hooks = s.hooks.train_kwargs(meta_in, global_state)
+    if job.reset_optimizer:
+        s.optimizer = make_optimizer(model, cfg)
+    pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
+    t0 = time.perf_counter()
+    loader, batch = train_loader(s, rnd, meta_in)
+    stats = train_epochs(model, loader, replace(cfg, norm=norm), optimizer=s.optimizer,
+                         class_counts=torch.tensor(pooled) if pooled else None, present=s.present,
+                         **hooks)
+    if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
+        estimate_bn_statistics(model, s.loaders.eval("train"), job.bn_images)
+    # counts and algorithm state, never data
+    meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: s.n_sent}
+    s.hooks.after_train(model, s.optimizer.param_groups[0]["lr"], global_state, meta)
+    return stats, meta, {"norm": norm, "batch_size": batch, "lr": s.optimizer.param_groups[0]["lr"],
+                         "class_balance": "federation" if pooled else "site", "train_seconds": time.perf_counter() - t0}
+
+
+def release(s: Site, rnd: int, meta_in: dict, trained: tuple[dict, dict, dict], global_state: dict, val: dict,
+            val_counts: dict):
+    """The update as it may leave the site: weights (privatised, masked), sample count and scalar metrics only,
+    recorded in the site's release ledger; a refused mask sends nothing but the refusal."""
+    from nvflare.app_common.abstract.fl_model import FLMetaKey
+    from nvflare.client import FLModel
+
+    args, (stats, meta, settings) = s.args, trained
+    params, dp_info = s.hooks.privatise(cpu_state(s.model), global_state, stats, rnd, s.privacy_report())
+    # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
+    # the local log (they would tell the server the unclipped update's size)
+    meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
+    check_outgoing(s.policy, meta)
+    s.released = params
+    private_any = s.hooks.private_any
+    s.log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, **settings,
+           "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
+    corrupt = rnd == args.corrupt_at_round and s.name == args.corrupt_site
+    if corrupt:  # what this site's DP mechanism did not produce: never in its release ledger
+        params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in params.items()}
+    if s.secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
+        delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
+        job_id = s.secure.job_identity(s.job_id, meta_in.get(SESSION))
+        try:
+            masked = s.secure.mask(delta, float(s.n_sent), job_id, rnd, meta_in.get(PUBLIC_KEYS))
+        except SecureAggregationError as exc:  # refused here: the round goes on without this site
+            print(f"{s.name}: round {rnd}: {exc}", file=sys.stderr)
+            return FLModel(params={}, meta={REFUSED: str(exc), FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0})
+        params = {k: torch.from_numpy(v) for k, v in masked.items()}
+        meta[SECURE_META] = True
+    metrics = {**val_metrics(val, val_counts), **s.count_metrics(),
+               **({} if private_any else {"train_loss": stats["loss"]})}  # a training-data scalar: not under DP
+    return FLModel(params=params if corrupt else s.record_release(params), metrics=metrics, meta=meta)
+
+
+def prepare_statistics(s: Site, rnd: int) -> None:
+    """This site's exact moments under the received weights: used now where no pooled statistics exist yet, and
+    sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)."""
+    job = s.job
+    estimate = job.bn_statistics == "pooled" and not bn_initialised(s.model)
+    estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
+    if estimate:
+        estimate_bn_statistics(s.model, s.loaders.eval("train"), job.bn_images)
+
+
+def run_round(flare, s: Site, input_model) -> None:
+    """One task from the server: answer the key exchange or the counts request, send the released model, score on
+    the test split, validate the final model, or validate -> train -> release."""
+    rnd = int(input_model.current_round or 0)
+    meta_in = input_model.meta or {}
+    if meta_in.get(KEY_EXCHANGE) or (s.secure is not None and flare.is_submit_model()):
+        # secure aggregation: only this site's public key leaves, never its own model
+        flare.send(flare.FLModel(params={}, meta={PUBLIC_KEYS: s.secure.announcement()} if s.secure is not None
+                                 and meta_in.get(KEY_EXCHANGE) else {REFUSED: "secure aggregation"}))
+        return
+    request = meta_in.get(REQUEST)  # a task that is no training round
+    if request == "counts":  # before round 0: the server pools every site's training-label counts
+        flare.send(flare.FLModel(metrics=s.count_metrics()))
+        return
+    if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
+        # what the site already released (privatised under DP), never the unclipped local weights; a site
+        # that never trained sends the global model it holds
+        flare.send(flare.FLModel(params=s.record_release(s.released if s.released is not None
+                                                         else cpu_state(s.model))))
+        return
+    s.model.load_state_dict(to_torch_state(input_model.params, s.model))
+    if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
+        flare.send(flare.FLModel(metrics=evaluate_on_test(s)))
+        return
+    val, val_counts = validate(s, rnd, meta_in)
+    if request == "validate":  # the final global model: validated, not trained
+        flare.send(flare.FLModel(metrics=val_metrics(val, val_counts)))
+        return
+    if rnd == s.args.fail_at_round and s.name == s.args.fail_site:
+        raise RuntimeError(f"fault injection: {s.name} crashes at round {rnd}")
+    prepare_statistics(s, rnd)
+    global_state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
+    private = s.hooks.private
+    if private is not None and not private.can_step():
+        flare.send(budget_spent(s, rnd, global_state, val, val_counts))
+        return
+    flare.send(release(s, rnd, meta_in, train(s, rnd, meta_in, global_state), global_state, val, val_counts))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import nvflare.client as flare
+
+    args = parse_args(argv)
+    flare.init()
+    s = setup_site(args, flare.get_site_name(), flare.get_job_id())
     while flare.is_running():
-        # (2) receive the global model
         input_model = flare.receive()
         if input_model is None:
             break
-        rnd = int(input_model.current_round or 0)
-        meta_in = input_model.meta or {}
-        if meta_in.get(KEY_EXCHANGE) or (secure is not None and flare.is_submit_model()):
-            # secure aggregation: only this site's public key leaves, never its own model
-            flare.send(flare.FLModel(params={}, meta={PUBLIC_KEYS: secure.announcement()} if secure is not None
-                                     and meta_in.get(KEY_EXCHANGE) else {REFUSED: "secure aggregation"}))
-            continue
-        request = meta_in.get(REQUEST)  # a task that is no training round
-        if request == "counts":  # before round 0: the server pools every site's training-label counts
-            flare.send(flare.FLModel(metrics=dict(count_metrics)))
-            continue
-        if flare.is_submit_model():  # cross-site evaluation asks for this site's last local model
-            # what the site already released (privatised under DP), never the unclipped local weights; a site
-            # that never trained sends the global model it holds
-            sent = released if released is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            flare.send(flare.FLModel(params=release(sent)))
-            continue
-        model.load_state_dict(to_torch_state(input_model.params, model))
-
-        # (3) evaluate the global model on local data
-        if flare.is_evaluate():  # cross-site evaluation: score the received model on the local test split
-            test = evaluate(model, loaders.eval("test")) if data.splits["test"] and may_evaluate() else {}
-            flare.send(flare.FLModel(metrics={"val_score": headline(test) if test else float("nan"),
-                                              **{f"test_{k}": v for k, v in flat_scalars(test).items()}}))
-            continue
-        val, val_counts = {}, {}
-        if data.splits["val"] and (request == "validate" or meta_in.get(VALIDATE)) and may_evaluate():
-            probs, targets = predict_proba(model, loaders.eval("val"))
-            val, val_counts = compute_metrics(probs, targets), validation_counts(probs, targets)
-            val_counts.update(site_sums(probs, targets))  # for the federated calibration fit
-            if not private_any:  # the training images' feature histograms are not privatised: kept home under DP
-                val_counts.update(own_profile)  # for the federated input profile
-        if val:
-            log({"round": rnd, "split": "val", "model": "global", **flat_scalars(val), **class_recalls(val)})
-        if request == "validate":  # the final global model: validated, not trained
-            flare.send(flare.FLModel(metrics={"val_score": headline(val) if val else float("nan"),
-                                              **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts}))
-            continue
-        if rnd == args.fail_at_round and site == args.fail_site:
-            raise RuntimeError(f"fault injection: {site} crashes at round {rnd}")
-
-        # (4) train locally, starting from the global weights
-        norm = job.norm_in_round(rnd)
-        round_cfg = replace(cfg, norm=norm)
-        # this site's exact moments under the received weights: used now where no pooled statistics exist yet,
-        # and sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)
-        estimate = job.bn_statistics == "pooled" and not bn_initialised(model)
-        estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
-        if estimate:
-            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
-        global_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        extra_loss, after_step = None, None
-        if job.algorithm == "fedprox":
-            from nvflare.app_opt.pt.fedproxloss import PTFedProxLoss
-
-            mu = float(meta_in.get("fedprox_mu", job.fedprox_mu))
-            prox = PTFedProxLoss(mu=mu)
-            global_model = create_model(job.model, pretrained=False, **job.model_kwargs)
-            global_model.load_state_dict(global_state)
-            place(global_model, device)
-
-            def extra_loss(m, _g=global_model, _p=prox):
-                return _p(m, _g)
-        elif scaffold is not None:
-            global_ctrl = meta_in.get(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL)
-            if global_ctrl:
-                scaffold.load_global_controls(global_ctrl)
-            c_global, c_local = scaffold.get_params()
-
-            def after_step(m, lr, _g=c_global, _l=c_local):
-                scaffold.model_update(m, lr, _g, _l)
-        if job.reset_optimizer:
-            optimizer = make_optimizer(model, cfg)
-        pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
-        t0 = time.perf_counter()
-        batch = site_batch_size(cfg.batch_size, len(data.splits["train"]), meta_in) \
-            if job.batch_split == "proportional" else cfg.batch_size
-        if dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
-            batch = None
-            train_loader = PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate, loaders.augmentation)
-        else:
-            train_loader = loaders.train(seed=derived_seed(cfg.seed, rnd, site), batch_size=batch)
-        if private is not None and not private.can_step():
-            # the budget is spent: no more training here; the site still validates and says so
-            print(f"{site}: privacy budget ε={dp_sgd.epsilon:g} spent after {private.steps} steps: no update in "
-                  f"round {rnd}", file=sys.stderr)
-            report = {**private.summary(), **privacy_report(private, ledger, k_patient, dp_count_eps)}
-            log({"round": rnd, "split": "train", "model": "local", **report})
-            meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0, NUM_SAMPLES: n_sent,
-                    **{k: v for k, v in report.items() if k in PUBLIC_DP_KEYS}}
-            check_outgoing(policy, meta)
-            flare.send(flare.FLModel(params=release(global_state), meta=meta, metrics={
-                "val_score": headline(val) if val else float("nan"),
-                **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                **count_metrics}))
-            continue
-        stats = train_epochs(model, train_loader, round_cfg, optimizer=optimizer,
-                             extra_loss=extra_loss, after_step=after_step,
-                             class_counts=torch.tensor(pooled) if pooled else None, present=present,
-                             distiller=Distiller(teacher.logits, job.distillation()) if teacher else None,
-                             private=private)
-        if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
-            estimate_bn_statistics(model, loaders.eval("train"), job.bn_images)
-        # counts and algorithm state, never data
-        meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: n_sent}
-        if scaffold is not None:
-            g = create_model(job.model, pretrained=False, **job.model_kwargs)
-            g.load_state_dict(global_state)
-            scaffold.terms_update(model, optimizer.param_groups[0]["lr"], c_global, c_local, g)
-            meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = scaffold.get_delta_controls()
-        # (5) send the update: weights, sample count and scalar metrics only
-        params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        dp_info = {}
-        if dp.enabled:
-            params, dp_info = privatize_update(params, global_state, dp, rnd)
-        elif private is not None:
-            dp_info = {**{k: v for k, v in stats.items() if k.startswith("dp_")},
-                       **privacy_report(private, ledger, k_patient, dp_count_eps)}
-        # only the data-independent accounting leaves the site: the update's norm and clip scale stay in
-        # the local log (they would tell the server the unclipped update's size)
-        meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
-        check_outgoing(policy, meta)
-        released = params
-        log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, "norm": norm, "batch_size": batch,
-             "lr": optimizer.param_groups[0]["lr"], "class_balance": "federation" if pooled else "site",
-             "train_seconds": time.perf_counter() - t0,
-             "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
-        corrupt = rnd == args.corrupt_at_round and site == args.corrupt_site
-        if corrupt:  # what this site's DP mechanism did not produce: never in its release ledger
-            params = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                      for k, v in params.items()}
-        if secure is not None:  # only the masked, sample-weighted update leaves: the server sees nothing else of it
-            delta = {k: v.double().numpy() - global_state[k].double().numpy() for k, v in params.items()}
-            job_id = secure.job_identity(flare.get_job_id(), meta_in.get(SESSION))
-            try:
-                masked = secure.mask(delta, float(n_sent), job_id, rnd, meta_in.get(PUBLIC_KEYS))
-                params = {k: torch.from_numpy(v) for k, v in masked.items()}
-            except SecureAggregationError as exc:  # refused here: the round goes on without this site
-                print(f"{site}: round {rnd}: {exc}", file=sys.stderr)
-                flare.send(flare.FLModel(params={}, meta={REFUSED: str(exc), FLMetaKey.NUM_STEPS_CURRENT_ROUND: 0}))
-                continue
-            meta[SECURE_META] = True
-        metrics = {"val_score": headline(val) if val else float("nan"),
-                   **({} if private_any else {"train_loss": stats["loss"]}),  # a training-data scalar: not under DP
-                   **{f"val_{k}": v for k, v in flat_scalars(val).items()}, **val_counts,
-                   **count_metrics}
-        flare.send(flare.FLModel(params=params if corrupt else release(params), metrics=metrics, meta=meta))
+        run_round(flare, s, input_model)
 
 
 if __name__ == "__main__":
