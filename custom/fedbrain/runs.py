@@ -43,6 +43,12 @@ class RunDir:
         return cls(p.parent.parent) if p.parent.name == CHECKPOINTS else None
 
     @classmethod
+    def containing(cls, path: str | os.PathLike) -> RunDir | None:
+        """The run folder (one with a ``config.json``) that holds ``path``, or None."""
+        p = Path(path).resolve()
+        return next((cls(d) for d in p.parents if cls(d).config.is_file()), None)
+
+    @classmethod
     def of_model_file(cls, model: str | os.PathLike) -> RunDir | None:
         """The run holding a model file in its ``checkpoints/`` or ``compression/`` folder (with splits), or None."""
         p = Path(model).resolve()
