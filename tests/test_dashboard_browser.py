@@ -292,3 +292,66 @@ def test_a_running_federation_updates_in_the_browser(browser_ready, tmp_path):
         if sim.poll() is None:
             sim.kill()
             sim.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_deployed_run_shows_the_pages_of_a_simulated_one_while_it_runs(browser_ready, tmp_path):
+    """A ``fedbrain submit`` run folder grown as the deployment grows it (the server's progress through
+    DeployedProgress, then the downloaded result through finish_deployed_run): the Federation page draws the pooled
+    validation curve while the job runs, and after it the Federation and Evaluation pages show the finished run,
+    never reloaded, with no exception."""
+    from playwright.sync_api import sync_playwright
+    from test_run_log import SITES, write_server_result
+
+    from fedbrain.cli.deployment import DeployedProgress, final_headline
+    from fedbrain.fl.metrics import POOLED_VAL
+    from fedbrain.fl.runlog import RunLog, finish_deployed_run
+    from fedbrain.runs import RunDir
+    from fedbrain.settings import JobSettings
+    from fedbrain.status import FINISHED, StatusWriter
+
+    result_dir, progress, _ = write_server_result(tmp_path)  # the files a deployed server leaves
+    ws = tmp_path / "deployed_ws"
+    run = RunDir(ws / "deploy-fedavg-fedbrain_cnn_gn")
+    run.root.mkdir(parents=True)
+    settings = JobSettings.create(rounds=2, model="fedbrain_cnn_gn")
+    run.write_config(kind="federated", deployment="nvflare-prod", algorithm="fedavg", model=settings.model,
+                     job=settings.to_dict(), sites=SITES)
+    status = StatusWriter(run, kind="federated", deployment="nvflare-prod", algorithm="fedavg",
+                          model=settings.model, sites={s: {} for s in SITES}, done=0, total=2, unit="round")
+    log = RunLog(run)
+    follow = DeployedProgress(status, 2, log)
+    first = {**progress, "last_round": 0, "rounds_done": 1, POOLED_VAL: {"0": progress[POOLED_VAL]["0"]}}
+    follow("job-1", "RUNNING", first)
+    with serve_dashboard(ws, tmp_path) as srv, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(STEP_TIMEOUT_MS)
+            page.goto(srv.url)
+            page.get_by_role("heading", name="Federation", level=1).wait_for()
+            page.get_by_text("1 of 2 rounds done").first.wait_for(timeout=60_000)
+            _charts_drawn(page)
+            assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1, "no curve while the job runs"
+            navigations = []
+            page.on("framenavigated", lambda frame: navigations.append(frame.url))
+            follow("job-1", "RUNNING", progress)  # the second round arrives
+            page.get_by_text("2 of 2 rounds done").first.wait_for(timeout=60_000)
+            log.close()
+            finish_deployed_run(run, settings, result_dir, dict.fromkeys(SITES, "multiclass"), {"sites": SITES},
+                                deployment="nvflare-prod", job_id="job-1")
+            status.finish(FINISHED, **final_headline(run))
+            page.get_by_text("finished, 2 of 2 rounds done").first.wait_for(timeout=60_000)
+            assert not navigations, f"the page was reloaded: {navigations}"
+            page.reload()
+            page.get_by_role("heading", name="Federation", level=1).wait_for()
+            _settle(page)
+            assert page.get_by_test_id("stException").count() == 0
+            assert page.get_by_text("union", exact=True).count() >= 1, "no test results of the finished run"
+            page.screenshot(path=str(tmp_path / "deployed-federation.png"))
+            _open(page, "Evaluation")
+            assert page.get_by_test_id("stException").count() == 0
+            assert page.get_by_text(run.name).count() >= 1, "the Evaluation page does not offer the deployed run"
+            page.screenshot(path=str(tmp_path / "deployed-evaluation.png"))
+        finally:
+            browser.close()

@@ -43,6 +43,10 @@ def _progress(val_by_round: dict[int, list[dict]]) -> dict:
 
 @pytest.fixture
 def server_result(tmp_path):
+    return write_server_result(tmp_path)
+
+
+def write_server_result(tmp_path):
     """A downloaded job result: two rounds, the best model from round 0, cross-site evaluation with test counts."""
     job = tmp_path / "result" / "workspace" / "app_server"
     rounds = job / "rounds"
