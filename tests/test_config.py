@@ -97,7 +97,7 @@ def test_every_everyday_flag_of_simulate_changes_its_configuration():
     ["train", "--epochs", "3", "--lr", "0.01", "--model", "fedbrain_cnn_v2", "--set", "data.num_sites=2"],
     ["compare", "--rounds", "5", "--set", "local.batch_size=16", "--seeds", "0", "1"],
     ["submit", "--admin-kit", "kit", "--sites", "a,b", "--rounds", "4", "--set", "dp_epsilon=8",
-     "--set", "dp_sample_rate=0.5"],
+     "--set", "dp_sample_rate=0.5", "--seed", "5"],
 ])
 def test_a_run_is_rebuilt_from_its_saved_configuration_alone(argv, tmp_path):
     first = build_parser().parse_args(argv)

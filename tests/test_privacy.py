@@ -165,7 +165,6 @@ def test_dp_flags_are_checked_before_a_run_starts(tmp_path, capsys):
     cases = [
         (["--dp-epsilon", "8", "--algorithm", "scaffold"], "not privatised"),
         (["--dp-epsilon", "8", "--set", "dp_clip=1", "--set", "dp_noise=1"], "one kind of DP"),
-        (["--dp-epsilon", "8", "--set", "bn_statistics=pooled"], "freezes BatchNorm"),
         (["--site-policy", f"nowhere={bad_policy}"], "no site 'nowhere'"),
         (["--site-policy", "all"], "SITE=FILE"),
     ]

@@ -35,13 +35,13 @@ FEDERATED_MODEL = "fedbrain_cnn_gn"  # GroupNorm: no batch statistics, which sit
 # Fields the server needs but a site does not (never sent in the site's arguments).
 SERVER_ONLY = ("min_clients", "wait_after_min_s", "cross_site_eval", "initial_checkpoint",
                "site_weighting", "pretrained", "extra_site_args", "threads_per_site", "user_train", "server_lr",
-               "server_momentum", "server_optimizer", "server_eps", "server_bn_momentum", "tracking_uri",
+               "server_momentum", "server_optimizer", "server_eps", "tracking_uri",
                "server_weight_decay", "server_warmup", "validations", "plan_start_round")
 TRACKING = ("", "mlflow")  # experiment tracking besides the run's own JSONL + TensorBoard
 LEVER_CHOICES = {"server_optimizer": ("sgd", "adam", "adamw"), "class_balance": ("site", "federation"),
                  "missing_classes": ("keep", "restrict"),
                  "site_weighting": ("steps", "samples", "equal"),
-                 "bn_statistics": ("batch", "pooled", "frozen", "renorm"), "batch_split": ("site", "proportional"),
+                 "batch_split": ("site", "proportional"),
                  "distil_teacher_bn": ("site", "global")}
 
 
@@ -50,9 +50,9 @@ def legacy_overrides() -> dict:
     state kept across rounds), FedAvg weighted by local steps, each site's own batches and class weights.
     ``jobs/legacy.toml`` reproduces the old numbers (with ``--model fedbrain_cnn``, the old BatchNorm model);
     ``JobSettings`` fields and ``train`` fields."""
-    return {"train": {"steps": 0, "epochs": 1, "norm": "batch", "optimizer": "adamw", "lr": TrainConfig.lr,
+    return {"train": {"steps": 0, "epochs": 1, "optimizer": "adamw", "lr": TrainConfig.lr,
                       "momentum": TrainConfig.momentum},
-            "site_weighting": "steps", "class_balance": "site", "bn_statistics": "batch", "missing_classes": "keep",
+            "site_weighting": "steps", "class_balance": "site", "missing_classes": "keep",
             "reset_optimizer": False, "batch_split": "site", "validations": 0,
             "server_optimizer": "sgd", "server_lr": 1.0, "server_momentum": 0.0}
 
@@ -89,16 +89,6 @@ class JobSettings:
     class_balance: str = "federation"  # class weights from the pooled counts the server sends | "site": its own
     missing_classes: str = "keep"  # "restrict": a site's softmax covers only the classes its labels can show
     reset_optimizer: bool = False  # restart the local optimiser every round (no stale moments across rounds)
-    # BatchNorm across sites: "batch" (batch statistics at every site; the server pools the sites' running
-    # moments), "pooled" (every round, sites estimate their moments, the server pools them, and everyone trains
-    # with the pooled statistics), "frozen" (FixBN: batch statistics until bn_freeze_round, then the pooled
-    # moments of that round are frozen and every site trains with them)
-    # "renorm": sites train with batch renormalisation (forward by the global running statistics, gradients
-    # through the batch's), send their last batch's moments, and the server keeps an EMA of the pooled moments
-    bn_statistics: str = "batch"
-    bn_freeze_round: int | None = None  # "frozen": the round the statistics are pooled and frozen (default: 1/4)
-    bn_images: int = 512  # images a site uses to estimate its BatchNorm moments
-    server_bn_momentum: float = 0.1  # "renorm": the server's EMA rate for the pooled BatchNorm moments
     validations: int = BUDGET_EPOCHS  # global models the sites validate, evenly spread over the planned rounds, the
     # final one always (training.validation_points): as many candidates as centralised has epochs (0: every round)
     # "site": every site trains on batches of train.batch_size; "proportional": the federation's batch of
@@ -153,8 +143,6 @@ class JobSettings:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
         if not 0 <= self.server_warmup < 1 or self.server_weight_decay < 0 or self.validations < 0:
             raise ValueError("server_warmup must be in [0, 1), server_weight_decay and validations >= 0")
-        if self.train.norm not in ("batch", "running"):
-            raise ValueError(f"train.norm must be 'batch' or 'running', not {self.train.norm!r}")
         self.distillation()  # validates weight and temperature
         self.dp_sgd()  # validates the DP-SGD settings
         if not self.dp_count_epsilon > 0:
@@ -162,9 +150,6 @@ class JobSettings:
         if self.dp_epsilon > 0 and self.dp_clip > 0:
             raise ValueError("choose one kind of DP: record-level (--dp-epsilon, DP-SGD at each site) or client-level "
                              "(dp_clip / dp_noise)")
-        if self.dp_epsilon > 0 and self.bn_statistics != "batch":
-            raise ValueError("DP-SGD freezes BatchNorm statistics; bn_statistics pooled/frozen/renorm would estimate "
-                             "them on the training images outside the privacy accounting")
         if self.dp_epsilon > 0 and self.distil_from and self.distil_teacher_bn == "site":
             raise ValueError("DP-SGD with a teacher needs distil_teacher_bn = global: statistics a site estimates on "
                              "its training images would reach every image's gradient outside the privacy accounting")
@@ -186,18 +171,6 @@ class JobSettings:
             if self.min_clients:
                 raise ValueError("secure aggregation needs every site in every round (a missing site's masks do not "
                                  "cancel): leave min_clients unset")
-
-    def freeze_round(self) -> int:
-        """FixBN: the round whose pooled BatchNorm moments are frozen for the rest of the job."""
-        if self.bn_freeze_round is not None:
-            return self.bn_freeze_round
-        return self.start_round + max(1, self.rounds // 4) if self.rounds else 0
-
-    def norm_in_round(self, rnd: int) -> str:
-        """How the sites' BatchNorm normalises during local training in round ``rnd`` (TrainConfig.norm)."""
-        if self.bn_statistics == "pooled" or (self.bn_statistics == "frozen" and rnd >= self.freeze_round()):
-            return "running"
-        return self.train.norm
 
     @classmethod
     def create(cls, algorithm: str = "fedavg", train: dict | None = None, **settings) -> JobSettings:

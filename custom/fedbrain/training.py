@@ -38,7 +38,6 @@ class TrainConfig:
     device: str = "auto"  # auto (CUDA when present, else CPU) | cpu | cuda | cuda:N
     steps: int | None = None  # optimiser steps per call of train_epochs (reshuffling as needed), instead of epochs
     # (0 or None: epochs)
-    norm: str = "batch"  # batch: BatchNorm normalises by batch statistics | running: by the running statistics
     augmentation: str = DEFAULT_AUGMENTATION  # the train-only augmentation policy (contract.AUGMENTATIONS)
 
     def to_dict(self) -> dict:
@@ -187,58 +186,6 @@ def present_classes(targets: torch.Tensor) -> torch.Tensor:
     return present
 
 
-class BatchRenorm2d(nn.BatchNorm2d):
-    """Batch renormalisation (Ioffe 2017): in training, the forward pass normalises by the running statistics
-    (batch statistics corrected by r = σ_B/σ, d = (μ_B-μ)/σ, clipped, no gradient through them) while gradients
-    flow through the batch statistics. Batches drawn from one site alone are then normalised as the pooled
-    data will be at test time. Evaluation, the state dict and ONNX export are those of BatchNorm2d."""
-
-    rmax: float = 3.0
-    dmax: float = 5.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.track_running_stats:
-            return super().forward(x)
-        mu = x.mean((0, 2, 3))
-        var = x.var((0, 2, 3), unbiased=False)
-        sd = (var + self.eps).sqrt()
-        rsd = (self.running_var + self.eps).sqrt()
-        r = (sd / rsd).clamp(1 / self.rmax, self.rmax).detach()
-        d = ((mu - self.running_mean) / rsd).clamp(-self.dmax, self.dmax).detach()
-        shape = (1, -1, 1, 1)
-        xh = (x - mu.view(shape)) / sd.view(shape) * r.view(shape) + d.view(shape)
-        with torch.no_grad():
-            n = x.numel() // x.shape[1]
-            m = 0.1 if self.momentum is None else self.momentum
-            self.running_mean.mul_(1 - m).add_(mu, alpha=m)
-            self.running_var.mul_(1 - m).add_(var * n / max(1, n - 1), alpha=m)
-            self.num_batches_tracked += 1
-        if self.affine:
-            xh = xh * self.weight.view(shape) + self.bias.view(shape)
-        return xh
-
-
-def use_batch_renorm(model: nn.Module, momentum: float = 1.0) -> int:
-    """Turn every trainable BatchNorm2d into :class:`BatchRenorm2d` in place (same parameters and buffers).
-
-    ``momentum`` 1 leaves the last batch's statistics in the running buffers (the federated server pools those).
-    Returns the number of layers converted."""
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.BatchNorm2d and any(p.requires_grad for p in m.parameters()):
-            m.__class__ = BatchRenorm2d
-            m.momentum = momentum
-            n += 1
-    return n
-
-
-def use_running_statistics(model: nn.Module) -> None:
-    """Train mode, but BatchNorm normalises by its running statistics (which then stay fixed)."""
-    model.train()
-    for m in batchnorms(model):
-        m.eval()
-
-
 @torch.no_grad()
 def estimate_bn_statistics(model: nn.Module, loader: Iterable, max_images: int | None = None) -> int:
     """Replace every trainable BatchNorm's running statistics by the exact mean and (unbiased) variance of its
@@ -339,10 +286,7 @@ def train_epochs(
     total_steps = cfg.steps if cfg.steps else max(1, epochs * len(loader))
     step = 0
     seen, loss_sum, kd_sum = 0, 0.0, 0.0
-    if cfg.norm == "running":
-        use_running_statistics(model)
-    else:
-        model.train()
+    model.train()
     t0 = time.perf_counter()
     bar = None
     if progress:

@@ -18,6 +18,7 @@ from fedbrain.cli.options import (
     UsageError,
     add_federation_args,
     add_job_args,
+    default_text,
     job_settings,
     load_federation,
     save_config,
@@ -265,8 +266,8 @@ def register(groups) -> None:
                    help="seconds to wait for every site to be connected before submitting (0: do not check)")
     g.add_argument("--keep-running", action="store_true",
                    help="on timeout leave the job running (default: abort it)")
-    p.add_argument("--seed", type=int, default=0)
-    add_job_args(p)
+    p.add_argument("--seed", type=int, default=None, help=f"the training's seed (default {default_text('local.seed')})")
+    add_job_args(p, resume=False)  # a deployed job does not resume (the flag was checked, then ignored)
     p.set_defaults(func=cmd_submit)
 
     p = groups.group("data").add_parser("split",

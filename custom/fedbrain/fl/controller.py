@@ -82,8 +82,7 @@ class FedbrainController(FedAvg):
                  scaffold: bool = False, num_sites: int = 0, initial_control: str = "", server_lr: float = 1.0,
                  server_momentum: float = 0.0, server_optimizer: str = "sgd", server_eps: float = 1e-6,
                  server_weight_decay: float = 0.0, server_warmup: float = WARMUP_FRACTION,
-                 plan_start_round: int | None = None, validations: int = 0,
-                 server_bn_momentum: float | None = None, stop_file: str = "",
+                 plan_start_round: int | None = None, validations: int = 0, stop_file: str = "",
                  secure_aggregation: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.secure_aggregation = secure_aggregation
@@ -101,7 +100,6 @@ class FedbrainController(FedAvg):
         self.plan_start_round = plan_start_round  # None: start_round (a resumed job keeps its plan's first round)
         self.validations = validations
         self._final: FLModel | None = None  # the last aggregated global model
-        self.server_bn_momentum = server_bn_momentum
         self._velocity: dict | None = None
         self._second: dict = {}
         self._steps = 0
@@ -200,16 +198,6 @@ class FedbrainController(FedAvg):
             if self.server_optimizer == "adamw":
                 old = old * (1.0 - lr * self.server_weight_decay)
             out[k] = (old + lr * step).astype(new.dtype)
-        return out
-
-    def _bn_ema(self, current: dict, pooled: dict) -> dict:
-        """The global BatchNorm statistics move towards this round's pooled moments at ``server_bn_momentum``."""
-        out = dict(pooled)
-        m = self.server_bn_momentum
-        for k, v in pooled.items():
-            if k.endswith(("running_mean", "running_var")) and k in current:
-                old = np.asarray(current[k], dtype=np.float64)
-                out[k] = ((1 - m) * old + m * np.asarray(v, dtype=np.float64)).astype(np.asarray(v).dtype)
         return out
 
     def _plan(self) -> tuple[int, int]:
@@ -343,8 +331,6 @@ class FedbrainController(FedAvg):
         changed = not (aggr_result.meta or {}).get("unchanged")
         if not plain and changed:
             aggr_result.params = self._server_step(sent_params, aggr_result.params)
-        if self.server_bn_momentum is not None and changed and self.current_round > self.start_round:
-            aggr_result.params = self._bn_ema(sent_params, aggr_result.params)
         model = super().update_model(model, aggr_result)
         extra = {}
         if self.scaffold and self._global_ctrl is not None:

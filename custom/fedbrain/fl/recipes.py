@@ -149,7 +149,6 @@ def build_recipe(s: JobSettings, sites: list[str], split_files: dict[str, str] |
         "server_lr": s.server_lr, "server_momentum": s.server_momentum, "server_optimizer": s.server_optimizer,
         "server_eps": s.server_eps, "server_weight_decay": s.server_weight_decay, "server_warmup": s.server_warmup,
         "plan_start_round": s.plan_start_round, "validations": s.validations,
-        "server_bn_momentum": s.server_bn_momentum if s.bn_statistics == "renorm" else None,
         "stop_file": str(run.stop_request) if run else "",
         "secure_aggregation": s.secure_aggregation,
     }

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +36,10 @@ from fedbrain.fl.metrics import (
     site_batch_size,
     validation_counts,
 )
-from fedbrain.fl.policy import PolicyError, check_outgoing, find_policy
+from fedbrain.fl.policy import check_outgoing, find_policy
 from fedbrain.fl.privacy import PUBLIC_DP_KEYS, DPConfig, privatize_update, weights_digest
 from fedbrain.input_check import feature_histograms
-from fedbrain.models import apply_finetune, batchnorms, create_model, default_preprocessing
+from fedbrain.models import apply_finetune, create_model, default_preprocessing
 from fedbrain.runs import RunDir, append_jsonl, flat_scalars, metrics_file, privacy_ledger
 from fedbrain.secagg import (
     KEY_EXCHANGE,
@@ -54,7 +54,6 @@ from fedbrain.settings import JobSettings
 from fedbrain.training import (
     compute_metrics,
     derived_seed,
-    estimate_bn_statistics,
     headline,
     make_optimizer,
     place,
@@ -64,7 +63,6 @@ from fedbrain.training import (
     seed_everything,
     target_counts,
     train_epochs,
-    use_batch_renorm,
 )
 
 TRACKED = ("loss", "macro_f1", "accuracy", "tumour_auroc", "tumour_accuracy", "no_tumor_recall", "glioma_recall",
@@ -92,12 +90,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
     own = model.state_dict()
     return {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype).reshape(own[k].shape) for k, v in params.items()}
-
-
-def bn_initialised(model: torch.nn.Module) -> bool:
-    """Whether the model's BatchNorm statistics were ever estimated (a fresh model's are 0 / 1)."""
-    bns = batchnorms(model)
-    return not bns or any(int(m.num_batches_tracked) > 0 for m in bns)
 
 
 def secure_masker(site: str, run: RunDir | None) -> SiteMasker:
@@ -299,9 +291,6 @@ def private_training(site: str, job: JobSettings, model, loaders: SiteLoaders, r
         if ledger is not None else None
     if entry is not None and dp_sgd.private:  # refused before training when the site's lifetime budget is short
         policy.admit(ledger, entry.key, dp_sgd.epsilon + job.dp_count_epsilon)
-    if dp_sgd.private and job.bn_statistics != "batch":
-        raise PolicyError(f"{site} trains by DP-SGD (ε={dp_sgd.epsilon:g}), and bn_statistics {job.bn_statistics} "
-                          "would estimate statistics on its training images outside the accounting")
     if not dp_sgd.private:
         return policy, dp_sgd, None, ledger, entry
     per_round = cfg.steps or cfg.epochs * len(PoissonLoader(loaders.dataset("train"), dp_sgd.sample_rate))
@@ -332,8 +321,6 @@ def setup_site(args: argparse.Namespace, site: str, job_id: str = "") -> Site:
     apply_finetune(model, job.model, job.finetune)
     device = resolve_device(cfg.device)
     place(model, device)  # the one device rule (CUDA when present); what the site sends is always on the CPU
-    if job.bn_statistics == "renorm":
-        use_batch_renorm(model, momentum=1.0)  # the running buffers then hold this round's batch moments
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
     teacher = load_teacher(job, pre, device, loaders, args.job_custom)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
@@ -429,22 +416,19 @@ def train(s: Site, rnd: int, meta_in: dict, global_state: dict) -> tuple[dict, d
     from nvflare.app_common.abstract.fl_model import FLMetaKey
 
     job, cfg, model = s.job, s.job.train, s.model
-    norm = job.norm_in_round(rnd)
     hooks = s.hooks.train_kwargs(meta_in, global_state)
     if job.reset_optimizer:
         s.optimizer = make_optimizer(model, cfg)
     pooled = meta_in.get(CLASS_COUNTS) if job.class_balance == "federation" else None
     t0 = time.perf_counter()
     loader, batch = train_loader(s, rnd, meta_in)
-    stats = train_epochs(model, loader, replace(cfg, norm=norm), optimizer=s.optimizer,
+    stats = train_epochs(model, loader, cfg, optimizer=s.optimizer,
                          class_counts=torch.tensor(pooled) if pooled else None, present=s.present,
                          **hooks)
-    if job.bn_statistics == "pooled":  # this site's exact moments under its new weights: the server pools them
-        estimate_bn_statistics(model, s.loaders.eval("train"), job.bn_images)
     # counts and algorithm state, never data
     meta = {FLMetaKey.NUM_STEPS_CURRENT_ROUND: stats["steps"], NUM_SAMPLES: s.n_sent}
     s.hooks.after_train(model, s.optimizer.param_groups[0]["lr"], global_state, meta)
-    return stats, meta, {"norm": norm, "batch_size": batch, "lr": s.optimizer.param_groups[0]["lr"],
+    return stats, meta, {"batch_size": batch, "lr": s.optimizer.param_groups[0]["lr"],
                          "class_balance": "federation" if pooled else "site", "train_seconds": time.perf_counter() - t0}
 
 
@@ -483,16 +467,6 @@ def release(s: Site, rnd: int, meta_in: dict, trained: tuple[dict, dict, dict], 
     return FLModel(params=params if corrupt else s.record_release(params), metrics=metrics, meta=meta)
 
 
-def prepare_statistics(s: Site, rnd: int) -> None:
-    """This site's exact moments under the received weights: used now where no pooled statistics exist yet, and
-    sent so that the server pools them ("pooled": every round; "frozen": once, in the freeze round)."""
-    job = s.job
-    estimate = job.bn_statistics == "pooled" and not bn_initialised(s.model)
-    estimate = estimate or (job.bn_statistics == "frozen" and rnd == job.freeze_round())
-    if estimate:
-        estimate_bn_statistics(s.model, s.loaders.eval("train"), job.bn_images)
-
-
 def run_round(flare, s: Site, input_model) -> None:
     """One task from the server: answer the key exchange or the counts request, send the released model, score on
     the test split, validate the final model, or validate -> train -> release."""
@@ -523,7 +497,6 @@ def run_round(flare, s: Site, input_model) -> None:
         return
     if rnd == s.args.fail_at_round and s.name == s.args.fail_site:
         raise RuntimeError(f"fault injection: {s.name} crashes at round {rnd}")
-    prepare_statistics(s, rnd)
     global_state = {k: v.detach().cpu().clone() for k, v in s.model.state_dict().items()}
     private = s.hooks.private
     if private is not None and not private.can_step():
