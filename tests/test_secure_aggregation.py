@@ -63,6 +63,20 @@ def test_masks_cancel_in_the_sum_and_hide_every_update_and_partial_sum(tmp_path)
         assert np.abs(dequantise(seen.view(np.uint64))).min() > 1e3  # nowhere near a real weighted update (~1)
 
 
+def test_a_zero_dimensional_tensor_is_masked_as_an_array_and_unmasked_exactly(tmp_path):
+    """BatchNorm's ``num_batches_tracked`` is a 0-d tensor: its masked form must stay an array (torch.from_numpy)."""
+    import torch
+
+    maskers, keys = _federation(tmp_path)
+    masked = {s: maskers[s].mask({"n": np.array(float(i + 1))}, 1.0, "job-1", 0, keys) for i, s in enumerate(SITES)}
+    assert all(isinstance(m["n"], np.ndarray) and m["n"].shape == () for m in masked.values())
+    torch.from_numpy(masked["a"]["n"])  # what the site sends
+    total = {}
+    for m in masked.values():
+        add_masked(total, m)
+    assert float(check_unmasked(total, len(SITES))["n"]) == pytest.approx(6.0)
+
+
 def test_server_cannot_unmask_a_site_with_a_known_update_in_another_job(tmp_path):
     """Finding 1: a known (zero) update at round r of one job revealed the site's mask for round r of any job."""
     maskers, keys = _federation(tmp_path)
