@@ -17,7 +17,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     path = Path(args.run).resolve()
     if path.is_file() and not args.checkpoint:  # a model file inside a run: attack it with that run's sites
         args.checkpoint = str(path)
-        path = next((p for p in path.parents if (p / "config.json").is_file()), path)
+        path = next((p for p in path.parents if RunDir(p).config.is_file()), path)
     run = RunDir(path)
     if not run.config.is_file():
         raise UsageError(f"{args.run} is not a run folder (no config.json) nor a model inside one")
