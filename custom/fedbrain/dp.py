@@ -120,7 +120,8 @@ def check_private_model(model: nn.Module) -> None:
     if trainable_bn:
         raise PrivacyBudgetError(
             f"record-level DP needs a model without trainable BatchNorm ({trainable_bn[0]} mixes the images of a "
-            "batch): use fedbrain_cnn_gn or fedbrain_cnn_v2, or freeze the BatchNorm blocks (--finetune last-N)")
+            "batch): use fedbrain_cnn_gn or fedbrain_cnn_v2, or freeze the BatchNorm blocks (the key finetune: 'head' "
+            "or 'last-N')")
     errors = [e for e in ModuleValidator.validate(model, strict=False)
               if "BatchNorm" not in type(e).__name__ and "BatchNorm" not in str(e)]
     if errors:

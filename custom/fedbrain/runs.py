@@ -204,7 +204,7 @@ class RunDir:
 
     @property
     def mlflow_db(self) -> Path:
-        """``mlflow.db``: the MLflow store of a run with ``--tracking mlflow`` (sites' metrics per round)."""
+        """``mlflow.db``: the MLflow store of a run with ``tracking = "mlflow"`` (sites' metrics per round)."""
         return self.root / "mlflow.db"
 
     @property

@@ -85,7 +85,7 @@ class JobSettings:
     train: TrainConfig = field(default_factory=lambda: algorithm_train_config("fedavg"))
     user_train: dict = field(default_factory=dict)  # the training settings the user chose explicitly
     fedprox_mu: float = 0.01
-    # levers against label skew (issue 11): see the README's federation section for what each one bought
+    # levers against label skew (issue 11): docs/federation.md; what each one bought: docs/results.md
     class_balance: str = "federation"  # class weights from the pooled counts the server sends | "site": its own
     missing_classes: str = "keep"  # "restrict": a site's softmax covers only the classes its labels can show
     reset_optimizer: bool = False  # restart the local optimiser every round (no stale moments across rounds)
@@ -107,7 +107,7 @@ class JobSettings:
     wait_after_min_s: int = 60  # with min_clients < sites: how long a round waits for the others
     threads_per_site: int | None = None
     site_weighting: str = "samples"  # the average weighted by training-set size | "steps" (NVFlare's) | "equal"
-    dp_clip: float = 0.0  # client-level DP of each whole update (needs hundreds of sites; see the README)
+    dp_clip: float = 0.0  # client-level DP of each whole update (needs hundreds of sites; docs/federation.md)
     dp_noise: float = 0.0
     # record-level DP (DP-SGD at each site, issue 13): the (ε, δ) budget of this job at each site (0: off; a
     # site's own policy may impose a stricter one), each image's gradient clip and the Poisson sampling rate

@@ -24,7 +24,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     env = {**os.environ, "FEDBRAIN_WORKSPACE": str(ws), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     if args.host != HOST:
         print(f"fedbrain dashboard: serving on {args.host}, beyond this machine, WITHOUT authentication: put an "
-              "authenticating reverse proxy (TLS + login) in front of it (see the README)", file=sys.stderr)
+              "authenticating reverse proxy (TLS + login) in front of it (see docs/clinicians.md)", file=sys.stderr)
     print(f"fedbrain dashboard: http://{args.host}:{args.port}  (workspace {ws}; Ctrl+C stops it)", flush=True)
     if args.print_command:
         print(" ".join(cmd))
