@@ -142,8 +142,9 @@ def test_goal_compares_within_one_budget_and_mode():
 def test_bad_model_and_finetune_are_clear_errors(capsys, tmp_path):
     assert main(["bench", "models", "--models", "alexnet", "--workspace", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
-    for cmd in (["bench", "models"], ["train"], ["simulate"]):
-        assert main([*cmd, "--finetune", "half", "--workspace", str(tmp_path)]) == 2
+    for cmd in (["bench", "models", "--finetune", "half"], ["train", "--finetune", "half"],
+                ["simulate", "--set", "finetune=half"]):
+        assert main([*cmd, "--workspace", str(tmp_path)]) == 2
         assert "last-N" in capsys.readouterr().err
 
 

@@ -201,7 +201,7 @@ def test_data_split_cli_writes_a_hospitals_split(tmp_path, capsys):
     assert run_cli(["data", "split", "--site-config", str(cfg), "--out", str(out)]) == 0
     split = out / "splits" / "hospital-a.csv"
     rows = split.read_text().splitlines()
-    assert rows[0] == "path,label,split,scheme" and len(rows) > 20
+    assert rows[0] == "path,label,split,scheme,patient_id" and len(rows) > 20
     summary = json.loads((out / "data_summary.json").read_text())
     assert list(summary["sites"]) == ["hospital-a"]
     assert f"--site-split hospital-a={split}" in capsys.readouterr().out

@@ -92,7 +92,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                          keep_input_conv_fp32=not args.quantize_input_conv,
                          max_eval_images=args.max_eval_images,
                          warmup=args.warmup, repeats=args.repeats, threads=_threads(args.threads),
-                         torch_latency=args.torch_latency, seed=args.seed, cache_dir=args.cache_dir)
+                         torch_latency=args.torch_latency, seed=run_config(args).data.seed,
+                         cache_dir=args.cache_dir)
     print(f"compressing {ckpt} with data from {data.source}")
     report = compress(ckpt, data, out, cfg, progress=sys.stderr.isatty())
     print()

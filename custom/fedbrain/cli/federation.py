@@ -195,7 +195,7 @@ def _bench_command(args: argparse.Namespace) -> str:
             parts += ["--set", f"data.{key}={toml_value(getattr(data, key))}"]
     parts += ["--models", *args.models, "--modes", *args.modes, "--image-size", str(args.image_size),
               "--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--finetune", args.finetune,
-              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(args.seed)]
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--seed", str(run_config(args).data.seed)]
     if args.device:
         parts += ["--device", args.device]
     if args.distil_from:
@@ -233,8 +233,8 @@ def cmd_bench_models(args: argparse.Namespace) -> int:
                              "checkpoints/best.pt)")
     budget = bm.Budget(image_size=args.image_size or None, rounds=args.rounds, local_epochs=args.local_epochs,
                        max_train_per_site=args.max_train_per_site, finetune=args.finetune,
-                       batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device or "auto",
-                       distil_from=teacher)
+                       batch_size=args.batch_size, lr=args.lr, seed=run_config(args).data.seed,
+                       device=args.device or "auto", distil_from=teacher)
     fed = load_federation(args)
     run_dir = RunDir.create(args.workspace, "bench-models")
     print(f"run: {run_dir}\nbudget: {budget.label()} (centralised: {budget.epochs} epochs), fine-tune "
