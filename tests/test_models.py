@@ -14,7 +14,10 @@ from fedbrain.training import TrainConfig, partial_label_loss, train_epochs
 TEST_SIZE = 64
 
 
-@pytest.mark.parametrize("name", list_models())
+HEAVY = ("resnet50", "vgg16", "mobilenet_v3_large", "mobilenet_v3_small")  # over ~15 s a step on 2 cores: slow lane
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in list_models()])
 def test_forward_and_one_step_lowers_loss(name):
     torch.manual_seed(0)
     pre = default_preprocessing(name, None if name == "fedbrain_cnn" else TEST_SIZE)
