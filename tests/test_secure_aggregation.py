@@ -49,6 +49,16 @@ def _site_model(masked: dict, s: str, weight: float) -> FLModel:
                                         "client_name": s, SECURE_META: True})
 
 
+def test_a_scalar_tensor_is_masked_as_an_array_and_cancels_in_the_sum(tmp_path):
+    maskers, keys = _federation(tmp_path)  # BatchNorm's num_batches_tracked is a 0-d tensor
+    masked = {s: maskers[s].mask({"n": np.zeros(())}, 10.0, "job-1", 1, keys) for s in SITES}
+    assert all(isinstance(m["n"], np.ndarray) and m["n"].shape == () for m in masked.values())
+    total = {}
+    for s in SITES:
+        add_masked(total, masked[s])
+    assert check_unmasked(total, len(SITES))["n"] == 0
+
+
 def test_masks_cancel_in_the_sum_and_hide_every_update_and_partial_sum(tmp_path):
     maskers, keys = _federation(tmp_path)
     _, deltas, weights = _updates()

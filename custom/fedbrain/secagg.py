@@ -267,7 +267,7 @@ class SiteMasker:
                     pair = tuple(sorted((self.site, peer)))
                     m = mask_stream(mask_key(secret, job_id, round_, name, pair), y.shape)
                     y = y + m if self.site < peer else y - m
-                out[name] = y.view(np.int64)
+                out[name] = np.asarray(y).view(np.int64)  # a 0-d tensor (num_batches_tracked) stays an array
         return out
 
 
