@@ -163,3 +163,30 @@ def test_dp_sgd_trains_the_head_on_cached_features():
     assert all(not torch.equal(after[k], base.state_dict()[k]) for k in trained)
     assert all(torch.equal(after[k], v) for k, v in base.state_dict().items() if k not in trained)
     assert cache.computed == len(ds)
+
+
+def _centralised(tmp_path, capsys, cache: bool) -> tuple[dict, str]:
+    import json
+
+    from fedbrain.cli.main import main
+
+    ws = tmp_path / f"ws-{cache}"
+    rc = main(["train", "--set", "data.max_images_per_site=40", "--model", "fedbrain_cnn", "--image-size", "64",
+               "--finetune", "head", "--augmentation", "none", "--epochs", "2", "--batch-size", "8",
+               "--set", f"train.feature_cache={str(cache).lower()}", "--cache-dir", str(tmp_path / "cache"),
+               "--workspace", str(ws)])
+    assert rc == 0
+    (run,) = [d for d in ws.iterdir() if (d / "config.json").is_file()]
+    return json.loads((run / "results.json").read_text()), capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_centralised_head_training_on_cached_features_scores_as_through_the_trunk(tmp_path, capsys):
+    cached, said = _centralised(tmp_path, capsys, True)
+    assert "feature cache on" in said
+    full, said = _centralised(tmp_path, capsys, False)
+    assert "feature cache off" in said
+    assert cached["best_val_score"] == pytest.approx(full["best_val_score"], abs=1e-6)
+    assert [h["loss"] for h in cached["history"]] == pytest.approx([h["loss"] for h in full["history"]], rel=1e-5)
+    for site, m in full["test"].items():
+        assert cached["test"][site].get("tumour_auroc") == pytest.approx(m.get("tumour_auroc"), abs=1e-6), site
