@@ -446,7 +446,8 @@ def _keep_bn_frozen(module: nn.Module, _inputs) -> None:
 def apply_finetune(model: nn.Module, name: str, spec: str = "all") -> dict:
     """Freeze all but the last N feature blocks and the head (``spec``: all | head | last-N).
 
-    Frozen blocks keep their weights and their BatchNorm statistics (they always run in eval mode),
+    Frozen blocks keep their weights and their BatchNorm statistics (they always run in eval mode: no
+    stochastic depth or dropout either, so a frozen trunk's output is a fixed function of the image),
     and autograd stops at the first trainable block, which is where the speed-up comes from.
     Returns ``{"finetune", "trainable_params", "params"}``.
     """
@@ -465,6 +466,10 @@ def apply_finetune(model: nn.Module, name: str, spec: str = "all") -> dict:
         for p in model.parameters():
             if id(p) in trainable:
                 p.requires_grad_(True)
+        for block in blocks[:len(blocks) - n]:  # no stochastic depth or dropout in a frozen block either
+            for m in (sub for b in block for sub in b.modules()):
+                if not isinstance(m, nn.modules.batchnorm._BatchNorm):  # (those get the hook below)
+                    m.register_forward_pre_hook(_keep_bn_frozen)
         for m in batchnorms(model):
             if not any(p.requires_grad for p in m.parameters(recurse=False)):
                 m.register_forward_pre_hook(_keep_bn_frozen)

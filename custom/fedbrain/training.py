@@ -39,6 +39,7 @@ class TrainConfig:
     steps: int | None = None  # optimiser steps per call of train_epochs (reshuffling as needed), instead of epochs
     # (0 or None: epochs)
     augmentation: str = DEFAULT_AUGMENTATION  # the train-only augmentation policy (contract.AUGMENTATIONS)
+    feature_cache: bool = True  # finetune "head" without augmentation: the head trains on cached trunk features
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +197,8 @@ def estimate_bn_statistics(model: nn.Module, loader: Iterable, max_images: int |
     layers = [m for m in batchnorms(model) if not list(m.parameters()) or any(p.requires_grad for p in m.parameters())]
     if not layers:
         return 0
+    if getattr(loader, "head", None) is not None:
+        raise ValueError("BatchNorm statistics need images, and this loader gives cached trunk features")
     sums: dict[nn.Module, list] = {m: [0.0, 0.0, 0] for m in layers}
 
     def hook(m: nn.Module, inputs) -> None:
@@ -264,6 +267,7 @@ def train_epochs(
     ``private`` trains by DP-SGD (:class:`fedbrain.dp.PrivateTraining`; ``loader`` should be a
     :class:`~fedbrain.data.dataset.PoissonLoader`): per-image clipping and noise, every step accounted, and training
     stops (``budget_spent``) before a step that would overspend the budget.
+    A loader of cached trunk features (its ``head`` set, :mod:`fedbrain.features`) trains the model's head on them.
     """
     epochs = cfg.epochs if epochs is None else epochs
     if cfg.threads:
@@ -278,6 +282,9 @@ def train_epochs(
     # mixed precision is left out under DP-SGD (Opacus' per-image gradients are computed in float32)
     mixed = private is None
     scaler = torch.amp.GradScaler("cuda") if mixed and autocast_dtype(device) == torch.float16 else None
+    forward = _forward(model, loader)
+    if distiller is not None and forward is not model:
+        raise ValueError("distillation needs the images: the loader gives cached trunk features")
     targets = getattr(getattr(loader, "ds", None), "targets", None)
     weight = None
     if cfg.class_weighting and (class_counts is not None or targets is not None):
@@ -303,7 +310,7 @@ def train_epochs(
                 g["lr"] = base * lr_schedule(step, total_steps)
         x, y = to_device(x, device), to_device(y, device)
         with autocast(device) if mixed else contextlib.nullcontext():
-            logits = model(x).float()
+            logits = forward(x).float()
         # with the federation's counts, each site's batch is part of one pooled batch: normalise by the batch
         # size (E[w] = 1 over the pooled data), not by this batch's own weight sum, which would undo the
         # up-weighting of a class that lives at one site (sartaj's healthy scans). Under DP-SGD always by the
@@ -350,6 +357,12 @@ def train_epochs(
         private.save()
         out.update(private.summary(), dp_stopped_early=budget_spent)
     return out
+
+
+def _forward(model: nn.Module, loader: Iterable) -> nn.Module:
+    """What runs on the loader's batches: the model, or its head where the loader gives cached trunk features."""
+    head = getattr(loader, "head", None)
+    return model if head is None else head
 
 
 def _batches(loader: Iterable, epochs: int, steps: int | None):
@@ -435,13 +448,13 @@ def train_keep_best(
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, loader: Iterable) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, 4) and targets (N,) over a loader, in eval mode."""
+    """Class probabilities (N, 4) and targets (N,) over a loader (of images or cached features), in eval mode."""
     model.eval()
-    device = model_device(model)
+    device, forward = model_device(model), _forward(model, loader)
     probs, ys = [], []
     for x, y in loader:
         with autocast(device):
-            logits = model(to_device(x, device))
+            logits = forward(to_device(x, device))
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         ys.append(np.asarray(y))
     if not probs:

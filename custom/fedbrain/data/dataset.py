@@ -76,10 +76,12 @@ class BatchLoader:
     """Fast in-memory batches: shuffle (seeded), augment (train only), normalise by the contract."""
 
     def __init__(self, ds: SliceDataset, batch_size: int = 32, train: bool = False,
-                 augmentation: Augmentation | None = None, seed: int = 0):
+                 augmentation: Augmentation | None = None, seed: int = 0, features=None):
         self.ds, self.batch_size, self.train = ds, batch_size, train
         self.augmentation = augmentation if train else None
         self.generator = torch.Generator().manual_seed(seed)
+        self.features = features  # a fedbrain.features.FeatureCache: batches of trunk features, not images
+        self.head = features.head if features is not None else None  # what the training core runs on them
 
     def __len__(self) -> int:
         return (len(self.ds) + self.batch_size - 1) // self.batch_size
@@ -91,12 +93,15 @@ class BatchLoader:
             idx = order[start:start + self.batch_size]
             if self.train and len(idx) < 2 and n >= 2:  # BatchNorm cannot train on one sample
                 continue
-            yield make_batch(self.ds, idx, self.augmentation, self.generator)
+            yield make_batch(self.ds, idx, self.augmentation, self.generator, self.features)
 
 
 def make_batch(ds: SliceDataset, idx: torch.Tensor, augmentation: Augmentation | None,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images ``idx`` of ``ds`` as one normalised (and, with ``augmentation``, augmented) batch."""
+               generator: torch.Generator, features=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images ``idx`` of ``ds`` as one normalised (and, with ``augmentation``, augmented) batch; with
+    ``features`` (a :class:`fedbrain.features.FeatureCache`), their cached trunk features instead."""
+    if features is not None:
+        return features.of(ds)[idx], ds.targets[idx]
     raw = torch.from_numpy(ds.images[idx.numpy()]).float().div_(255.0).unsqueeze(1)
     if augmentation is not None and augmentation.changes_images:
         raw = augment_batch(raw, augmentation, generator)
@@ -109,10 +114,11 @@ class PoissonLoader:
     OS entropy unless a ``seed`` is given (tests): a known seed would tell which images each step used."""
 
     def __init__(self, ds: SliceDataset, rate: float, augmentation: Augmentation | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, features=None):
         import secrets
 
         self.ds, self.rate, self.augmentation = ds, rate, augmentation
+        self.features, self.head = features, features.head if features is not None else None
         self.generator = torch.Generator().manual_seed(secrets.randbits(63) if seed is None else seed)
 
     def __len__(self) -> int:
@@ -122,7 +128,7 @@ class PoissonLoader:
         for _ in range(len(self)):
             idx = (torch.rand(len(self.ds), generator=self.generator) < self.rate).nonzero().flatten()
             if len(idx):  # an empty draw (chance (1-rate)^n, negligible at DP's batch sizes) takes no step
-                yield make_batch(self.ds, idx, self.augmentation, self.generator)
+                yield make_batch(self.ds, idx, self.augmentation, self.generator, self.features)
 
 
 UNION = "union"  # the pooled test split of every site: the headline of every results table
@@ -137,6 +143,7 @@ class SiteLoaders:
     batch_size: int = 32
     augmentation: Augmentation = field(default_factory=Augmentation)
     cache_dir: Path | None = None
+    features: object = None  # a fedbrain.features.FeatureCache: train/eval/poisson batches of trunk features
     _ds: dict = field(default_factory=dict)
 
     def dataset(self, split: str) -> SliceDataset:
@@ -145,10 +152,15 @@ class SiteLoaders:
         return self._ds[split]
 
     def train(self, seed: int = 0, batch_size: int | None = None) -> BatchLoader:
-        return BatchLoader(self.dataset("train"), batch_size or self.batch_size, True, self.augmentation, seed)
+        return BatchLoader(self.dataset("train"), batch_size or self.batch_size, True, self.augmentation, seed,
+                           self.features)
+
+    def poisson(self, rate: float, seed: int | None = None) -> PoissonLoader:
+        """DP-SGD's Poisson batches of the training split."""
+        return PoissonLoader(self.dataset("train"), rate, self.augmentation, seed, self.features)
 
     def eval(self, split: str) -> BatchLoader:
-        return BatchLoader(self.dataset(split), max(64, self.batch_size), False)
+        return BatchLoader(self.dataset(split), max(64, self.batch_size), False, features=self.features)
 
 
 def pooled_site(name: str, sites: list[SiteData]) -> SiteData:

@@ -12,6 +12,7 @@ from fedbrain.data.dataset import SiteLoaders, pooled_site, site_loaders
 from fedbrain.data.federation import Federation
 from fedbrain.distillation import DistillConfig, Distiller, Teacher
 from fedbrain.evaluation import UNION, evaluate_everywhere, site_separability
+from fedbrain.features import feature_cache
 from fedbrain.fl.metrics import class_recalls
 from fedbrain.input_check import build_profile
 from fedbrain.models import apply_finetune, create_model, default_preprocessing, weights_source
@@ -60,6 +61,8 @@ def train_pooled(
         raise ValueError(f"no training images at {names}")
     pool = SiteLoaders(train_site, pre, cfg.batch_size, cache_dir=cache_dir,
                        augmentation=augmentation_policy(cfg.augmentation))
+    pool.features = feature_cache(model, model_name, finetune, pool.augmentation, cfg.feature_cache,
+                                  "distillation" if teacher else "", cache_dir)
     every = site_loaders(fed.sites, pre, cfg.batch_size, cache_dir, union=UNION)
     card = training_card(model_name, model_kwargs, image_size, {n: fed.sites[n].scheme for n in names},
                          {**cfg.to_dict(), "mode": "pooled", "sites": names, "finetune": finetune,

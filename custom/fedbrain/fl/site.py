@@ -25,6 +25,7 @@ from fedbrain.data.dataset import PoissonLoader, SiteLoaders
 from fedbrain.data.federation import SiteData
 from fedbrain.distillation import Distiller, Teacher, resolve_teacher_file
 from fedbrain.dp import PrivateTraining, SiteLedger, group_privacy, laplace_counts
+from fedbrain.features import feature_cache
 from fedbrain.fl.metrics import (
     CLASS_COUNTS,
     COUNT_PREFIX,
@@ -321,6 +322,9 @@ def setup_site(args: argparse.Namespace, site: str, job_id: str = "") -> Site:
     apply_finetune(model, job.model, job.finetune)
     device = resolve_device(cfg.device)
     place(model, device)  # the one device rule (CUDA when present); what the site sends is always on the CPU
+    # a frozen trunk (finetune "head", no augmentation): training and evaluation run the head on its cached features
+    loaders.features = feature_cache(model, job.model, job.finetune, loaders.augmentation, cfg.feature_cache,
+                                     "distillation" if job.distil_from else "", loaders.cache_dir, site)
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
     teacher = load_teacher(job, pre, device, loaders, args.job_custom)
     log_dir = Path(args.log_dir) if args.log_dir else (run.site_log_dir(site) if run else None)
@@ -387,7 +391,7 @@ def train_loader(s: Site, rnd: int, meta_in: dict):
     """(this round's training batches, the batch size; None for Poisson batches under DP-SGD)."""
     cfg = s.job.train
     if s.dp_sgd.enabled:  # Poisson batches at the job's rate (the same share of every site's images)
-        return PoissonLoader(s.loaders.dataset("train"), s.dp_sgd.sample_rate, s.loaders.augmentation), None
+        return s.loaders.poisson(s.dp_sgd.sample_rate), None
     batch = site_batch_size(cfg.batch_size, len(s.data.splits["train"]), meta_in) \
         if s.job.batch_split == "proportional" else cfg.batch_size
     return s.loaders.train(seed=derived_seed(cfg.seed, rnd, s.name), batch_size=batch), batch
