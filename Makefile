@@ -17,15 +17,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedbrain simulate
 
-# the full suite, as CI runs it; the 15 slowest tests are listed at the end
+# the full suite, as CI runs it, on two workers; the 15 slowest tests are listed at the end
 test: $(STAMP)
 	$(BIN)/ruff check .
-	FEDBRAIN_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900 --durations=15
+	FEDBRAIN_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900 -n 2 --durations=15
 
-# the suite without the slow end-to-end tests (simulator, POC, real data, browser, long trainings)
+# the suite without the slow end-to-end tests (simulator, POC, real data, browser, long trainings), on two workers
 test-fast: $(STAMP)
 	$(BIN)/ruff check .
-	FEDBRAIN_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900 -m "not slow" --durations=10
+	FEDBRAIN_OFFLINE=1 $(BIN)/python -m pytest -q --timeout=900 -m "not slow" -n 2 --durations=10
 
 # on a machine with a CUDA GPU (sized for under 10 minutes; not yet run on one): placement, mixed precision, images/s per model at 128 and 224 px,
 # then the 224 px budget for the baselines that are hopeless on 2 CPU cores (needs ../shared/data)

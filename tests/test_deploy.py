@@ -392,7 +392,7 @@ def test_deployment_end_to_end(tmp_path, launcher):
     for site in SITES:
         mine = [r for r in rows if r["site"] == site]
         assert {r["round"] for r in mine if r["split"] == "train"} == {0, 1}, rows
-        assert {r["round"] for r in mine if r["split"] == "val" and r["model"] == "global"} == {0, 1}, rows
+        assert {r["round"] for r in mine if r["split"] == "val" and r["model"] == "global"} == {1, 2}, rows
     # the server keeps its audit and round log in its own job folder, never at a site's paths
     audits = list(tmp_path.glob("**/server_audit.jsonl"))
     assert audits and all(site_logs not in a.parents for a in audits)

@@ -449,7 +449,7 @@ def release(s: Site, rnd: int, meta_in: dict, trained: tuple[dict, dict, dict], 
     # the local log (they would tell the server the unclipped update's size)
     meta.update({k: dp_info[k] for k in PUBLIC_DP_KEYS if k in dp_info})
     check_outgoing(s.policy, meta)
-    s.released = params
+    s.released = {k: v.clone() for k, v in params.items()}  # a copy: the model's tensors change when it next loads
     private_any = s.hooks.private_any
     s.log({"round": rnd, "split": "train", "model": "local", **stats, **dp_info, **settings,
            "released_sha256": weights_digest(params) if private_any else None})  # local log: for the audit
