@@ -33,13 +33,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
                            reference=Path(args.reference) if args.reference else None)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    return _report(args, result, f"privacy audit of {run.name} ({result['model']}, {result['model_name']}): "
+                   "loss-based membership inference, members = each site's training images, non-members = its "
+                   "validation + test images", audit_table(result), run.membership_audit)
+
+
+def _report(args: argparse.Namespace, result: dict, title: str, table: str, written: Path) -> int:
+    """An audit's result: JSON with ``--json``, else its title, table and file."""
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"privacy audit of {run.name} ({result['model']}, {result['model_name']}): loss-based membership "
-              "inference, members = each site's training images, non-members = its validation + test images")
-        print(audit_table(result))
-        print(f"\nwritten to {run.membership_audit}")
+        print(f"{title}\n{table}\n\nwritten to {written}")
     return 0
 
 
@@ -53,14 +57,9 @@ def _inversion(args: argparse.Namespace, run) -> int:
                            checkpoint=Path(args.checkpoint) if args.checkpoint else None)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        print(f"gradient inversion of {run.name} ({result['model']}, {result['model_name']}): images rebuilt from "
-              "one round's update; SSIM / PSNR beside a flat image at the scan's mean and another slice of the site")
-        print(audit_table(result))
-        print(f"\nwritten to {run.inversion_audit}")
-    return 0
+    return _report(args, result, f"gradient inversion of {run.name} ({result['model']}, {result['model_name']}): "
+                   "images rebuilt from one round's update; SSIM / PSNR beside a flat image at the scan's mean and "
+                   "another slice of the site", audit_table(result), run.inversion_audit)
 
 
 def register(groups) -> None:
