@@ -112,6 +112,20 @@ def serve_dashboard(ws: Path, tmp_path: Path):
             proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def federation_page(p, url: str):
+    """Chromium on the dashboard's Federation page (closed when the block ends)."""
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+    try:
+        page = browser.new_page(viewport=VIEWPORT)
+        page.set_default_timeout(STEP_TIMEOUT_MS)
+        page.goto(url)
+        page.get_by_role("heading", name="Federation", level=1).wait_for()
+        yield page
+    finally:
+        browser.close()
+
+
 def _websocket_handshake(url: str, host: str, origin: str) -> str:
     """The status line the dashboard answers a websocket upgrade with, for the given Host and Origin."""
     import base64
@@ -262,12 +276,7 @@ def test_a_running_federation_updates_in_the_browser(browser_ready, tmp_path):
             files = list(ws.glob("*/status.json"))
             status = json.loads(files[0].read_text()) if files else {}
         with serve_dashboard(ws, tmp_path) as srv, sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport=VIEWPORT)
-                page.set_default_timeout(STEP_TIMEOUT_MS)
-                page.goto(srv.url)
-                page.get_by_role("heading", name="Federation", level=1).wait_for()
+            with federation_page(p, srv.url) as page:
                 page.get_by_text(DONE).first.wait_for(timeout=60_000)
                 first = _rounds_shown(page)
                 assert 0 <= first < LIVE_ROUNDS, first
@@ -284,8 +293,6 @@ def test_a_running_federation_updates_in_the_browser(browser_ready, tmp_path):
                     timeout=300_000)
                 assert page.get_by_test_id("stException").count() == 0
                 assert not navigations, f"the page was reloaded: {navigations}"
-            finally:
-                browser.close()
         assert sim.wait(timeout=120) == 0, sim_log.read_text()[-3000:]
         _publish([tmp_path / "federation-live.png"])
     finally:
@@ -324,12 +331,7 @@ def test_a_deployed_run_shows_the_pages_of_a_simulated_one_while_it_runs(browser
     first = {**progress, "last_round": 0, "rounds_done": 1, POOLED_VAL: {"0": progress[POOLED_VAL]["0"]}}
     follow("job-1", "RUNNING", first)
     with serve_dashboard(ws, tmp_path) as srv, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport=VIEWPORT)
-            page.set_default_timeout(STEP_TIMEOUT_MS)
-            page.goto(srv.url)
-            page.get_by_role("heading", name="Federation", level=1).wait_for()
+        with federation_page(p, srv.url) as page:
             page.get_by_text("1 of 2 rounds done").first.wait_for(timeout=60_000)
             _charts_drawn(page)
             assert page.locator('[data-testid="stPlotlyChart"]').count() >= 1, "no curve while the job runs"
@@ -353,5 +355,3 @@ def test_a_deployed_run_shows_the_pages_of_a_simulated_one_while_it_runs(browser
             assert page.get_by_test_id("stException").count() == 0
             assert page.get_by_text(run.name).count() >= 1, "the Evaluation page does not offer the deployed run"
             page.screenshot(path=str(tmp_path / "deployed-evaluation.png"))
-        finally:
-            browser.close()
