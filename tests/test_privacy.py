@@ -418,7 +418,7 @@ def test_the_none_augmentation_leaves_images_as_they_are():
 def test_compare_dp_curve_runs_one_row_per_budget_at_the_same_epochs(tmp_path):
     import csv
 
-    rc = main(["compare", "--set", "data.max_images_per_site=40", "--rounds", "4", "--model", "fedbrain_cnn_v2",
+    rc = main(["compare", "--set", "data.max_images_per_site=30", "--rounds", "2", "--model", "fedbrain_cnn_v2",
                "--algorithms", "--no-baselines", "--dp-curve", "inf", "8", "--set", "dp_sample_rate=0.5",
                "--workspace", str(tmp_path)])
     assert rc == 0

@@ -162,7 +162,7 @@ def secure_aggregation_cost(fed: Federation, settings: JobSettings, run: RunDir,
     for mode, secure, t in jobs:
         child = run.child(mode)
         s = replace(settings, secure_aggregation=secure, cross_site_eval=False, threads_per_site=t)
-        summary = run_simulation(fed, s, child, cache_dir=cache_dir)
+        summary = run_simulation(fed, s, child, cache_dir=cache_dir, evaluate=False)  # the wire and the models
         if summary.get("failed_sites") or not finished_rounds(child):
             return {"failed_sites": summary.get("failed_sites") or {mode: "no global model"}}
         audit = read_metrics(child.server_audit)

@@ -313,8 +313,9 @@ def pretrained_start(settings: JobSettings, run: RunDir) -> str:
 
 
 def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_dir: Path | None = None,
-                   quiet: bool = True) -> dict:
-    """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics.
+                   quiet: bool = True, evaluate: bool = True) -> dict:
+    """Run the job in SimEnv; returns a summary with failed sites, timings and final metrics (``evaluate=False``:
+    the simulator's own files only, no test evaluation or ``results.json``, for a benchmark of the wire).
 
     ``status.json`` follows the run: starting, running (round x of N), then finished, failed (with each failed
     site's error) or stopped (``fedbrain runs stop``: the models of the rounds that ran are evaluated)."""
@@ -322,7 +323,7 @@ def run_simulation(fed: Federation, settings: JobSettings, run: RunDir, cache_di
     status = StatusWriter(run, kind="federated", algorithm=settings.algorithm, model=settings.model,
                           sites={s: {} for s in fed.sites}, done=0, total=settings.rounds, unit="round")
     try:
-        summary = _simulate(fed, settings, run, status, cache_dir, quiet)
+        summary = _simulate(fed, settings, run, status, cache_dir, quiet, evaluate)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
         status.finish(STOPPED if interrupted else FAILED,
@@ -361,7 +362,7 @@ def allow_job_components(recipe, workspace: Path) -> None:
 
 
 def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache_dir: Path | None,
-              quiet: bool) -> dict:
+              quiet: bool, evaluate: bool = True) -> dict:
     from nvflare.recipe import SimEnv
 
     fed.write(run.root)
@@ -416,6 +417,8 @@ def _simulate(fed: Federation, settings: JobSettings, run: RunDir, status, cache
     if progress.get("stopped_early"):
         summary["stopped_early"] = True
         summary["stopped_after_round"] = progress.get("last_round")
+    if not evaluate:
+        return summary
     status.update(state="running", eta_s=None, phase="evaluating the best global model on every test split")
     return _evaluate_best(fed, settings, run, rows, summary, cache_dir)
 
