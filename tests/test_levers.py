@@ -213,10 +213,8 @@ def test_site_probe_tells_styled_sites_apart_and_not_identical_ones():
 
     from fedbrain.evaluation import site_separability
     from fedbrain.models import create_model
-    from fedbrain.settings import FEDERATED_MODEL
-
     torch.manual_seed(0)
-    model = create_model(FEDERATED_MODEL)
+    model = create_model("fedbrain_cnn_gn")  # one grey channel, as the synthetic sites below
 
     def site(offset: float, seed: int):
         g = torch.Generator().manual_seed(seed)
@@ -224,8 +222,8 @@ def test_site_probe_tells_styled_sites_apart_and_not_identical_ones():
         return SimpleNamespace(site=SimpleNamespace(splits={"test": list(range(40))}),
                                eval=lambda _split, _x=x: [(_x[:20], None), (_x[20:], None)])
 
-    styled = site_separability(model, FEDERATED_MODEL, {"a": site(0.0, 1), "b": site(2.0, 2)})
-    same = site_separability(model, FEDERATED_MODEL, {"a": site(0.0, 1), "b": site(0.0, 2)})
+    styled = site_separability(model, "fedbrain_cnn_gn", {"a": site(0.0, 1), "b": site(2.0, 2)})
+    same = site_separability(model, "fedbrain_cnn_gn", {"a": site(0.0, 1), "b": site(0.0, 2)})
     assert styled["chance"] == 0.5 and styled["n"] == 80
     assert styled["site_probe_balanced_accuracy"] > 0.9
     assert same["site_probe_balanced_accuracy"] < 0.8

@@ -13,7 +13,7 @@ from torch import nn
 
 from fedbrain.fl.controller import FedbrainController
 from fedbrain.fl.metrics import CLASS_COUNTS, COUNT_PREFIX, REQUEST, VALIDATE, validation_counts
-from fedbrain.settings import BUDGET_EPOCHS, MULTI_STEP_LOCAL_LR, JobSettings
+from fedbrain.settings import BUDGET_EPOCHS, FEDERATION_BATCH, MULTI_STEP_LOCAL_LR, JobSettings
 from fedbrain.training import (
     WARMUP_FRACTION,
     TrainConfig,
@@ -121,7 +121,7 @@ def test_under_server_adamw_the_sites_gradient_carries_no_weight_decay():
 
 
 def test_several_local_steps_take_plain_sgd_steps_at_a_stable_lr_and_one_step_keeps_lr_one():
-    assert JobSettings.create().train.lr == 1.0
+    assert JobSettings.create().train.lr == 1.0 and JobSettings.create().train.batch_size == FEDERATION_BATCH
     for train in ({"steps": 4}, {"steps": 16}, {"steps": 0, "epochs": 1}):
         assert JobSettings.create(train=train).train.lr == MULTI_STEP_LOCAL_LR
     assert JobSettings.create(train={"steps": 4, "lr": 0.1}).train.lr == 0.1  # the user's choice stands

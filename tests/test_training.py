@@ -9,6 +9,7 @@ import pytest
 
 from fedbrain.checkpoint import CheckpointError, load_checkpoint, read_card, read_checkpoint
 from fedbrain.cli.main import main
+from fedbrain.models import default_preprocessing
 from fedbrain.runs import read_metrics
 from fedbrain.settings import FEDERATED_MODEL
 from fedbrain.training import compute_metrics
@@ -54,7 +55,7 @@ def test_checkpoint_describes_itself(trained):
     model, card = load_checkpoint(trained / "checkpoints" / "best.pt")
     assert card.classes == ("glioma", "meningioma", "pituitary", "no_tumor")
     assert card.supervised_granularity == "binary"  # Br35H has no tumour types
-    assert card.preprocessing.channels == 1 and card.model == FEDERATED_MODEL
+    assert card.model == FEDERATED_MODEL and card.preprocessing == default_preprocessing(FEDERATED_MODEL, 128)
     assert "test" in card.metrics
 
 

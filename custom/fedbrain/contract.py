@@ -107,9 +107,10 @@ class Augmentation:
 
 # Named policies (TrainConfig.augmentation), measured with `fedbrain evaluate --robustness` on the benchmark FedAvg
 # model (docs/results.md, robustness). "standard"'s model lost most macro-F1 under a brighter gamma, a wider or
-# tighter field of view and lower contrast. "intensity" (the default) adds a random gamma and a wider contrast
-# range; "robust" widens the scale range as well, which bought field-of-view robustness at a cost in clean accuracy
-# and calibration.
+# tighter field of view and lower contrast. "intensity" (the policy for a trunk that trains: jobs/cnn.toml) adds a
+# random gamma and a wider contrast range; "robust" widens the scale range as well, which bought field-of-view
+# robustness at a cost in clean accuracy and calibration. The default, "none", lets a frozen trunk's features be
+# computed once (fedbrain.features): the default model trains only its head.
 AUGMENTATIONS: dict[str, Augmentation] = {
     "standard": Augmentation(),
     "intensity": Augmentation(contrast=0.3, gamma=(0.67, 1.5)),
@@ -118,7 +119,7 @@ AUGMENTATIONS: dict[str, Augmentation] = {
     "none": Augmentation(hflip=False, max_rotate_deg=0.0, scale=(1.0, 1.0), translate=0.0, brightness=0.0,
                          contrast=0.0),
 }
-DEFAULT_AUGMENTATION = "intensity"
+DEFAULT_AUGMENTATION = "none"
 
 
 def augmentation_policy(name: str) -> Augmentation:
