@@ -307,42 +307,59 @@ _DIMS: dict[type, tuple[str, ...]] = {
 }
 
 
+def _dims(m: nn.Module) -> tuple[str, ...] | None:
+    """The size attributes of a resizable layer (subclasses included, e.g. a same-padding Conv2d), else None."""
+    return next((attrs for kind, attrs in _DIMS.items() if isinstance(m, kind)), None)
+
+
 def layer_shapes(model: nn.Module) -> dict[str, dict]:
     """Sizes of every Conv2d / BatchNorm2d / GroupNorm / Linear, by module name (what :func:`shrink_to` needs)."""
     out = {}
     for name, m in model.named_modules():
-        attrs = _DIMS.get(type(m))
+        attrs = _dims(m)
         if attrs:
             out[name] = {"type": type(m).__name__, **{a: int(getattr(m, a)) for a in attrs}}
     return out
 
 
+def _resize(m: nn.Module, spec: dict) -> None:
+    """Give layer ``m`` the recorded sizes in place (its class, padding and flags kept; weights to be loaded)."""
+    def param(*shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape))
+
+    if isinstance(m, nn.Conv2d):
+        m.in_channels, m.out_channels, m.groups = spec["in_channels"], spec["out_channels"], spec["groups"]
+        m.weight = param(m.out_channels, m.in_channels // m.groups, *m.kernel_size)
+    elif isinstance(m, nn.BatchNorm2d):
+        m.num_features = spec["num_features"]
+        if m.affine:
+            m.weight = param(m.num_features)
+        if m.track_running_stats:
+            m.running_mean, m.running_var = torch.zeros(m.num_features), torch.ones(m.num_features)
+    elif isinstance(m, nn.GroupNorm):
+        m.num_groups, m.num_channels = spec["num_groups"], spec["num_channels"]
+        if m.affine:
+            m.weight = param(m.num_channels)
+    else:
+        m.in_features, m.out_features = spec["in_features"], spec["out_features"]
+        m.weight = param(m.out_features, m.in_features)
+    if getattr(m, "bias", None) is not None:
+        m.bias = param(m.weight.shape[0])
+
+
 def shrink_to(model: nn.Module, shapes: dict[str, dict]) -> nn.Module:
-    """Replace the layers of a freshly built model with ones of the recorded sizes (in place)."""
+    """Resize the layers of a freshly built model to the recorded sizes (in place)."""
     for name, spec in shapes.items():
         try:
             m = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"pruned layer {name!r} does not exist in the rebuilt model") from exc
-        if type(m).__name__ != spec.get("type"):
+        attrs = _dims(m)
+        if attrs is None or type(m).__name__ != spec.get("type"):
             raise CheckpointError(f"pruned layer {name!r} is a {type(m).__name__}, "
                                   f"checkpoint says {spec.get('type')}")
-        attrs = _DIMS[type(m)]
-        if all(int(getattr(m, a)) == int(spec[a]) for a in attrs):
-            continue
-        if isinstance(m, nn.Conv2d):
-            new: nn.Module = nn.Conv2d(spec["in_channels"], spec["out_channels"], m.kernel_size, m.stride,
-                                       m.padding, m.dilation, spec["groups"], bias=m.bias is not None,
-                                       padding_mode=m.padding_mode)
-        elif isinstance(m, nn.BatchNorm2d):
-            new = nn.BatchNorm2d(spec["num_features"], eps=m.eps, momentum=m.momentum, affine=m.affine,
-                                 track_running_stats=m.track_running_stats)
-        elif isinstance(m, nn.GroupNorm):
-            new = nn.GroupNorm(spec["num_groups"], spec["num_channels"], eps=m.eps, affine=m.affine)
-        else:
-            new = nn.Linear(spec["in_features"], spec["out_features"], bias=m.bias is not None)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        if any(int(getattr(m, a)) != int(spec[a]) for a in attrs):
+            _resize(m, spec)
     return model
 
 

@@ -37,7 +37,6 @@ BUDGET_EPOCHS = 8  # the default training budget: passes over the federation's t
 # the most accurate federated model (issue 26): EfficientNet-Lite0 from ImageNet weights, its head trained on the
 # frozen trunk's features (computed once per site: fedbrain.features); from scratch: jobs/cnn.toml (fedbrain_cnn_gn)
 FEDERATED_MODEL = "efficientnet_lite0"
-FEDERATED_FINETUNE = "head"
 FEDERATED_IMAGE_SIZE = 128
 
 # Fields the server needs but a site does not (never sent in the site's arguments).
@@ -88,7 +87,9 @@ class JobSettings:
     model_kwargs: dict = field(default_factory=dict)
     image_size: int | None = FEDERATED_IMAGE_SIZE  # None: the registry model's own size
     pretrained: bool | None = None  # start from ImageNet weights (None: the registry model's default)
-    finetune: str = FEDERATED_FINETUNE  # all | head | last-N (see fedbrain.models.apply_finetune)
+    # all | head | last-N (fedbrain.models.apply_finetune); None: "head" for a model that starts from ImageNet
+    # weights (its trunk frozen, its features cached), "all" for one trained from scratch (see trained_layers)
+    finetune: str | None = None
     rounds: int = 82  # ~BUDGET_EPOCHS on the benchmark federation; the CLI sizes it for the federation at hand
     train: TrainConfig = field(default_factory=lambda: algorithm_train_config("fedavg"))
     user_train: dict = field(default_factory=dict)  # the training settings the user chose explicitly
@@ -106,9 +107,9 @@ class JobSettings:
     # how the server applies the averaged update: "adamw" (centralised's AdamW: decoupled weight decay, warm-up then
     # cosine to 0 over the planned rounds; the site lr stays fixed) | "adam" (FedAdam, constant lr) | "sgd" (FedAvg)
     server_optimizer: str = "adamw"
-    # the server's peak step: centralised AdamW's 2e-3 scaled by ~sqrt(8) for a batch 8 times larger (FedAvg: plain SGD,
-    # lr 1); on the demo 0.003 / 0.005 / 0.01 gave tumour AUROC 0.964 / 0.952 / 0.933, on the benchmark 0.005 and 0.01
-    # the same union macro-F1 (0.819, 0.823; seed 0)
+    # the server's peak step: centralised AdamW's lr (TrainConfig.lr) scaled by ~sqrt(8) for a batch 8 times
+    # larger (FedAvg: plain SGD, lr 1); on the demo 0.003 / 0.005 / 0.01 gave tumour AUROC 0.964 / 0.952 / 0.933,
+    # on the benchmark 0.005 and 0.01 the same union macro-F1 (0.819, 0.823; seed 0)
     server_lr: float = 0.005
     server_weight_decay: float = TrainConfig.weight_decay  # "adamw": decoupled decay on the server (sites: none)
     server_warmup: float = WARMUP_FRACTION  # "adamw": the share of the planned rounds the server lr warms up over
@@ -194,6 +195,17 @@ class JobSettings:
         """The same job under another algorithm: its defaults, the user's explicit choices kept."""
         return replace(self, algorithm=algorithm, train=algorithm_train_config(algorithm, **self.user_train),
                        **changes)
+
+    @property
+    def trained_layers(self) -> str:
+        """The finetune spec this job trains by: ``finetune``, or by default "head" for a model that starts from
+        ImageNet weights and "all" for one trained from scratch."""
+        if self.finetune is not None:
+            return self.finetune
+        from fedbrain.models import model_info
+
+        pretrained = self.pretrained if self.pretrained is not None else model_info(self.model).pretrained_default
+        return "head" if pretrained else "all"
 
     def dp_sgd(self) -> DPSGDConfig:
         """The record-level DP this job asks of every site (``enabled`` is False without a budget)."""

@@ -310,8 +310,10 @@ def check_model_kwargs(model: str, kwargs: dict) -> dict:
 def add_finetune_arg(g, help_text: str | None = None, default: str | None = "all") -> None:
     from fedbrain.models import FINETUNE_HELP
 
-    g.add_argument("--finetune", default=default, help=(help_text or FINETUNE_HELP) + f" (default "
-                   f"{default or default_text('finetune')})")
+    shown = default or default_text("finetune")
+    if shown == "none":  # JobSettings.trained_layers decides by the model
+        shown = "the model's: head with ImageNet weights, all from scratch"
+    g.add_argument("--finetune", default=default, help=(help_text or FINETUNE_HELP) + f" (default {shown})")
 
 
 def add_optimizer_args(g) -> None:
@@ -432,7 +434,7 @@ def job_settings(args: argparse.Namespace, fed=None):
 
     cfg = run_config(args)
     settings = replace(cfg.job)
-    check_finetune(settings.finetune)
+    check_finetune(settings.trained_layers)
     check_model_kwargs(settings.model, settings.model_kwargs)
     if settings.distil_from:
         settings.distil_from = teacher_path(settings.distil_from)

@@ -49,12 +49,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = run_config(args).train
     run.write_config(kind=args.mode, model=job.model, model_kwargs=job.model_kwargs, site=args.site,
                      train=cfg.to_dict(), federation=fed.spec.to_dict(), image_size=job.image_size,
-                     finetune=job.finetune, argv=sys.argv[1:])
+                     finetune=job.trained_layers, argv=sys.argv[1:])
     save_config(args, run)
     print(f"run: {run}")
     t0 = time.perf_counter()
     res = train_pooled(fed, job.model, cfg, run, sites=sites, image_size=job.image_size,
-                       pretrained=job.pretrained, cache_dir=cache_dir(args), finetune=job.finetune,
+                       pretrained=job.pretrained, cache_dir=cache_dir(args), finetune=job.trained_layers,
                        model_kwargs=job.model_kwargs, teacher=job.distil_from or None,
                        distill=DistillConfig(job.distil_weight, job.distil_temperature) if job.distil_from else None)
     print(f"\ntest metrics of the best checkpoint ({time.perf_counter() - t0:.0f} s):")

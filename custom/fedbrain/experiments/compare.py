@@ -271,7 +271,7 @@ def _run_modes(fed, settings, run, modes, seeds, budget, rows, status, cache_dir
                 cfg = replace(mode.train, seed=seed)
                 res = train_pooled(fed, settings.model, cfg, folder, sites=mode.sites, image_size=settings.image_size,
                                    pretrained=settings.pretrained, model_kwargs=settings.model_kwargs,
-                                   cache_dir=cache_dir, progress=progress, finetune=settings.finetune,
+                                   cache_dir=cache_dir, progress=progress, finetune=settings.trained_layers,
                                    teacher=settings.distil_from or None, distill=settings.distillation())
                 rows += _rows(mode, seed, res["test"], budget, None, time.perf_counter() - t0, None,
                               res.get("site_probe"))

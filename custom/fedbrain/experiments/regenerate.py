@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedbrain.training import TrainConfig
+
 PROVENANCE = "provenance"
 DEFAULT_DATA_ROOT = "../shared/data"
 PLAN_STATE = "regenerate.json"  # in an entry's folder: the steps it finished and the run folders they made
@@ -63,9 +65,14 @@ def _compare_files(stem: str) -> tuple[tuple[str, str], ...]:
     return (("{run}/compare.json", f"{stem}.json"), ("{run}/compare.csv", f"{stem}.csv"))
 
 
+# the from-scratch CNN federation (jobs/cnn.toml): augmentation policies matter where the trunk trains
+_SCRATCH = ("local.batch_size=32", f"server_lr={TrainConfig.lr:g}")  # 32-image one-step rounds, centralised's lr
+_CNN = ("model=fedbrain_cnn_gn", *_SCRATCH)
+
+
 def _policy_entries(policy: str) -> tuple[Entry, ...]:
     run = f"{{run:federation_{policy}}}"
-    return (Entry(f"federation_{policy}", (_simulate(f"local.augmentation={policy}"),), resume=True),
+    return (Entry(f"federation_{policy}", (_simulate(*_CNN, f"local.augmentation={policy}"),), resume=True),
             Entry(f"evaluate_{policy}", (("evaluate", run, "--json", f"{{out}}/evaluate_{policy}.json"),),
                   ((f"{{out}}/evaluate_{policy}.json", f"evaluate_{policy}.json"),), needs=(f"federation_{policy}",)),
             Entry(f"robustness_{policy}", (("evaluate", run, "--robustness"),),
@@ -111,9 +118,9 @@ REGISTRY: tuple[Entry, ...] = (
     *(Entry(f"membership_cnn_v2_{label}", (("audit", _DP_ROW.replace("{eps}", eps)),),
             ((_DP_ROW.replace("{eps}", eps) + "/evaluation/membership.json", f"membership_cnn_v2_{label}.json"),),
             needs=("privacy_curve_cnn_v2",)) for label, eps in (("inf", "inf"), ("eps8", "8"))),
-    Entry("federation_lite0", (_simulate(*_LITE0),), resume=True),
-    Entry("federation_cnn_v2", (_simulate(_V2),), resume=True),
-    Entry("federation_cnn_v2_self_distilled", (_simulate(_V2, "distil_from={run:federation_cnn_v2}"),),
+    Entry("federation_lite0", (_simulate(*_LITE0, *_SCRATCH, "finetune=all"),), resume=True),
+    Entry("federation_cnn_v2", (_simulate(_V2, *_SCRATCH),), resume=True),
+    Entry("federation_cnn_v2_self_distilled", (_simulate(_V2, *_SCRATCH, "distil_from={run:federation_cnn_v2}"),),
           needs=("federation_cnn_v2",), resume=True),
     Entry("bench_models", (
         (*_BENCH, "--rounds", "5", "--models", "mobilenet_v3_small", "fedbrain_cnn", "efficientnet_lite0",

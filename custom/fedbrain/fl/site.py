@@ -319,11 +319,11 @@ def setup_site(args: argparse.Namespace, site: str, job_id: str = "") -> Site:
                           augmentation=augmentation_policy(cfg.augmentation))
     train_targets = loaders.dataset("train").targets
     model = create_model(job.model, pretrained=False, **job.model_kwargs)  # the server sends the initial weights
-    apply_finetune(model, job.model, job.finetune)
+    apply_finetune(model, job.model, job.trained_layers)
     device = resolve_device(cfg.device)
     place(model, device)  # the one device rule (CUDA when present); what the site sends is always on the CPU
     # a frozen trunk (finetune "head", no augmentation): training and evaluation run the head on its cached features
-    loaders.features = feature_cache(model, job.model, job.finetune, loaders.augmentation, cfg.feature_cache,
+    loaders.features = feature_cache(model, job.model, job.trained_layers, loaders.augmentation, cfg.feature_cache,
                                      "distillation" if job.distil_from else "", loaders.cache_dir, site)
     optimizer = make_optimizer(model, cfg)  # persists across rounds unless reset_optimizer
     teacher = load_teacher(job, pre, device, loaders, args.job_custom)
