@@ -641,13 +641,24 @@ def inversion_table(audit: dict) -> pd.DataFrame:
         s = (a or {}).get("summary") if isinstance(a, dict) else None
         if not s:
             continue
-        rows.append({"attack": key, "setting": a.get("setting"), "server sees": a.get("view"),
+        rows.append({"attack": key, "setting": a.get("setting_name") or a.get("setting"), "server sees": a.get("view"),
+                     "best of suite": a.get("best_attack"),
+                     "analytic": _analytic_cell(a),
                      "images": a.get("images"), "px": a.get("image_size"), "SSIM": s.get("ssim"),
                      "SSIM flat": s.get("flat_ssim"), "SSIM other slice": s.get("other_slice_ssim"),
                      "PSNR": s.get("psnr"), "PSNR flat": s.get("flat_psnr"),
                      "PSNR other slice": s.get("other_slice_psnr"),
                      "beats both baselines": "yes" if s.get("any_beats_baselines") else "no"})
     return pd.DataFrame(rows)
+
+
+def _analytic_cell(attack: dict) -> str:
+    """The analytic attack's SSIM, 'not applicable', or '' (an audit from before the suite)."""
+    analytic = (attack.get("suite") or {}).get("analytic") or {}
+    if "not_applicable" in analytic:
+        return "not applicable"
+    ssim = (analytic.get("summary") or {}).get("ssim")
+    return f"SSIM {ssim:.3f}" if isinstance(ssim, (int, float)) else ""
 
 
 def inversion_pictures(run: Run, audit: dict) -> list[tuple[str, Path]]:

@@ -90,10 +90,70 @@ def test_attack_under_secure_aggregation_is_reported_and_does_not_beat_the_basel
     x, y = _slices(3), torch.tensor([NO_TUMOR, TUMOUR_ANY, NO_TUMOR])
     view = inv.secure_view(model, [(x[i:i + 1], y[i:i + 1]) for i in range(3)], [26, 5, 2], PRE)
     cfg = inv.InversionConfig(iterations=15, restarts=1, feature_iterations=15)
-    rec, info = inv.attack(model, view, PRE, cfg)
-    rows = inv.score(rec, x[:1], _slices(1, seed=1))
-    assert info["view"] == "secure" and rec.shape == (3, 1, SIZE, SIZE)
+    found = inv.attack_suite(model, view, PRE, cfg)["inverting gradients"]
+    rows = inv.score(found["reconstruction"], x[:1], _slices(1, seed=1))
+    assert found["info"]["view"] == "secure" and found["reconstruction"].shape == (3, 1, SIZE, SIZE)
     assert not inv.summary(rows)["any_beats_baselines"]
+
+
+def test_the_default_cnn_has_no_dense_input_layer_so_the_suite_reports_the_analytic_attack_not_applicable(model):
+    x, y = _slices(1), torch.tensor([TUMOUR_ANY])
+    cfg = inv.InversionConfig(iterations=2, restarts=1, feature_iterations=2)
+    suite = inv.attack_suite(model, inv.plain_view(model, x, y, PRE), PRE, cfg)
+    assert set(suite) == set(inv.ATTACKS)
+    assert "no dense layer on the flattened input" in suite["analytic"]["not_applicable"]
+    assert suite["feature inversion"]["reconstruction"].shape == suite["inverting gradients"]["reconstruction"].shape
+
+
+def _imprint(model, bins: int = 128):
+    return inv.imprint_model(model, _slices(32, seed=7), PRE, bins)
+
+
+def test_imprint_model_gives_the_server_a_batch_s_images_exactly_beating_both_baselines(model):
+    x, y = _slices(5), torch.tensor([NO_TUMOR, TUMOUR_ANY, NO_TUMOR, 2, 3])
+    crafted = _imprint(model)
+    rec = inv.attack_suite(crafted, inv.plain_view(crafted, x, y, PRE), PRE,
+                           inv.InversionConfig(iterations=1, restarts=1))["analytic"]["reconstruction"]
+    rows = inv.score(rec, x, _slices(5, seed=1))
+    assert min(r["ssim"] for r in rows) > 0.9
+    assert all(r["beats_baselines"] for r in rows)
+
+
+def test_imprint_model_leaks_the_target_site_s_images_even_from_the_secure_aggregation_sum(model):
+    x, y = _slices(6), torch.tensor([NO_TUMOR, TUMOUR_ANY] * 3)
+    crafted = _imprint(model)
+    view = inv.secure_view(crafted, [(x[i:i + 2], y[i:i + 2]) for i in (0, 2, 4)], [26, 5, 2], PRE)
+    rows = inv.score(inv.analytic_recovery(crafted, view, PRE), x[:2], _slices(2, seed=1))
+    assert min(r["ssim"] for r in rows) > 0.9
+
+
+def test_one_image_through_a_dense_first_layer_is_a_row_s_weight_gradient_over_its_bias_gradient():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(SIZE * SIZE, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 4))
+    x = _slices(1)
+    rec = inv.analytic_recovery(net, inv.plain_view(net, x, torch.tensor([2]), PRE), PRE)
+    assert torch.allclose(rec, x, atol=1e-4)
+
+
+def test_a_site_refuses_weights_with_a_tensor_its_own_model_does_not_have(model):
+    from fedbrain.fl.site import to_torch_state
+
+    crafted = {k: v.numpy() for k, v in _imprint(model).state_dict().items()}
+    with pytest.raises(ValueError, match=r"refused: .*extra tensors \['back', 'imprint.bias', 'imprint.weight'\]"):
+        to_torch_state(crafted, model)
+    own = {k: v.numpy() for k, v in model.state_dict().items()}
+    first = next(iter(own))
+    with pytest.raises(ValueError, match="other shapes"):
+        to_torch_state({**own, first: own[first].reshape(-1)}, model)
+    assert to_torch_state(own, model).keys() == own.keys()
+
+
+def test_a_site_builds_only_models_of_its_installed_registry():
+    from fedbrain.fl import site
+
+    with pytest.raises(KeyError, match="unknown model 'imprint'"):
+        site.create_model("imprint", pretrained=False)
 
 
 def test_crafted_model_keeps_a_channel_per_pixel_at_its_last_stage():
@@ -119,6 +179,14 @@ def test_audit_inversion_writes_its_report_and_pictures_and_the_privacy_page_sho
     assert {"ssim", "psnr", "flat_ssim", "other_slice_psnr"} <= set(plain["images_scored"][0])
     assert (run.evaluations / plain["png"]).is_file()
     assert "default-1-secure" in result["attacks"]
+    assert "not_applicable" in plain["suite"]["analytic"]
+
+    assert main(["audit", str(run.root), "--attack", "inversion", "--setting", "imprint", "--images", "2",
+                 "--iterations", "2"]) == 0
+    result = json.loads(run.inversion_audit.read_text())
+    imprint = result["attacks"]["imprint-2-plain"]
+    assert imprint["best_attack"] == "analytic" and imprint["summary"]["any_beats_baselines"]
+    assert "default-1-plain" in result["attacks"]  # merged beside the earlier setting
 
     monkeypatch.setenv("FEDBRAIN_WORKSPACE", str(sim_run.parent))
     at = AppTest.from_string("from fedbrain.dashboard.views import privacy_page\nprivacy_page()",
@@ -126,4 +194,4 @@ def test_audit_inversion_writes_its_report_and_pictures_and_the_privacy_page_sho
     assert not at.exception, [e.value for e in at.exception]
     assert "Gradient inversion of one round" in "\n".join(str(s.value) for s in at.subheader)
     assert "default-1-plain" in "\n".join(str(d.value) for d in at.dataframe)
-    assert len(at.get("image")) == 2  # originals over reconstructions: in the clear and under secure aggregation
+    assert len(at.get("image")) == 4  # originals over reconstructions: both settings, in the clear and secure

@@ -3,20 +3,26 @@
 By default a site sends one plain SGD step with lr 1, so its update is minus the gradient of its batch's loss. The
 server's view (:class:`ServerView`) is that gradient ("plain"), only the sample-weighted sum over the sites under
 secure aggregation ("secure"), or the clipped, noised gradient under DP-SGD ("dp"). The attack is the strongest
-this project runs on a CPU:
+this project runs on a CPU, a suite whose best result (closest to the originals) each setting reports:
 
+- analytic recovery (:func:`analytic_recovery`), where the model begins with a dense layer on the flattened input:
+  for one image a row's weight gradient over its bias gradient is the image (Phong et al. 2017); behind an imprint
+  layer (:class:`ImprintModel`, Fowl et al. 2022) a batch's images come back one per bin, exactly, also from the
+  sum under secure aggregation. fedbrain's registry models begin with a convolution, so it does not apply to them;
+  a server could only ship such a layer if the sites ran its code (they run their installed registry and refuse
+  weights that are not their own model's state dict: ``fedbrain.fl.site.to_torch_state``);
 - inverting gradients (Geiping et al. 2020): Adam on the images to match the view's gradient by cosine, with a
   total-variation prior, known labels, several restarts over a grid of prior weights (the restart whose gradient
   matches best wins: the attacker never sees the originals);
 - for one image, feature inversion: the classifier's weight gradient over its bias gradient is the image's pooled
-  feature vector, exactly; an image optimised to give those features starts one restart, and the label is read
-  from the bias gradient's sign;
-- a malicious server (:func:`crafted_model`): it picks the job's image size and width so that the network ends at
-  one pixel with a channel per pixel, and shifts every GroupNorm so that ReLUs rarely cut. Measured (16 px, width
-  8): the features' Jacobian has full rank (255 of 256: contrast is invisible) but is tiny (the shift passes the
-  zero-padded borders and each GroupNorm rescales by them), so feature inversion did not recover the image; an
-  exact space-to-depth construction (taps that never touch the padding, anchor channels per GroupNorm group)
-  is not built.
+  feature vector, exactly; an image optimised to give those features is scored and starts one restart of
+  inverting gradients, and the label is read from the bias gradient's sign;
+- a malicious server that keeps the registry's architecture (:func:`crafted_model`): it picks the job's image size
+  and width so that the network ends at one pixel with a channel per pixel, and shifts every GroupNorm so that
+  ReLUs rarely cut. Measured (16 px, width 8): the features' Jacobian has full rank (255 of 256: contrast is
+  invisible) but is tiny (the shift passes the zero-padded borders and each GroupNorm rescales by them), so
+  feature inversion did not recover the image; an exact space-to-depth construction (taps that never touch the
+  padding, anchor channels per GroupNorm group) is not built.
 
 Every reconstruction is scored (SSIM, PSNR) beside two no-information baselines: a flat image at the original's
 mean brightness and another slice of the same site. The model is attacked in eval mode (no dropout): the attacker's
@@ -26,6 +32,7 @@ about mid-grey, so reconstructions are stretched to the full grey range (slices 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -236,8 +243,21 @@ def invert_gradient(model: nn.Module, view: ServerView, pre: Preprocessing, cfg:
     return best, {"restarts": tried, "gradient_distance": best_d}
 
 
-def attack(model: nn.Module, view: ServerView, pre: Preprocessing, cfg: InversionConfig) -> tuple[torch.Tensor, dict]:
-    """The strongest reconstruction of the view's images, stretched to the full grey range, and how it was made."""
+ATTACKS = ("analytic", "feature inversion", "inverting gradients")
+
+
+class NotApplicable(ValueError):
+    """An attack of the suite that the model or the view does not allow (the reason is its message)."""
+
+
+def attack_suite(model: nn.Module, view: ServerView, pre: Preprocessing, cfg: InversionConfig) -> dict[str, dict]:
+    """Every attack of the suite on one view: ``{name: {"reconstruction": images in [0, 1], "info": {...}}}``, or
+    ``{name: {"not_applicable": why}}``. Optimised images are stretched to the full grey range."""
+    out: dict[str, dict] = {}
+    try:
+        out["analytic"] = {"reconstruction": analytic_recovery(model, view, pre), "info": {}}
+    except NotApplicable as exc:
+        out["analytic"] = {"not_applicable": str(exc)}
     info: dict = {"view": view.kind, "images": len(view.labels), **view.notes}
     starts = []
     if len(view.labels) == 1:
@@ -246,9 +266,13 @@ def attack(model: nn.Module, view: ServerView, pre: Preprocessing, cfg: Inversio
         info["label_inferred"] = label == int(view.labels[0])
         view = ServerView(view.kind, view.gradient, torch.tensor([label]), view.weights, view.shape, view.notes)
         starts = [invert_features(model, recover_features(model, view), view.shape, pre, cfg, cfg.tv_weights[0])]
+        out["feature inversion"] = {"reconstruction": stretch(starts[0]), "info": dict(info)}
+    else:
+        out["feature inversion"] = {"not_applicable": f"{len(view.labels)} images in the view: the classifier's "
+                                                      "gradient gives pooled features for one image only"}
     x, found = invert_gradient(model, view, pre, cfg, starts)
-    info.update(found)
-    return stretch(x), info
+    out["inverting gradients"] = {"reconstruction": stretch(x), "info": {**info, **found}}
+    return out
 
 
 def stretch(x: torch.Tensor) -> torch.Tensor:
@@ -279,6 +303,81 @@ def crafted_model(image_size: int, shift: float = 3.0) -> tuple[nn.Module, int]:
             if isinstance(m, nn.GroupNorm):
                 m.bias.fill_(shift)
     return model.eval(), width
+
+
+# ------------------------------------------------------------------ a malicious server that ships its own layer
+
+class ImprintModel(nn.Module):
+    """``inner`` behind an imprint layer (Fowl et al. 2022, "Robbing the Fed"): a linear layer on the flattened input
+    whose k rows all equal one measurement (the mean of the normalised input: brightness) and whose biases are minus
+    ``thresholds`` (ascending), so bin i passes exactly the images brighter than threshold i. The bins' sum is added
+    back to the input along a small fixed direction: the network still sees almost its input, and all bins of one
+    image get the same gradient. Two neighbouring bins' gradients then differ by the one image between their
+    thresholds (:func:`analytic_recovery`)."""
+
+    def __init__(self, inner: nn.Module, input_shape: tuple[int, int, int], thresholds: torch.Tensor,
+                 seed: int = 0) -> None:
+        super().__init__()
+        size = math.prod(input_shape)
+        self.imprint = nn.Linear(size, len(thresholds))  # registered first: the first layer the input meets
+        with torch.no_grad():
+            self.imprint.weight.fill_(1.0 / size)
+            self.imprint.bias.copy_(-thresholds)
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("back", 1e-3 * torch.randn(size, generator=gen))
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bins = torch.relu(self.imprint(x.flatten(1)))
+        return self.inner(x + (bins.sum(1, keepdim=True) * self.back).view_as(x))
+
+
+def imprint_model(inner: nn.Module, reference01: torch.Tensor, pre: Preprocessing, bins: int = 128) -> ImprintModel:
+    """The server's imprint model: thresholds at the quantiles of a normal law fitted to the measurement on
+    ``reference01`` (public slices the server holds, at least 2), the lowest below any image's."""
+    if len(reference01) < 2:
+        raise ValueError(f"the imprint bins need at least 2 reference slices, not {len(reference01)}")
+    m = _normalise(reference01, pre).flatten(1).mean(1)
+    law = torch.distributions.Normal(m.mean(), m.std().clamp_min(1e-3))
+    floor = _normalise(torch.zeros(1, *reference01.shape[1:]), pre).mean() - 1  # below an all-black image
+    inner_q = law.icdf(torch.arange(1, bins) / bins)
+    return ImprintModel(inner, (pre.channels, *reference01.shape[2:]), torch.cat([floor.view(1), inner_q])).eval()
+
+
+def _first_layer(model: nn.Module) -> nn.Module:
+    """The first module (in registration order) that holds weights of its own."""
+    return next((m for m in model.modules() if any(True for _ in m.parameters(recurse=False))), model)
+
+
+def dense_input_layer(model: nn.Module, input_size: int) -> nn.Linear | None:
+    """The model's first layer with weights when it is a linear layer on the whole flattened input, else None."""
+    first = _first_layer(model)
+    return first if isinstance(first, nn.Linear) and first.in_features == input_size else None
+
+
+def analytic_recovery(model: nn.Module, view: ServerView, pre: Preprocessing) -> torch.Tensor:
+    """Images read off the gradient of a dense input layer, in [0, 1], one per image of the view (mid-grey where
+    none was found). One image (Phong et al. 2017): a row's weight gradient over its bias gradient is the input.
+    An imprint layer (rows all equal): the difference of neighbouring bins' gradients, one image per bin."""
+    size = pre.channels * math.prod(view.shape[1:])
+    layer = dense_input_layer(model, size)
+    if layer is None:
+        raise NotApplicable(f"{type(model).__name__} has no dense layer on the flattened input (its first layer is "
+                            f"a {type(_first_layer(model)).__name__})")
+    index = {id(p): i for i, p in enumerate(_params(model))}
+    dw, db = view.gradient[index[id(layer.weight)]], view.gradient[index[id(layer.bias)]]
+    if torch.equal(layer.weight, layer.weight[:1].expand_as(layer.weight)):  # nested bins: take differences
+        order = torch.argsort(layer.bias, descending=True)  # from the bin every image passes to the fewest
+        dw, db = dw[order], db[order]
+        dw, db = dw - torch.cat([dw[1:], torch.zeros_like(dw[:1])]), db - torch.cat([db[1:], torch.zeros_like(db[:1])])
+        found = db.abs() > 1e-3 * db.abs().max()
+    else:
+        found = torch.arange(len(db)) == int(torch.argmax(db.abs()))
+    x = (dw[found] / db[found, None]).view(-1, pre.channels, *view.shape[1:])[:, :1]
+    mean, std = pre.mean[0], pre.std[0]
+    x01 = (x * std + mean).clamp(0, 1)
+    missing = len(view.labels) - len(x01)
+    return torch.cat([x01, torch.full((max(missing, 0), *x01.shape[1:]), 0.5)]) if missing > 0 else x01
 
 
 # ------------------------------------------------------------------ scoring
@@ -350,44 +449,92 @@ def grid_image(originals: torch.Tensor, reconstruction: torch.Tensor, rows: list
 
 # ------------------------------------------------------------------ the audit of a run
 
-SETTINGS = ("default", "one-image-untrained", "crafted")
+SETTINGS = ("default", "one-image-untrained", "crafted", "imprint")
+SETTING_NAMES = {"default": "the run's model", "one-image-untrained": "one image, untrained model",
+                 "crafted": "crafted model (one pixel per channel)", "imprint": "crafted imprint model"}
 CRAFTED_SIZE = 32  # the image size a malicious server sets for its crafted model
+REFERENCE_SLICES = 32  # public slices a malicious server fits its imprint bins to (stood in for by another site's)
+
+
+def _slices_of(site, start: int, stop: int, pre: Preprocessing, cache_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """A site's training slices ``start:stop`` in [0, 1], and their labels."""
+    from fedbrain.data.dataset import SliceDataset
+
+    recs = site.splits.get("train", [])
+    if len(recs) < stop:
+        raise ValueError(f"site {site.name!r} has {len(recs)} training images: {stop} needed")
+    ds = SliceDataset(recs[start:stop], pre, cache_dir=cache_dir)
+    return torch.from_numpy(ds.images).float().div(255).unsqueeze(1), ds.targets
 
 
 def _site_batch(site, n: int, pre: Preprocessing, cache_dir) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A site's first ``n`` training slices in [0, 1], their labels, and ``n`` other slices of the same site."""
-    from fedbrain.data.dataset import SliceDataset
+    x, y = _slices_of(site, 0, 2 * n, pre, cache_dir)
+    return x[:n], y[:n], x[n:]
 
-    recs = site.splits.get("train", [])
-    if len(recs) < 2 * n:
-        raise ValueError(f"site {site.name!r} has {len(recs)} training images: {2 * n} needed")
-    ds = SliceDataset(recs[:2 * n], pre, cache_dir=cache_dir)
-    x = torch.from_numpy(ds.images).float().div(255).unsqueeze(1)
-    return x[:n], ds.targets[:n], x[n:]
+
+def _imprint_reference(sites: list, n: int, pre: Preprocessing, cache_dir) -> torch.Tensor:
+    """Slices standing in for the public MRI a malicious server holds: the last site's, never the attacked batch
+    nor its 'other slice' baseline."""
+    site, start = sites[-1], (2 * n if len(sites) == 1 else 0)
+    stop = min(len(site.splits.get("train", [])), start + REFERENCE_SLICES)
+    return _slices_of(site, start, stop, pre, cache_dir)[0]
 
 
 def _views(setting: str, model: nn.Module, sites: list, n: int, pre: Preprocessing, cache_dir) -> list:
-    """(view, originals, other slices) for each view of a setting: the target is the first site."""
+    """(view, originals, other slices) for each view of a setting: the target is the first site. The run's model
+    and the imprint model are also seen under secure aggregation."""
     x, y, other = _site_batch(sites[0], n, pre, cache_dir)
     out = [(plain_view(model, x, y, pre), x, other)]
-    if setting == "default" and len(sites) > 1:
+    if setting in ("default", "imprint") and len(sites) > 1:
         batches = [(x, y)] + [_site_batch(s, n, pre, cache_dir)[:2] for s in sites[1:]]
         samples = [len(s.splits.get("train", [])) for s in sites]
         out.append((secure_view(model, batches, samples, pre), x, other))
     return out
 
 
+def _setting_model(setting: str, model: nn.Module, card, images: int, sites: list, cfg: InversionConfig,
+                   cache_dir) -> tuple[nn.Module, Preprocessing, int]:
+    """The model the server sends in ``setting``, the preprocessing the sites apply, and the images per batch."""
+    from fedbrain.models import create_model
+
+    pre = card.preprocessing
+    if setting == "one-image-untrained":
+        torch.manual_seed(cfg.seed)
+        return create_model(card.model, pretrained=False).eval(), pre, 1
+    if setting == "crafted":
+        return crafted_model(CRAFTED_SIZE)[0], Preprocessing(**{**pre.to_dict(), "image_size": CRAFTED_SIZE}), 1
+    if setting == "imprint":
+        return imprint_model(model.eval(), _imprint_reference(sites, images, pre, cache_dir), pre), pre, images
+    return model, pre, images
+
+
+def _scored_suite(model: nn.Module, view: ServerView, x: torch.Tensor, other: torch.Tensor, pre: Preprocessing,
+                  cfg: InversionConfig) -> tuple[dict, str, torch.Tensor]:
+    """Each attack of the suite scored against the originals, the best one's name (highest mean SSIM: the audit
+    holds the originals and reports the worst case for the site) and its reconstruction."""
+    suite, scored = attack_suite(model, view, pre, cfg), {}
+    for name, a in suite.items():
+        if "not_applicable" in a:
+            scored[name] = {"not_applicable": a["not_applicable"]}
+        else:
+            rows = score(a["reconstruction"], x, other)
+            scored[name] = {"attack": a["info"], "images_scored": rows, "summary": summary(rows)}
+    best = max((n for n in scored if "summary" in scored[n]), key=lambda n: scored[n]["summary"]["ssim"])
+    return scored, best, suite[best]["reconstruction"]
+
+
 def audit_run(run, images: int = 1, setting: str = "default", cfg: InversionConfig | None = None,
               cache_dir=None, checkpoint=None) -> dict:
-    """Attack one round of a run's federation (its best model, its sites' images) in one setting; the result is
-    merged into ``evaluation/inversion.json`` beside a PNG of originals over reconstructions per view."""
+    """Attack one round of a run's federation (its best model, its sites' images) in one setting with the whole
+    suite; the result is merged into ``evaluation/inversion.json`` beside a PNG of originals over the best attack's
+    reconstructions per view."""
     from pathlib import Path
 
     from PIL import Image
 
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.federation import Federation
-    from fedbrain.models import create_model
     from fedbrain.runs import read_json, write_json
 
     if setting not in SETTINGS:
@@ -397,42 +544,43 @@ def audit_run(run, images: int = 1, setting: str = "default", cfg: InversionConf
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{run}: no global model to attack ({checkpoint.name} is missing)")
     model, card = load_checkpoint(checkpoint)
-    pre = card.preprocessing
-    if setting == "one-image-untrained":
-        torch.manual_seed(cfg.seed)
-        model, images = create_model(card.model, pretrained=False).eval(), 1
-    elif setting == "crafted":
-        model, _ = crafted_model(CRAFTED_SIZE)
-        pre, images = Preprocessing(**{**pre.to_dict(), "image_size": CRAFTED_SIZE}), 1
     sites = list(Federation.read(run).sites.values())
+    model, pre, images = _setting_model(setting, model, card, images, sites, cfg, cache_dir)
     result = read_json(run.inversion_audit) or {}
     result.update({"run": run.name, "model": checkpoint.name, "model_name": card.model})
     run.evaluations.mkdir(parents=True, exist_ok=True)
     for view, x, other in _views(setting, model, sites, images, pre, cache_dir):
-        rec, info = attack(model, view, pre, cfg)
-        rows = score(rec, x, other)
+        scored, best, rec = _scored_suite(model, view, x, other, pre, cfg)
         key = f"{setting}-{images}-{view.kind}"
         png = run.evaluations / f"inversion-{key}.png"
-        Image.fromarray(grid_image(x, rec, rows)).save(png)
+        Image.fromarray(grid_image(x, rec, scored[best]["images_scored"])).save(png)
         result.setdefault("attacks", {})[key] = {
-            "setting": setting, "view": view.kind, "images": images, "site": sites[0].name,
-            "image_size": pre.image_size, "config": cfg.to_dict(), "attack": info, "images_scored": rows,
-            "summary": summary(rows), "png": png.name}
+            "setting": setting, "setting_name": SETTING_NAMES[setting], "view": view.kind, "images": images,
+            "site": sites[0].name, "image_size": pre.image_size, "config": cfg.to_dict(), "best_attack": best,
+            **scored[best], "suite": scored, "png": png.name}
     write_json(run.inversion_audit, result)
     return result
 
 
 def audit_table(result: dict) -> str:
-    """One line per attack: mean SSIM / PSNR of the reconstructions beside the baselines'."""
-    lines = [f"{'attack':34} {'SSIM':>6} {'flat':>6} {'other':>6} {'PSNR':>6} {'flat':>6} {'other':>6}  leak"]
+    """One line per setting and view: the best attack's mean SSIM / PSNR beside the baselines', then each attack
+    of the suite (or why it does not apply)."""
+    lines = [f"{'setting / view / attack':46} {'SSIM':>6} {'flat':>6} {'other':>6} {'PSNR':>6} {'flat':>6} "
+             f"{'other':>6}  leak"]
     for key, a in (result.get("attacks") or {}).items():
-        s = a["summary"]
-        lines.append(f"{key:34} {s['ssim']:6.3f} {s['flat_ssim']:6.3f} {s['other_slice_ssim']:6.3f} "
-                     f"{s['psnr']:6.2f} {s['flat_psnr']:6.2f} {s['other_slice_psnr']:6.2f}  "
-                     f"{'yes' if s['any_beats_baselines'] else 'no'}")
+        lines.append(_table_line(f"{key} (best: {a.get('best_attack', '?')})", a["summary"]))
+        for name, s in (a.get("suite") or {}).items():
+            lines.append(f"  {name:44} not applicable: {s['not_applicable']}" if "not_applicable" in s
+                         else _table_line(f"  {name}", s["summary"]))
     return "\n".join(lines)
 
 
-__all__ = ["InversionConfig", "ServerView", "VIEWS", "plain_view", "secure_view", "dp_view", "infer_label",
-           "recover_features", "pooled_features", "invert_features", "invert_gradient", "attack", "crafted_model",
-           "ssim", "psnr", "score", "summary", "grid_image", "audit_run", "audit_table", "SETTINGS"]
+def _table_line(label: str, s: dict) -> str:
+    return (f"{label:46} {s['ssim']:6.3f} {s['flat_ssim']:6.3f} {s['other_slice_ssim']:6.3f} {s['psnr']:6.2f} "
+            f"{s['flat_psnr']:6.2f} {s['other_slice_psnr']:6.2f}  {'yes' if s['any_beats_baselines'] else 'no'}")
+
+
+__all__ = ["InversionConfig", "ServerView", "VIEWS", "ATTACKS", "NotApplicable", "plain_view", "secure_view",
+           "dp_view", "infer_label", "recover_features", "pooled_features", "invert_features", "invert_gradient",
+           "attack_suite", "crafted_model", "ImprintModel", "imprint_model", "dense_input_layer", "analytic_recovery",
+           "ssim", "psnr", "score", "summary", "grid_image", "audit_run", "audit_table", "SETTINGS", "SETTING_NAMES"]

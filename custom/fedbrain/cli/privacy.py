@@ -71,9 +71,10 @@ def register(groups) -> None:
                    help="membership inference on the global model (default), or gradient inversion of one round")
     p.add_argument("--images", type=int, choices=(1, 2, 5), default=1,
                    help="inversion: the images in the attacked site's batch (default %(default)s)")
-    p.add_argument("--setting", choices=("default", "one-image-untrained", "crafted"), default="default",
+    p.add_argument("--setting", choices=("default", "one-image-untrained", "crafted", "imprint"), default="default",
                    help="inversion: the run's model seen in the clear and under secure aggregation (default), one "
-                   "image on an untrained model, or one image on a model a malicious server crafted")
+                   "image on an untrained model, one image on a model a malicious server crafted, or the run's model "
+                   "behind an imprint layer a malicious server added (the positive control: it leaks)")
     p.add_argument("--iterations", type=POSITIVE_INT,
                    help="inversion: optimiser steps per restart and of feature inversion")
     p.add_argument("--checkpoint", help="the model to attack (default: the run's best.pt)")

@@ -89,7 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def to_torch_state(params: dict, model: torch.nn.Module) -> dict:
+    """The received weights as tensors of this site's model. Weights that are not exactly its state dict (an extra
+    tensor, such as a crafted input layer's, a missing one, or another shape) are refused."""
     own = model.state_dict()
+    extra, missing = sorted(set(params) - set(own)), sorted(set(own) - set(params))
+    reshaped = [k for k in params if k in own and tuple(np.shape(params[k])) != tuple(own[k].shape)]
+    if extra or missing or reshaped:
+        raise ValueError(f"refused: the received weights are not this site's {type(model).__name__} (extra tensors "
+                         f"{extra[:3]}, missing {missing[:3]}, other shapes {reshaped[:3]}); a site loads only weights "
+                         "of the model its installed registry builds")
     return {k: torch.as_tensor(np.asarray(v)).to(own[k].dtype).reshape(own[k].shape) for k, v in params.items()}
 
 
