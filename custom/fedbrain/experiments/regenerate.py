@@ -114,11 +114,8 @@ REGISTRY: tuple[Entry, ...] = (
                                "128", "--pretrained", "yes", "--finetune", "head", "--augmentation", "none",
                                "--epochs", "32", "--set", 'data.sites=["sartaj", "navoneel"]', "--workspace",
                                "{out}"),)),
-    *(Entry(f"membership_lite0_{label}", (("audit", _LITE0_ROW.replace("{eps}", eps), "--reference",
-                                           _LITE0_REFERENCE),),
-            ((_LITE0_ROW.replace("{eps}", eps) + "/evaluation/membership.json", f"membership_lite0_{label}.json"),),
-            needs=("privacy_curve_lite0", "reference_lite0")) for label, eps in (("inf", "inf"), ("eps8", "8"),
-                                                                                 ("eps3", "3"))),
+    # membership_lite0_{inf,eps8,eps3}: ("audit", _LITE0_ROW.replace("{eps}", eps), "--reference", _LITE0_REFERENCE),
+    # needs privacy_curve_lite0 and reference_lite0; to be registered with the files (not made in time)
     Entry("privacy_curve_cnn_v2", (_compare(*(a for s in (_V2, "local.augmentation=none", "dp_sample_rate=0.25",
                                                            "budget_epochs=16") for a in ("--set", s)),
                                             "--algorithms", "--no-baselines", "--dp-curve", "inf", "8"),),
