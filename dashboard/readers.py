@@ -605,7 +605,7 @@ def membership_table(audit: dict) -> pd.DataFrame:
                         "95% CI": f"[{ci[0]:.2f}, {ci[1]:.2f}]" if None not in ci else None,
                         "TPR @ 1% FPR": round(m.get("tpr_at_1pct_fpr", float("nan")), 3),
                         "members / non-members": f"{m.get('members')} / {m.get('nonmembers')}"})
-            if isinstance(m.get("calibrated"), dict):
+            if "auroc" in (m.get("calibrated") or {}):
                 row["calibrated attack AUROC"] = round(m["calibrated"]["auroc"], 3)
         else:
             row["attack AUROC"] = m.get("skipped")

@@ -208,6 +208,42 @@ def test_the_calibrated_attack_finds_members_that_the_loss_attack_misses_among_h
     assert abs(blind["auroc"] - 0.5) < 0.1  # no training, no signal
 
 
+def test_the_calibrated_attack_leaves_out_every_image_the_reference_saw_and_its_near_duplicates(tmp_path):
+    from PIL import Image
+
+    from fedbrain.data.federation import SiteData
+    from fedbrain.data.readers import Record
+    from fedbrain.privacy_audit import membership_inference
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for i in range(40):
+        path = tmp_path / f"{i}.png"
+        smooth = Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).resize((48, 48), Image.BILINEAR)
+        smooth.save(path)  # a slice, not noise (the reader refuses i.i.d. noise)
+        recs.append(Record(str(path), ("glioma", "meningioma", "pituitary", "no_tumor")[i % 4]))
+    twin = tmp_path / "copy_of_a_validation_image.png"
+    twin.write_bytes(Path(recs[20].path).read_bytes())
+    site = SiteData("a", "four_class", {"train": recs[:20], "val": recs[20:30], "test": recs[30:]}, {})
+    model = create_model("fedbrain_cnn_v2").eval()
+    pre = default_preprocessing("fedbrain_cnn_v2", 32)
+    seen = recs[:10] + [Record(str(twin), "glioma")]  # half the members and a copy of one non-member
+    out = membership_inference(model, {"a": site}, pre, cache_dir=tmp_path / "cache", reference=model,
+                               reference_seen=seen)["sites"]["a"]
+    assert (out["members"], out["nonmembers"]) == (20, 20)  # the loss attack keeps every image
+    assert (out["calibrated"]["members"], out["calibrated"]["nonmembers"]) == (10, 19)
+    everything = membership_inference(model, {"a": site}, pre, cache_dir=tmp_path / "cache", reference=model,
+                                      reference_seen=recs)["sites"]["a"]
+    assert "too few" in everything["calibrated"]["skipped"]
+
+
+def test_a_reference_model_outside_a_run_is_refused(tmp_path):
+    from fedbrain.privacy_audit import reference_images
+
+    with pytest.raises(ValueError, match="not inside a run folder"):
+        reference_images(tmp_path / "best.pt")
+
+
 def test_the_aggregator_takes_a_spent_site_s_counts_but_no_update():
     from nvflare.app_common.abstract.fl_model import FLMetaKey, FLModel
 

@@ -24,6 +24,7 @@ from fedbrain.contract import COUNT_PREFIX, NO_TUMOR, NUM_CLASSES, TUMOUR_CLASSE
 
 LOW_FPR = 0.01
 ROC_POINTS = 101  # the ROC curve is stored at this many false-positive rates
+MIN_PER_SIDE = 10  # fewer members or non-members: no attack
 
 
 def label_loss(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -75,11 +76,14 @@ def _balanced(members: list, nonmembers: list, max_images: int | None, seed: int
 
 @torch.no_grad()
 def membership_inference(model: torch.nn.Module, sites: dict, pre, max_images: int | None = 500, seed: int = 0,
-                         cache_dir: Path | None = None, reference: torch.nn.Module | None = None) -> dict:
+                         cache_dir: Path | None = None, reference: torch.nn.Module | None = None,
+                         reference_seen: list | None = None) -> dict:
     """The loss attack at every site (members: its training images; non-members: its validation and test images,
-    as many as members) and over all sites pooled; with a ``reference`` model trained without them, the calibrated
-    attack beside it. ``sites``: name -> :class:`fedbrain.data.federation.SiteData`."""
+    as many as members) and over all sites pooled; with a ``reference`` model, the calibrated attack beside it, on
+    the images the reference never saw (``reference_seen``: the records it trained on; they and their
+    near-duplicates are left out). ``sites``: name -> :class:`fedbrain.data.federation.SiteData`."""
     from fedbrain.data.dataset import BatchLoader, SliceDataset
+    from fedbrain.external import training_twins
     from fedbrain.training import predict_proba
 
     out: dict = {"attack": "loss (Yeom et al.)", "max_images_per_side": max_images, "sites": {}}
@@ -87,17 +91,22 @@ def membership_inference(model: torch.nn.Module, sites: dict, pre, max_images: i
     for name, site in sites.items():
         held_out = site.splits.get("val", []) + site.splits.get("test", [])
         members, nonmembers = _balanced(site.splits.get("train", []), held_out, max_images, seed)
-        if len(members) < 10:
+        if len(members) < MIN_PER_SIDE:
             out["sites"][name] = {"skipped": f"{len(members)} images per side: too few for an attack"}
             continue
         losses = {}
         for side, recs in (("member", members), ("nonmember", nonmembers)):
             ds = SliceDataset(recs, pre, cache_dir=cache_dir)
+            unseen = ~training_twins(recs, reference_seen or [], cache_dir)
             for who, m in (("", model), ("ref_", reference)):
                 if m is not None:
                     probs, targets = predict_proba(m, BatchLoader(ds, 64))
                     losses[who + side] = label_loss(probs, targets)
-                    pooled[who + side].append(losses[who + side])
+            if reference is not None:  # the calibrated attack: only images the reference never saw
+                losses["ref_" + side] = losses["ref_" + side][unseen]
+                losses["unseen_" + side] = losses[side][unseen]
+            for key in (k + side for k in ("", "ref_", "unseen_") if k + side in losses):
+                pooled[key].append(losses[key])
         out["sites"][name] = _both_attacks({k: [v] for k, v in losses.items()}, seed)
     if pooled["member"]:
         out["pooled"] = _both_attacks(pooled, seed)
@@ -109,8 +118,10 @@ def _both_attacks(losses: dict, seed: int) -> dict:
     cat = {k: np.concatenate(v) for k, v in losses.items()}
     out = attack(cat["member"], cat["nonmember"], seed=seed)
     if "ref_member" in cat:
-        out["calibrated"] = calibrated_attack(cat["member"], cat["nonmember"], cat["ref_member"],
-                                              cat["ref_nonmember"], seed=seed)
+        n = min(len(cat["ref_member"]), len(cat["ref_nonmember"]))
+        out["calibrated"] = calibrated_attack(cat["unseen_member"], cat["unseen_nonmember"], cat["ref_member"],
+                                              cat["ref_nonmember"], seed=seed) if n >= MIN_PER_SIDE else \
+            {"skipped": f"{n} images per side the reference never saw: too few for an attack"}
     return out
 
 
@@ -169,30 +180,48 @@ def privacy_spent(site_rows: list[dict]) -> dict:
     return out
 
 
+def reference_images(reference: Path) -> list:
+    """The records a reference model saw (its run's training and validation images); a clear error for a model
+    outside a run folder (what it trained on is then unknown)."""
+    from fedbrain.data.federation import Federation
+    from fedbrain.runs import RunDir
+
+    run = RunDir.containing(reference)
+    if run is None or not run.has_splits():
+        raise ValueError(f"the reference model {reference.name} is not inside a run folder with recorded splits: "
+                         "the calibrated attack must leave out the images it trained on")
+    return [r for site in Federation.read(run).sites.values() for split in ("train", "val")
+            for r in site.splits.get(split, [])]
+
+
 def audit_run(run, max_images: int | None = 500, seed: int = 0, cache_dir: Path | None = None,
               checkpoint: Path | None = None, reference: Path | None = None) -> dict:
     """The whole audit of a run folder (:class:`fedbrain.runs.RunDir`): what left each site, the ε each spent,
     and the membership-inference attack on its best global model; written to ``evaluation/membership.json``."""
     from fedbrain.checkpoint import load_checkpoint
     from fedbrain.data.federation import Federation
-    from fedbrain.runs import read_metrics, write_json
+    from fedbrain.runs import RunDir, read_metrics, write_json
 
     checkpoint = Path(checkpoint or run.best)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{run}: no global model to audit ({checkpoint.name} is missing)")
     model, card = load_checkpoint(checkpoint)
-    ref_model = None
+    ref_model, ref_seen = None, None
     if reference is not None:
         ref_model, ref_card = load_checkpoint(reference)
         if ref_card.preprocessing != card.preprocessing:
             raise ValueError(f"the reference model {Path(reference).name} reads images differently from the target")
+        ref_seen = reference_images(Path(reference))
     fed = Federation.read(run)
     rows = read_metrics(run.server_audit)
     site_rows = [r for s in fed.sites for r in read_metrics(run.site_metrics(s))]
     result = {"run": run.name, "model": checkpoint.name, "model_name": card.model,
               "what_left": structural_audit(rows), "privacy": privacy_spent(site_rows),
               "membership": membership_inference(model, fed.sites, card.preprocessing, max_images, seed, cache_dir,
-                                                reference=ref_model)}
+                                                reference=ref_model, reference_seen=ref_seen)}
+    if reference is not None:
+        result["membership"]["reference"] = {"model": str(Path(reference).name), "run": RunDir.containing(
+            Path(reference)).name, "left_out": "the images it trained or validated on and their near-duplicates"}
     result["membership"]["healthy_class"] = NO_TUMOR
     run.evaluations.mkdir(parents=True, exist_ok=True)
     write_json(run.membership_audit, result)
@@ -213,8 +242,8 @@ def audit_table(result: dict) -> str:
                       f"{site_spent['patient_epsilon']:.2f} at {int(site_spent['slices_per_patient'])} slices)")
         if "auroc" in m:
             auc = f"{m['auroc']:.3f} [{m['auroc_ci'][0]:.2f}, {m['auroc_ci'][1]:.2f}]"
-            if "calibrated" in m:
-                auc += f" calibrated {m['calibrated']['auroc']:.3f}"
+            if "auroc" in m.get("calibrated", {}):
+                auc += f" calibrated {m['calibrated']['auroc']:.3f} (n {m['calibrated']['members']})"
             tpr, n = f"{m['tpr_at_1pct_fpr']:.3f}", str(m["members"])
         else:
             auc, tpr, n = m.get("skipped", "-"), "-", "-"
@@ -231,4 +260,4 @@ def audit_table(result: dict) -> str:
 
 
 __all__ = ["label_loss", "attack", "calibrated_attack", "membership_inference", "structural_audit", "privacy_spent",
-           "audit_run", "audit_table", "LOW_FPR"]
+           "audit_run", "audit_table", "reference_images", "LOW_FPR"]

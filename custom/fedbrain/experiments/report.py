@@ -257,7 +257,11 @@ def _membership(d: Path) -> dict[tuple[str, str], str]:
         m = read_json(path)
         pooled = m["membership"]["pooled"]
         lo, hi = pooled["auroc_ci"]
-        out[(m["model_name"], m["run"].replace("_", " "))] = f"{pooled['auroc']:.3f} [{lo:.2f}, {hi:.2f}]"
+        calibrated = pooled.get("calibrated") or {}
+        out[(m["model_name"], m["run"].replace("_", " "))] = (
+            f"{pooled['auroc']:.3f} [{lo:.2f}, {hi:.2f}]",
+            f"{calibrated['auroc']:.3f} [{calibrated['auroc_ci'][0]:.2f}, {calibrated['auroc_ci'][1]:.2f}] "
+            f"(n {calibrated['members']} / {calibrated['nonmembers']})" if "auroc" in calibrated else "not run")
     return out
 
 
@@ -269,9 +273,10 @@ def privacy_curve(d: Path) -> list[str]:
             name = {"lite0": "efficientnet_lite0"}.get(model, f"fedbrain_{model}")
             body.append([f"{name}, {r['mode']}", num(r["dp_epsilon"], 2), n_healthy(r), with_ci(r, "macro_f1"),
                          with_ci(r, "tumour_auroc"), with_ci(r, "no_tumor_recall"),
-                         attacks.get((name, r["mode"]), "not run")])
+                         *attacks.get((name, r["mode"]), ("not run", "not run"))])
     return markdown(["model, run", "ε spent", "n (healthy)", "macro-F1 [95 % CI]", "tumour AUROC [95 % CI]",
-                     "no_tumor recall [95 % CI]", "MIA AUROC, pooled [95 % CI]"], body)
+                     "no_tumor recall [95 % CI]", "MIA AUROC, pooled [95 % CI]",
+                     "calibrated MIA AUROC, pooled [95 % CI] (members / non-members)"], body)
 
 
 def _compression(path: Path) -> list[str]:
