@@ -75,6 +75,16 @@ def test_dp_clips_noises_and_accounts():
     assert 0 < e1 < e5 < float("inf") and info["dp_epsilon"] == pytest.approx(e1)
 
 
+def test_update_dp_releases_only_trained_weights_and_frozen_tensors_as_the_global_model_had_them():
+    g = {"head": torch.zeros(100), "trunk": torch.ones(100), "running_var": torch.ones(10)}
+    p = {"head": torch.full((100,), 0.5), "trunk": torch.ones(100), "running_var": torch.full((10,), 3.0)}
+    out, _ = privatize_update(p, g, DPConfig(clip=1.0, noise_multiplier=1.0), round_=0, trained={"head"})
+    assert torch.equal(out["trunk"], g["trunk"]) and torch.equal(out["running_var"], g["running_var"])
+    assert not torch.equal(out["head"], p["head"])  # clipped and noised
+    everything, _ = privatize_update(p, g, DPConfig(clip=1.0, noise_multiplier=1.0), round_=0)
+    assert not torch.equal(everything["running_var"], g["running_var"])  # without the list: every float tensor
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
 def test_dead_site_and_nan_update_do_not_stop_the_federation(tmp_path, algorithm):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -53,14 +54,17 @@ def epsilon_after(rounds: int, noise_multiplier: float, delta: float) -> float:
 
 
 def privatize_update(params: dict[str, torch.Tensor], global_state: dict[str, torch.Tensor], dp: DPConfig,
-                     round_: int) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return clipped+noised weights (global + privatised delta) and what was spent so far."""
-    keys = [k for k, v in params.items() if v.is_floating_point()]
+                     round_: int, trained: Collection[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return clipped+noised weights (global + privatised delta) and what was spent so far. With ``trained`` (the
+    names of the parameters the site trains), only those are released privatised; every other tensor (a frozen
+    trunk, normalisation statistics) is released as the global model had it, so nothing leaves outside the
+    mechanism and no noise lands on weights nobody trains."""
+    keys = [k for k, v in params.items() if v.is_floating_point() and (trained is None or k in trained)]
     delta = {k: params[k] - global_state[k] for k in keys}
     norm = torch.sqrt(sum((d.float() ** 2).sum() for d in delta.values()))
     scale = min(1.0, dp.clip / (float(norm) + 1e-12))
     gen = secret_generator()  # noise from a known seed could be subtracted by whoever knows the seed
-    out = dict(params)
+    out = dict(params) if trained is None else {k: global_state[k] for k in params}
     for k in keys:
         noise = torch.randn(delta[k].shape, generator=gen) * (dp.noise_multiplier * dp.clip)
         out[k] = global_state[k] + delta[k] * scale + noise.to(delta[k].dtype)

@@ -154,6 +154,7 @@ class AlgorithmHooks:
     def __init__(self, job: JobSettings, model: torch.nn.Module, dp: DPConfig,
                  private: PrivateTraining | None, teacher: Teacher | None, device):
         self.job, self.dp, self.private, self.teacher, self.device = job, dp, private, teacher, device
+        self.trained = {name for name, p in model.named_parameters() if p.requires_grad}  # what update DP releases
         self.scaffold = None
         if job.algorithm == "scaffold":
             from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
@@ -213,7 +214,7 @@ class AlgorithmHooks:
         """(the update as it may leave, its DP record): update DP clips and noises it; DP-SGD reports its spend
         and ``report`` (the site's and each patient's ε, :func:`privacy_report`)."""
         if self.dp.enabled:
-            return privatize_update(params, global_state, self.dp, rnd)
+            return privatize_update(params, global_state, self.dp, rnd, self.trained)
         if self.private is not None:
             return params, {**{k: v for k, v in stats.items() if k.startswith("dp_")}, **report}
         return params, {}
