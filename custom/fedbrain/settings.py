@@ -19,8 +19,8 @@ ALGORITHMS = ("fedavg", "fedprox", "scaffold")
 # The local training config of a federated round, for every algorithm: one plain SGD step (lr 1, no momentum) on
 # the site's share of a FEDERATION_BATCH-image batch split across the sites by training-set size, so the
 # sample-weighted average is the gradient of a stratified batch of the pooled data and the server's AdamW (below)
-# takes the step centralised AdamW would take: exact under any label skew, which several local steps are not
-# (16 local AdamW steps per round on the benchmark federation: no_tumor recall near 0; docs/federation.md). The
+# takes the step centralised AdamW would take on that batch: exact under any label skew, which several local steps
+# are not (16 local AdamW steps per round on the benchmark federation: no_tumor recall 0.24; docs/results.md). The
 # 256-image batch makes the 8-epoch budget 82 rounds on the benchmark federation (631 with 32), and every site's
 # gradient is one of at least 10 images. More local work (train.steps > 1, or steps 0: epochs) with plain SGD takes
 # MULTI_STEP_LOCAL_LR unless the user sets train.lr. SCAFFOLD's control variates (plain SGD steps, NVFlare's
