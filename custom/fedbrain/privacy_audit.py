@@ -97,12 +97,12 @@ def membership_inference(model: torch.nn.Module, sites: dict, pre, max_images: i
         losses = {}
         for side, recs in (("member", members), ("nonmember", nonmembers)):
             ds = SliceDataset(recs, pre, cache_dir=cache_dir)
-            unseen = ~training_twins(recs, reference_seen or [], cache_dir)
             for who, m in (("", model), ("ref_", reference)):
                 if m is not None:
                     probs, targets = predict_proba(m, BatchLoader(ds, 64))
                     losses[who + side] = label_loss(probs, targets)
             if reference is not None:  # the calibrated attack: only images the reference never saw
+                unseen = ~training_twins(recs, reference_seen or [], cache_dir)
                 losses["ref_" + side] = losses["ref_" + side][unseen]
                 losses["unseen_" + side] = losses[side][unseen]
             for key in (k + side for k in ("", "ref_", "unseen_") if k + side in losses):
